@@ -1,0 +1,35 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+# Both create the virtual environment (.venv) on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO := demo_out
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+# torch/torchvision are pinned to the wheels this project is tested with;
+# they are installed first so the project install does not pull another build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -c "from hassod.samples import write_samples; write_samples('$(DEMO)/samples')"
+	$(BIN)/hassod discover $(DEMO)/samples --out $(DEMO)/pseudo.json --viz $(DEMO)/viz
+	@echo "pseudo-labels: $(DEMO)/pseudo.json   overlays: $(DEMO)/viz/"
+
+test: $(STAMP)
+	bash .ci/install_postgres.sh
+	$(BIN)/pytest -n 2 -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_discover.py
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

@@ -1,0 +1,167 @@
+"""Stage 1 over a collection: batching, parallel post-processing, resume, output.
+
+The backbone runs batched in this process; the per-image work that follows
+(merge, CRF, filters, levels) runs in ``workers`` processes, since the CRF is
+single-threaded C++. Every finished image goes to the progress log at once,
+so an interrupted run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, as_completed, wait
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..features import Backbone
+from ..images import DEFAULT_MAX_PIXELS, ImageError, load_rgb, resize_square
+from .coco import ImageRecord, ProgressLog, build_coco, common_root, write_json_atomic
+from .pipeline import DiscoverySettings
+from .work import Job, limit_threads, process_job
+
+
+@dataclass
+class DiscoverySummary:
+    """What a run did: counts by level, skipped files with reasons, wall time."""
+
+    images: int = 0
+    resumed: int = 0
+    masks_per_level: list[int] = field(default_factory=lambda: [0, 0, 0])
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    out: str = ""
+
+    def line(self) -> str:
+        whole, part, subpart = self.masks_per_level
+        text = (
+            f"{self.images} images, {sum(self.masks_per_level)} masks "
+            f"({whole} whole, {part} part, {subpart} subpart) in {self.seconds:.1f} s"
+        )
+        if self.resumed:
+            text += f" ({self.resumed} resumed from an earlier run)"
+        text += f"; {len(self.skipped)} skipped"
+        return text + f" → {self.out}"
+
+
+def discover_collection(
+    paths: Sequence[Path],
+    out: Path,
+    backbone: Backbone,
+    settings: DiscoverySettings,
+    workers: int = 1,
+    batch_size: int = 8,
+    viz_dir: Path | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    show_progress: bool = True,
+) -> DiscoverySummary:
+    """Discover masks in every file of ``paths`` and write COCO pseudo-labels to ``out``."""
+    start = time.perf_counter()
+    thresholds = tuple(sorted(settings.thresholds or backbone.default_thresholds, reverse=True))
+    run_settings = {
+        "backbone": backbone.name,
+        "weights": backbone.weights_id,
+        "thresholds": list(thresholds),
+        "discovery": settings.as_dict(),
+    }
+    log = ProgressLog(Path(str(out) + ".progress.jsonl"), run_settings)
+    keys = [str(Path(p).resolve()) for p in paths]
+    todo = [k for k in keys if k not in log.done]
+    summary = DiscoverySummary(resumed=len(keys) - len(todo), out=str(out))
+    if viz_dir is not None:
+        Path(viz_dir).mkdir(parents=True, exist_ok=True)
+
+    with tqdm(total=len(keys), initial=summary.resumed, unit="img", disable=not show_progress) as bar:
+        with _postprocessor(min(workers, len(todo))) as submit:
+            pending: set[Future] = set()
+            limit = 2 * max(workers, 1) + batch_size  # features are megabytes per image
+            for batch in _batches(todo, batch_size):
+                jobs, errors = _prepare(batch, backbone, settings.input_size, max_pixels)
+                for record in errors:
+                    log.append(record)
+                    bar.update()
+                pending.update(submit(process_job, job, thresholds, settings, viz_dir) for job in jobs)
+                # Log whatever has finished at once, so a kill loses only work in flight.
+                done, pending = wait(pending, timeout=0 if len(pending) <= limit else None,
+                                     return_when=FIRST_COMPLETED)
+                for future in done:
+                    log.append(future.result())
+                    bar.update()
+            for future in as_completed(pending):
+                log.append(future.result())
+                bar.update()
+    log.close()
+
+    records = [log.done[k] for k in keys]
+    root = common_root(Path(k) for k in keys)
+    coco = build_coco(records, root, {"description": "hassod discover pseudo-labels", **run_settings})
+    write_json_atomic(coco, Path(out))
+    for record in records:
+        if record.error is not None:
+            summary.skipped.append((record.path, record.error))
+        else:
+            summary.images += 1
+            for ann in record.annotations:
+                summary.masks_per_level[ann["hier_level"]] += 1
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _batches(items: list[str], size: int) -> Iterator[list[str]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _prepare(
+    batch: list[str], backbone: Backbone, input_size: int, max_pixels: int
+) -> tuple[list[Job], list[ImageRecord]]:
+    """Decode a batch, run the backbone once on it, and split into per-image jobs."""
+    images, loaded, errors = [], [], []
+    for path in batch:
+        try:
+            images.append(load_rgb(path, max_pixels))
+            loaded.append(path)
+        except ImageError as exc:
+            errors.append(ImageRecord(path=path, error=str(exc)))
+    if not images:
+        return [], errors
+    small = [resize_square(image, input_size) for image in images]
+    features = backbone.extract(small, size=input_size)  # (B, C, h, w)
+    grid = features.permute(0, 2, 3, 1).float().cpu().numpy()
+    jobs = [
+        Job(path, np.ascontiguousarray(small[i]), np.ascontiguousarray(grid[i]), images[i].shape[:2])
+        for i, path in enumerate(loaded)
+    ]
+    return jobs, errors
+
+
+class _Inline:
+    """Runs submitted work at once in this process, with the Future interface."""
+
+    def __call__(self, fn, *args) -> Future:
+        future: Future = Future()
+        future.set_result(fn(*args))
+        return future
+
+
+class _postprocessor:
+    """Context manager yielding ``submit(fn, *args) -> Future``, in processes when workers > 1."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> Any:
+        if self.workers <= 1:
+            return _Inline()
+        # spawn, not fork: the parent holds torch's thread pools, which fork would corrupt.
+        self.pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"), initializer=limit_threads)
+        return self.pool.submit
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=exc[0] is None, cancel_futures=exc[0] is not None)

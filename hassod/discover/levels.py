@@ -1,0 +1,113 @@
+"""The coverage tree: which mask is part of which, and the whole / part / subpart levels.
+
+Mask A is *covered* by mask B when |A∩B| >= tau·|A| and |A∩B| < tau·|B|:
+B contains (almost) all of A but not the reverse. A's parent is the smallest
+mask covering it (ties: lowest index). Roots are wholes (level 0), their
+children parts (1), every deeper descendant a subpart (2). Stage 1 uses
+tau = 0.9; the detector's Mean Teacher recomputes levels with tau = 0.75.
+
+The parent relation is acyclic: from |A∩B| >= tau·|A| and |A∩B| < tau·|B| it
+follows that tau·|A| < tau·|B|, i.e. a parent is strictly larger than its
+child, so following parents strictly increases the area and cannot loop.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+WHOLE, PART, SUBPART = 0, 1, 2
+
+# float32 sums of 0/1 products are exact integers below 2**24; each matrix
+# product covers at most this many pixels, and the partial counts are added in
+# int64, so any image size is counted exactly.
+_EXACT_PIXELS = 1 << 24
+# Bound on the float32 copy of the masks made per product (elements, ~256 MB).
+_CHUNK_ELEMENTS = 1 << 26
+
+
+def intersection_matrix(masks: np.ndarray) -> np.ndarray:
+    """(N, H, W) bool -> (N, N) int64 with [a, b] = |A∩B| in pixels (diagonal = areas).
+
+    One float32 matrix product over the flattened masks; images above 2**24
+    pixels (or very many masks) are split into pixel chunks whose exact
+    counts are summed, so the result is exact for any size.
+    """
+    count = masks.shape[0]
+    flat = masks.reshape(count, masks.shape[1] * masks.shape[2])
+    pixels = flat.shape[1]
+    step = max(1, min(_EXACT_PIXELS, _CHUNK_ELEMENTS // max(count, 1)))
+    inter = np.zeros((count, count), dtype=np.int64)
+    for start in range(0, pixels, step):
+        chunk = flat[:, start:start + step].astype(np.float32)
+        inter += np.rint(chunk @ chunk.T).astype(np.int64)
+    return inter
+
+
+def coverage_matrix(masks: np.ndarray) -> np.ndarray:
+    """(N, H, W) bool -> (N, N) float64 with [a, b] = |A∩B| / |A|, the share of A inside B.
+
+    Rows of empty masks are 0.
+    """
+    return _coverage(intersection_matrix(masks))
+
+
+def _coverage(inter: np.ndarray) -> np.ndarray:
+    areas = np.diagonal(inter).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = inter / areas[:, None]
+    return np.where(areas[:, None] > 0, share, 0.0)
+
+
+def find_parents(inter: np.ndarray, tau: float = 0.9) -> np.ndarray:
+    """(N, N) pairwise intersections (see :func:`intersection_matrix`) -> (N,) int64 parent index, -1 for roots.
+
+    The parent of A is the smallest-area mask B with |A∩B|/|A| >= tau and
+    |A∩B|/|B| < tau; among equal areas the lowest index. Ratios are compared
+    as correctly rounded quotients, so a share of exactly tau counts as
+    covered. An empty mask is a root and covers nothing.
+    """
+    if not 0.0 < tau <= 1.0:
+        raise ValueError(f"tau must be in (0, 1], got {tau}")
+    count = inter.shape[0]
+    if count == 0:
+        return np.zeros(0, dtype=np.int64)
+    share = _coverage(inter)  # [a, b]: share of a inside b
+    areas = np.diagonal(inter).astype(np.int64)
+    # share.T[a, b] = share of b inside a: B must not be covered back by A.
+    covered_by = (share >= tau) & ~(share.T >= tau) & (areas[None, :] > 0)
+    # One sortable key per candidate: area first, index to break ties.
+    key = np.where(covered_by, areas[None, :] * count + np.arange(count)[None, :], np.iinfo(np.int64).max)
+    best = key.argmin(axis=1)
+    return np.where(covered_by.any(axis=1), best, -1).astype(np.int64)
+
+
+def levels_from_parents(parents: np.ndarray) -> np.ndarray:
+    """(N,) int parent indices (-1 for roots) -> (N,) int8 levels: 0 whole, 1 part, 2 subpart.
+
+    Depth is found by following all parent pointers at once, one step per
+    round, so the masks may come in any order. Raises ValueError on a cycle.
+    """
+    parents = np.asarray(parents, dtype=np.int64)
+    depth = np.zeros(len(parents), dtype=np.int64)
+    cursor = parents.copy()
+    for _ in range(len(parents) + 1):
+        active = cursor >= 0
+        if not active.any():
+            return np.minimum(depth, SUBPART).astype(np.int8)
+        depth[active] += 1
+        cursor[active] = parents[cursor[active]]
+    raise ValueError("parent pointers contain a cycle")
+
+
+def assign_levels(masks: np.ndarray, tau: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
+    """Coverage tree of a set of masks.
+
+    Args:
+        masks: (N, H, W) bool, all at the same size (original image pixels).
+        tau: coverage threshold, 0.9 in stage 1.
+
+    Returns:
+        (levels, parents): (N,) int8 levels (0 whole, 1 part, 2 subpart) and
+        (N,) int64 index of each mask's parent, -1 for roots.
+    """
+    parents = find_parents(intersection_matrix(masks), tau)
+    return levels_from_parents(parents), parents

@@ -1,0 +1,200 @@
+"""Post-filters for discovered masks, pooling across thresholds, and mask encodings.
+
+Order of stage-1 post-processing (DESIGN.md §4), after the CRF filter of
+:mod:`hassod.discover.crf`: resize each mask to the original image size, drop
+small masks and masks touching too many image corners, then fill holes.
+The area filter runs before hole filling, as in the reference implementation:
+filling can only grow a mask, so this order keeps a few thin rings the other
+order would rescue; it also fills fewer masks. Filling never changes the corner
+count (a pixel on the image border is never inside a hole).
+
+Boxes follow COCO: ``xywh`` is (x, y, width, height) in pixels with (x, y) the
+top-left pixel edge, so a single pixel at column 3, row 5 is (3, 5, 1, 1).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pycocotools import mask as mask_utils
+from scipy import ndimage
+
+# Resizing converts masks to float32; this bounds that buffer (in elements,
+# about 256 MB) for large originals.
+_RESIZE_CHUNK_ELEMENTS = 1 << 26
+
+
+@dataclass(frozen=True)
+class MaskFilterSettings:
+    """Post-CRF filters, at the original image size; the defaults are HASSOD's.
+
+    Attributes:
+        min_area: masks with fewer pixels than this are dropped.
+        max_corners: masks touching at least this many of the 4 image corners
+            are dropped (they are usually background); 3 keeps a mask along
+            one full side (2 corners). Set above 4 to disable.
+        fill_holes: fill the holes of every kept mask.
+    """
+
+    min_area: int = 100
+    max_corners: int = 3
+    fill_holes: bool = True
+
+
+def postprocess_masks(
+    masks: np.ndarray, out_size: tuple[int, int], settings: MaskFilterSettings | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Resize CRF-filtered masks to the original image and apply the area, corner and hole filters.
+
+    Args:
+        masks: (N, S_h, S_w) bool masks on the resized image.
+        out_size: (H, W) original image size in pixels.
+        settings: filter settings, :class:`MaskFilterSettings` defaults when ``None``.
+
+    Returns:
+        (kept, indices): (M, H, W) bool masks at the original size and (M,)
+        int64 indices into ``masks`` of the kept ones, in input order.
+    """
+    settings = settings or MaskFilterSettings()
+    resized = resize_masks(masks, out_size)
+    keep = (mask_areas(resized) >= settings.min_area) & (corner_counts(resized) < settings.max_corners)
+    indices = np.flatnonzero(keep)
+    kept = resized[indices]
+    if settings.fill_holes:
+        kept = fill_holes(kept)
+    return kept, indices
+
+
+def resize_masks(masks: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
+    """(N, h, w) bool -> (N, H, W) bool by bilinear interpolation of 0/1 and a 0.5 threshold.
+
+    Bilinear-then-threshold gives smooth edges when upscaling (nearest would
+    turn every resized-image pixel into a visible step) and, with
+    antialiasing, keeps the majority when downscaling. Torch's
+    align_corners=False convention (half-pixel centres) is used.
+    """
+    count = masks.shape[0]
+    height, width = int(out_size[0]), int(out_size[1])
+    if masks.shape[1:] == (height, width):
+        return masks.astype(bool, copy=True)
+    out = np.empty((count, height, width), dtype=bool)
+    step = max(1, _RESIZE_CHUNK_ELEMENTS // max(height * width, masks.shape[1] * masks.shape[2], 1))
+    for start in range(0, count, step):
+        chunk = torch.from_numpy(np.ascontiguousarray(masks[start:start + step], dtype=np.float32))
+        big = F.interpolate(chunk[:, None], size=(height, width), mode="bilinear",
+                            align_corners=False, antialias=True)
+        out[start:start + step] = (big[:, 0] > 0.5).numpy()
+    return out
+
+
+def mask_areas(masks: np.ndarray) -> np.ndarray:
+    """(N, H, W) bool -> (N,) int64 pixel counts."""
+    flat = masks.reshape(masks.shape[0], masks.shape[1] * masks.shape[2])
+    return np.count_nonzero(flat, axis=1).astype(np.int64)
+
+
+def corner_counts(masks: np.ndarray) -> np.ndarray:
+    """(N, H, W) bool -> (N,) int64, how many of the 4 image corner pixels each mask covers."""
+    return masks[:, [0, 0, -1, -1], [0, -1, 0, -1]].sum(axis=1).astype(np.int64)
+
+
+def fill_holes(masks: np.ndarray) -> np.ndarray:
+    """(N, H, W) bool -> (N, H, W) bool, each mask with its holes filled.
+
+    A hole is background not 4-connected to the image border
+    (``scipy.ndimage.binary_fill_holes``). Each mask is filled inside its
+    bounding box padded by one background pixel, which gives the same result
+    (all background outside the box is one region touching the border) at a
+    fraction of the cost for small masks; one call per mask, since a single
+    3-D call would let holes connect across masks.
+    """
+    filled = masks.astype(bool, copy=True)
+    boxes = masks_to_boxes_xywh(masks).astype(np.int64)
+    for index, (x, y, w, h) in enumerate(boxes):
+        if w == 0:
+            continue
+        crop = np.pad(masks[index, y:y + h, x:x + w], 1)
+        filled[index, y:y + h, x:x + w] = ndimage.binary_fill_holes(crop)[1:-1, 1:-1]
+    return filled
+
+
+def pool_masks(per_threshold: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate the masks of several thresholds, dropping exact duplicates.
+
+    A region that did not merge further between two thresholds yields the same
+    mask twice; two identical masks never cover each other, so kept together
+    they would both become roots of the coverage tree instead of one node.
+
+    Args:
+        per_threshold: list of (N_i, H, W) bool, one per threshold, in the order
+            the caller wants to prefer: the first copy of a mask is kept. With
+            thresholds in processing order (descending, 0.4 then 0.2 then 0.1)
+            a duplicate is attributed to the highest threshold, the finest
+            partition where the region first appeared.
+
+    Returns:
+        (masks, kept): (N, H, W) bool, the unique masks in input order, and
+        (N,) int64 index of each into the concatenation of ``per_threshold``
+        (so per-mask values of the inputs can be pooled the same way).
+    """
+    if not per_threshold:
+        raise ValueError("pool_masks needs at least one (possibly empty) mask array")
+    masks = np.concatenate([np.asarray(m, dtype=bool) for m in per_threshold], axis=0)
+    if len(masks) == 0:
+        return masks, np.zeros(0, dtype=np.int64)
+    # Each mask's packed bits viewed as one opaque row: np.unique then finds
+    # exact duplicates with a single sort, no pairwise comparisons.
+    packed = np.packbits(masks.reshape(len(masks), -1), axis=1)
+    rows = np.ascontiguousarray(packed).view(np.dtype((np.void, packed.shape[1]))).reshape(-1)
+    _, first = np.unique(rows, return_index=True)
+    first = np.sort(first).astype(np.int64)
+    return masks[first], first
+
+
+def masks_to_rle(masks: np.ndarray) -> list[dict]:
+    """(N, H, W) bool -> N COCO RLE dicts ``{"size": [H, W], "counts": str}``, JSON-ready."""
+    if len(masks) == 0:
+        return []
+    # pycocotools wants (H, W, N) uint8 in Fortran order.
+    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0), dtype=np.uint8))
+    return [{"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")} for rle in rles]
+
+
+def rle_to_masks(rles: list[dict], size: tuple[int, int] | None = None) -> np.ndarray:
+    """COCO RLE dicts (``counts`` str or bytes) -> (N, H, W) bool.
+
+    ``size`` (H, W) is only needed to shape an empty result.
+    """
+    if not rles:
+        if size is None:
+            raise ValueError("rle_to_masks needs size=(H, W) for an empty list")
+        return np.zeros((0, *size), dtype=bool)
+    coded = [
+        {"size": list(rle["size"]),
+         "counts": rle["counts"].encode("ascii") if isinstance(rle["counts"], str) else rle["counts"]}
+        for rle in rles
+    ]
+    return np.ascontiguousarray(mask_utils.decode(coded).transpose(2, 0, 1), dtype=bool)
+
+
+def masks_to_boxes_xywh(masks: np.ndarray) -> np.ndarray:
+    """(N, H, W) bool -> (N, 4) float64 tight COCO boxes (x, y, width, height) in pixels.
+
+    Same values as ``pycocotools.mask.toBbox``; an empty mask gets (0, 0, 0, 0).
+    """
+    count = masks.shape[0]
+    rows = masks.any(axis=2)
+    cols = masks.any(axis=1)
+    boxes = np.zeros((count, 4), dtype=np.float64)
+    present = rows.any(axis=1)
+    if not present.any():
+        return boxes
+    rows, cols = rows[present], cols[present]
+    y0 = rows.argmax(axis=1)
+    y1 = rows.shape[1] - rows[:, ::-1].argmax(axis=1)
+    x0 = cols.argmax(axis=1)
+    x1 = cols.shape[1] - cols[:, ::-1].argmax(axis=1)
+    boxes[present] = np.stack([x0, y0, x1 - x0, y1 - y0], axis=1)
+    return boxes

@@ -1,0 +1,512 @@
+"""Stage 1, step 1: hierarchical adaptive clustering of a patch-feature grid.
+
+Every patch of an (h, w) grid starts as its own region; regions touching by a
+side (4-connectivity) are neighbours. A region's feature is its summed patch
+features, L2-normalised (the same direction as the normalised mean); two
+regions' similarity is the dot product of those unit vectors (cosine). The
+globally most similar neighbouring pair is merged, again and again, while its
+similarity is at least the threshold. Thresholds are taken from high to low
+and merging carries over, so each threshold yields a coarser partition of the
+same grid (DESIGN.md §4).
+
+Numerical rule, shared with the quadratic test oracle (``tests/oracles.py``)
+so that both give identical partitions:
+
+- sums and dot products are float64; the cosine of two regions is computed
+  as ``(S_a . S_b) / (|S_a| |S_b|)`` (no unit vectors are stored);
+- a similarity is rounded to the nearest multiple of ``2**-32`` before it is
+  compared, so that float rounding (summation order, SIMD width) cannot decide
+  between pairs that are equal in exact arithmetic (duplicated patches, flat
+  image areas). Pairs with the same rounded similarity are ties, broken by the
+  smallest ``(min id, max id)``; a region's id is the raster index of its
+  first patch (a merged region keeps the smaller id);
+- a zero feature sum has a zero unit vector: similarity 0 to everything.
+
+Algorithm. The reference implementation rescans every pair after every merge
+(quadratic). Recomputing only the merged region's similarities is not enough
+either: a large region growing patch by patch would re-score its whole
+boundary (hundreds of C-dim dot products) at every merge. Instead each
+region keeps its candidate pairs in a local max-heap of *upper bounds*: when a
+region absorbs another, its unit vector moves by ``delta = |u' - u|`` and, by
+Cauchy-Schwarz, every similarity to it moves by at most ``delta``; adding
+``delta`` (rounded up) to a per-region drift counter raises the bound of all
+its local entries at once without touching them. A global heap holds each
+region's best bound. An entry that reaches the top while inexact is re-scored
+exactly (one dot product) and pushed back; the top is merged only when it is
+exact, and because bounds of inexact entries are strictly above their true
+score, it is then the true maximum, tie-break included. Entries whose other
+region has changed since are dropped lazily (global version ticks); neighbour
+lists remember, per neighbour, whether the local heap still holds a valid
+entry for it, so only pairs without one are re-scored after a merge.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Sequence
+
+import numba
+import numpy as np
+
+# Similarities are compared as integers: round(similarity * SIMILARITY_SCALE).
+SIMILARITY_SCALE = float(2**32)
+
+# Thresholds are clipped to this range before scaling: a cosine lies in
+# [-1, 1], so clipping changes no decision and keeps the scaled value finite.
+_THRESHOLD_CLIP = 2.0
+
+# Heap rows are 6 int64 columns. Order: column 0 descending, then column 1
+# descending, then column 2 ascending.
+# Local heap of a region: (score - drift at push, 0, pair code, other region,
+#     other region's version at push, own version at push).
+# Global heap: (bound, 1 if inexact, pair code, region, token, 0).
+_KEY, _FLAG, _CODE, _A, _B, _C = 0, 1, 2, 3, 4, 5
+
+# fastmath reassociation is what vectorises the float64 sums; "no NaN / no
+# inf" is left out so that NaN inputs still propagate to the check.
+_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+
+
+def hierarchical_merge(features: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
+    """Partition a patch grid by hierarchical adaptive clustering.
+
+    features: (h, w, C) float array of patch features (float32 or float64;
+        numpy, channels last: convert torch (C, h, w) tensors before calling).
+    thresholds: cosine-similarity thresholds, in any order; duplicates allowed.
+
+    Returns (T, h, w) int32 label maps, one per threshold in DESCENDING
+    threshold order (finest partition first). Labels of each map are
+    consecutive 0..k-1 numbered by first appearance in raster order, so equal
+    partitions compare equal with ``np.array_equal``. Each label is one
+    4-connected region and each map's regions are unions of the previous map's.
+    """
+    feats = np.asarray(features)
+    if feats.ndim != 3:
+        raise ValueError(f"features must be (h, w, C), got shape {feats.shape}")
+    if not np.issubdtype(feats.dtype, np.floating):
+        raise TypeError(f"features must be a float array, got {feats.dtype}")
+    h, w, c = feats.shape
+    if h == 0 or w == 0:
+        raise ValueError(f"features must have a non-empty grid, got shape {feats.shape}")
+    levels = np.asarray(thresholds, dtype=np.float64).reshape(-1)
+    if levels.size == 0:
+        raise ValueError("at least one threshold is needed")
+    if not np.isfinite(levels).all():
+        raise ValueError(f"thresholds must be finite, got {list(thresholds)}")
+    levels = -np.sort(-levels)
+    # ceil(theta * scale) is the smallest integer score that passes theta.
+    min_scores = np.ceil(np.clip(levels, -_THRESHOLD_CLIP, _THRESHOLD_CLIP) * SIMILARITY_SCALE)
+    dtype = np.float64 if feats.dtype == np.float64 else np.float32
+    flat = np.ascontiguousarray(feats.reshape(h * w, c), dtype=dtype)
+    labels, finite = _merge_grid(flat, h, w, min_scores.astype(np.int64), _scratch(h * w, c))
+    if not finite:
+        raise ValueError("features contain NaN or infinite values")
+    return labels.reshape(len(levels), h, w)
+
+
+# Per-thread scratch memory for the (n, C) float64 region sums, kept between
+# calls: a fresh 22 MB allocation costs ~4 ms of page faults per 60x60x768
+# image, as much as the whole merge.
+_SCRATCH = threading.local()
+
+
+def _scratch(n: int, c: int) -> np.ndarray:
+    held = getattr(_SCRATCH, "sums", None)
+    if held is None or held.size < n * c:
+        held = np.empty(n * c, np.float64)
+        _SCRATCH.sums = held
+    return held[: n * c].reshape(n, c)
+
+
+# --------------------------------------------------------------------------
+# Vector arithmetic. A region's vector is its patch feature row (``flat``,
+# the caller's dtype) until it first merges, then its float64 row of ``sums``;
+# ``inv`` holds 1 / its norm (0 for a zero vector). fastmath only reorders
+# float64 sums (relative error ~1e-16), far below the 2**-32 score rounding.
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _squared_norm(row):
+    sq = 0.0
+    for k in range(row.shape[0]):
+        value = np.float64(row[k])
+        sq += value * value
+    return sq
+
+
+@numba.njit(cache=True, nogil=True)
+def _inverse_norms(flat, inv):
+    """inv[r] = 1 / |flat[r]|; False if a feature is NaN or infinite."""
+    for r in range(flat.shape[0]):
+        # Checked outside fastmath code, where LLVM may fold the test away.
+        sq = _squared_norm(flat[r])
+        if not np.isfinite(sq):
+            return False
+        inv[r] = 1.0 / np.sqrt(sq) if sq > 0.0 else 0.0
+    return True
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _dot(first, second):
+    acc = 0.0
+    for k in range(first.shape[0]):
+        acc += np.float64(first[k]) * np.float64(second[k])
+    return acc
+
+
+@numba.njit(cache=True, nogil=True)
+def _score(flat, sums, summed, inv, a, b):
+    """round(2**32 * cosine(a, b)) as int64."""
+    if summed[a] and summed[b]:
+        dot = _dot(sums[a], sums[b])
+    elif summed[a]:
+        dot = _dot(sums[a], flat[b])
+    elif summed[b]:
+        dot = _dot(flat[a], sums[b])
+    else:
+        dot = _dot(flat[a], flat[b])
+    return np.int64(np.floor(dot * inv[a] * inv[b] * 4294967296.0 + 0.5))
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _add_rows(old, extra, out, inv_old):
+    """out = old + extra (out may be old itself); returns (1 / |out| or 0,
+    |out / |out| - old * inv_old|): the new inverse norm and how far the
+    unit vector moved."""
+    sq = 0.0
+    for k in range(out.shape[0]):
+        value = np.float64(old[k]) + np.float64(extra[k])
+        sq += value * value
+    inv_new = 1.0 / np.sqrt(sq) if sq > 0.0 else 0.0
+    moved = 0.0
+    for k in range(out.shape[0]):
+        before = np.float64(old[k])
+        value = before + np.float64(extra[k])
+        step = value * inv_new - before * inv_old
+        moved += step * step
+        out[k] = value
+    return inv_new, np.sqrt(moved)
+
+
+@numba.njit(cache=True, nogil=True)
+def _absorb(flat, sums, summed, inv, keep, gone):
+    """Region ``keep`` takes over ``gone``'s patches: update its sum and
+    inverse norm; returns how far its unit vector moved."""
+    out = sums[keep]
+    if summed[keep] and summed[gone]:
+        inv_new, moved = _add_rows(sums[keep], sums[gone], out, inv[keep])
+    elif summed[keep]:
+        inv_new, moved = _add_rows(sums[keep], flat[gone], out, inv[keep])
+    elif summed[gone]:
+        inv_new, moved = _add_rows(flat[keep], sums[gone], out, inv[keep])
+    else:
+        inv_new, moved = _add_rows(flat[keep], flat[gone], out, inv[keep])
+    summed[keep] = True
+    inv[keep] = inv_new
+    return moved
+
+
+@numba.njit(cache=True, nogil=True)
+def _drift_units(moved):
+    """Integer bound on how far any score can move when a unit vector moves by
+    ``moved`` (Cauchy-Schwarz): the margins cover float error in ``moved`` and
+    in both scores, rounding of both scores (1), and one unit more so that
+    inexact bounds are strictly above the true score."""
+    return np.int64(np.ceil((moved * (1.0 + 1e-6) + 1e-12) * 4294967296.0)) + 2
+
+
+# --------------------------------------------------------------------------
+# Binary heaps over rows of a (capacity, 6) int64 array view
+
+
+@numba.njit(cache=True, nogil=True)
+def _before(heap, i, j):
+    if heap[i, _KEY] != heap[j, _KEY]:
+        return heap[i, _KEY] > heap[j, _KEY]
+    if heap[i, _FLAG] != heap[j, _FLAG]:
+        return heap[i, _FLAG] > heap[j, _FLAG]
+    return heap[i, _CODE] < heap[j, _CODE]
+
+
+@numba.njit(cache=True, nogil=True)
+def _swap(heap, i, j):
+    for col in range(6):
+        heap[i, col], heap[j, col] = heap[j, col], heap[i, col]
+
+
+@numba.njit(cache=True, nogil=True)
+def _sift_up(heap, pos):
+    while pos > 0:
+        up = (pos - 1) >> 1
+        if not _before(heap, pos, up):
+            break
+        _swap(heap, pos, up)
+        pos = up
+
+
+@numba.njit(cache=True, nogil=True)
+def _sift_down(heap, pos, size):
+    while True:
+        best = pos
+        for child in (2 * pos + 1, 2 * pos + 2):
+            if child < size and _before(heap, child, best):
+                best = child
+        if best == pos:
+            return
+        _swap(heap, pos, best)
+        pos = best
+
+
+@numba.njit(cache=True, nogil=True)
+def _set_row(heap, row, key, flag, code, a, b, c):
+    heap[row, _KEY], heap[row, _FLAG], heap[row, _CODE] = key, flag, code
+    heap[row, _A], heap[row, _B], heap[row, _C] = a, b, c
+
+
+@numba.njit(cache=True, nogil=True)
+def _pop(heap, size):
+    """Remove the top row; returns the new size."""
+    size -= 1
+    if size > 0:
+        _swap(heap, 0, size)
+        _sift_down(heap, 0, size)
+    return size
+
+
+@numba.njit(cache=True, nogil=True)
+def _rival(heap, size):
+    """Index of the better child of the root, or 0 if the root has none."""
+    if size < 2:
+        return 0
+    if size > 2 and _before(heap, 2, 1):
+        return 2
+    return 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _grown(array, rows):
+    out = np.empty((rows, array.shape[1]), array.dtype)
+    out[: array.shape[0]] = array
+    return out
+
+
+# --------------------------------------------------------------------------
+# Per-region local heaps, packed into one arena
+
+
+@numba.njit(cache=True, nogil=True)
+def _reserve(arena, end, start, length, cap, region, extra):
+    """Make room for ``extra`` more rows in a region's arena segment (moving it
+    to the end of the arena if needed); returns (arena, end)."""
+    need = length[region] + extra
+    if need <= cap[region]:
+        return arena, end
+    new_cap = max(2 * cap[region], need)
+    if end + new_cap > arena.shape[0]:
+        arena = _grown(arena, max(2 * arena.shape[0], end + new_cap))
+    first = start[region]
+    arena[end : end + length[region]] = arena[first : first + length[region]]
+    start[region], cap[region] = end, new_cap
+    return arena, end + new_cap
+
+
+@numba.njit(cache=True, nogil=True)
+def _local_push(local, start, length, region, key, code, other, other_version, own_version):
+    base = start[region]
+    _set_row(local, base + length[region], key, 0, code, other, other_version, own_version)
+    _sift_up(local[base:], length[region])
+    length[region] += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _clean_top(local, start, length, region, alive, version):
+    """Drop entries at the top of a local heap whose other region has changed."""
+    heap = local[start[region] :]
+    while length[region] > 0:
+        other = heap[0, _A]
+        if alive[other] and version[other] == heap[0, _B]:
+            return
+        length[region] = _pop(heap, length[region])
+
+
+@numba.njit(cache=True, nogil=True)
+def _compact(local, start, length, region, alive, version):
+    """Keep only the valid entries of a local heap and restore heap order."""
+    heap = local[start[region] :]
+    kept = 0
+    for i in range(length[region]):
+        other = heap[i, _A]
+        if alive[other] and version[other] == heap[i, _B]:
+            if kept != i:
+                heap[kept] = heap[i]
+            kept += 1
+    length[region] = kept
+    for pos in range(kept // 2 - 1, -1, -1):
+        _sift_down(heap, pos, kept)
+
+
+# --------------------------------------------------------------------------
+# The merge loop
+
+
+@numba.njit(cache=True, nogil=True)
+def _find(parent, r):
+    while parent[r] != r:
+        parent[r] = parent[parent[r]]  # path halving
+        r = parent[r]
+    return r
+
+
+@numba.njit(cache=True, nogil=True)
+def _label_map(parent, out_row):
+    """Write raster-order consecutive labels of the current partition."""
+    n = parent.shape[0]
+    relabel = np.full(n, -1, np.int32)
+    count = 0
+    for i in range(n):
+        r = _find(parent, i)
+        if relabel[r] < 0:
+            relabel[r] = count
+            count += 1
+        out_row[i] = relabel[r]
+
+
+@numba.njit(cache=True, nogil=True)
+def _merge_grid(flat, h, w, min_scores, sums):
+    """flat: (h*w, C) patch features in raster order; min_scores: (T,) integer
+    thresholds, descending; sums: (h*w, C) float64 scratch.
+    Returns ((T, h*w) int32 labels, whether all features are finite)."""
+    n = flat.shape[0]
+    out = np.zeros((min_scores.shape[0], n), np.int32)
+    inv = np.empty(n, np.float64)
+    if not _inverse_norms(flat, inv):
+        return out, False
+    summed = np.zeros(n, np.bool_)
+    parent = np.arange(n)
+    alive = np.ones(n, np.bool_)
+    ident = np.arange(n)  # smallest patch index: the id used by the tie-break
+    version = np.zeros(n, np.int64)  # global tick of the region's last change
+    drift = np.zeros(n, np.int64)
+    token = np.zeros(n, np.int64)  # current global-heap entry of each region
+    tick = 0
+
+    # Neighbour lists: (neighbour, its version when our local heap last got a
+    # valid entry for it, or -1). Local heaps: rows as described above.
+    nbrs = np.empty((4 * n, 2), np.int64)
+    nb_start, nb_len, nb_cap = np.arange(n) * 4, np.zeros(n, np.int64), np.full(n, 4, np.int64)
+    nb_end = 4 * n
+    local = np.empty((8 * n, 6), np.int64)
+    lo_start, lo_len, lo_cap = np.arange(n) * 8, np.zeros(n, np.int64), np.full(n, 8, np.int64)
+    lo_end = 8 * n
+    glob = np.empty((2 * n + 16, 6), np.int64)
+    g_len = 0
+
+    for i in range(n):
+        for j in (i + 1 if (i + 1) % w != 0 else -1, i + w if i + w < n else -1):
+            if j < 0:
+                continue
+            score = _score(flat, sums, summed, inv, i, j)
+            for a, b in ((i, j), (j, i)):
+                nbrs[nb_start[a] + nb_len[a], 0] = b
+                nbrs[nb_start[a] + nb_len[a], 1] = 0
+                nb_len[a] += 1
+                _local_push(local, lo_start, lo_len, a, score, i * n + j, b, 0, 0)
+    for r in range(n):
+        if lo_len[r] > 0:
+            top = local[lo_start[r]]
+            _set_row(glob, g_len, top[_KEY], 0, top[_CODE], r, 0, 0)
+            _sift_up(glob, g_len)
+            g_len += 1
+
+    seen = np.full(n, -1, np.int64)
+    slot = np.empty(n, np.int64)
+    merged = np.empty((n, 2), np.int64)
+    for t in range(min_scores.shape[0]):
+        while g_len > 0:
+            r = glob[0, _A]
+            if not alive[r] or glob[0, _B] != token[r]:
+                g_len = _pop(glob, g_len)
+                continue
+            # The root's children bound every other region's best pair; r's
+            # inexact tops are re-scored while they could still beat that.
+            rival = _rival(glob, g_len)
+            while True:
+                _clean_top(local, lo_start, lo_len, r, alive, version)
+                if lo_len[r] == 0:
+                    break
+                top = local[lo_start[r]]
+                if top[_C] == version[r] or (rival > 0 and top[_KEY] + drift[r] < glob[rival, _KEY]):
+                    break
+                other = top[_A]
+                lo_len[r] = _pop(local[lo_start[r] :], lo_len[r])
+                code = min(ident[r], ident[other]) * n + max(ident[r], ident[other])
+                _local_push(local, lo_start, lo_len, r, _score(flat, sums, summed, inv, r, other) - drift[r],
+                            code, other, version[other], version[r])
+            if lo_len[r] == 0:
+                token[r] += 1
+                g_len = _pop(glob, g_len)
+                continue
+            top = local[lo_start[r]]
+            exact = top[_C] == version[r]
+            _set_row(glob, 0, top[_KEY] + drift[r], 0 if exact else 1, top[_CODE], r, token[r], 0)
+            if not exact or (rival > 0 and _before(glob, rival, 0)):
+                _sift_down(glob, 0, g_len)
+                continue
+            if glob[0, _KEY] < min_scores[t]:
+                break
+
+            # Certified maximum: merge r with its partner.
+            other = top[_A]
+            lo_len[r] = _pop(local[lo_start[r] :], lo_len[r])
+            keep, gone = (r, other) if nb_len[r] >= nb_len[other] else (other, r)
+            tick += 1
+            parent[gone] = keep
+            alive[gone] = False
+            ident[keep] = min(ident[keep], ident[gone])
+            drift[keep] += _drift_units(_absorb(flat, sums, summed, inv, keep, gone))
+            version[keep] = tick
+
+            # Union of both neighbour lists; an entry of keep's list stays
+            # valid if it names a live region whose version is unchanged.
+            count = 0
+            for owner in (keep, gone):
+                for e in range(nb_start[owner], nb_start[owner] + nb_len[owner]):
+                    named = nbrs[e, 0]
+                    nb = _find(parent, named)
+                    if nb == keep:
+                        continue
+                    valid = owner == keep and named == nb and nbrs[e, 1] == version[nb]
+                    if seen[nb] != tick:
+                        seen[nb] = tick
+                        slot[nb] = count
+                        merged[count, 0] = nb
+                        merged[count, 1] = version[nb] if valid else -1
+                        count += 1
+                    elif valid:
+                        merged[slot[nb], 1] = version[nb]
+            local, lo_end = _reserve(local, lo_end, lo_start, lo_len, lo_cap, keep, count)
+            for e in range(count):
+                nb = merged[e, 0]
+                if merged[e, 1] < 0:
+                    code = min(ident[keep], ident[nb]) * n + max(ident[keep], ident[nb])
+                    _local_push(local, lo_start, lo_len, keep, _score(flat, sums, summed, inv, keep, nb) - drift[keep],
+                                code, nb, version[nb], version[keep])
+                    merged[e, 1] = version[nb]
+            if lo_len[keep] > 2 * count + 16:
+                _compact(local, lo_start, lo_len, keep, alive, version)
+            nb_len[keep] = 0
+            nbrs, nb_end = _reserve(nbrs, nb_end, nb_start, nb_len, nb_cap, keep, count)
+            nbrs[nb_start[keep] : nb_start[keep] + count] = merged[:count]
+            nb_len[keep] = count
+
+            # The root was r's entry: replace it by keep's current best bound.
+            _clean_top(local, lo_start, lo_len, keep, alive, version)
+            token[keep] += 1
+            if lo_len[keep] == 0:
+                g_len = _pop(glob, g_len)
+            else:
+                top = local[lo_start[keep]]
+                _set_row(glob, 0, top[_KEY] + drift[keep], np.int64(top[_C] != version[keep]),
+                         top[_CODE], keep, token[keep], 0)
+                _sift_down(glob, 0, g_len)
+        _label_map(parent, out[t])
+    return out, True

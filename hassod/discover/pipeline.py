@@ -1,0 +1,133 @@
+"""Stage 1 for one image: patch features → merge → CRF + filters → ensemble → levels."""
+from __future__ import annotations
+
+import time
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .crf import CRFSettings, refine_partition
+from .levels import assign_levels
+from .masks import (
+    MaskFilterSettings,
+    mask_areas,
+    masks_to_boxes_xywh,
+    masks_to_rle,
+    pool_masks,
+    postprocess_masks,
+)
+from .merge import hierarchical_merge
+
+
+@dataclass
+class DiscoverySettings:
+    """Settings of stage-1 discovery; defaults are the paper's (DESIGN.md §4).
+
+    thresholds: merge thresholds on cosine similarity, processed high to low;
+        ``None`` takes the backbone's own defaults.
+    input_size: side in pixels of the square the image is resized to for the
+        backbone and the CRF (aspect not kept).
+    tau: coverage ratio of the whole/part/subpart tree.
+    """
+
+    thresholds: tuple[float, ...] | None = None
+    input_size: int = 480
+    tau: float = 0.9
+    crf: CRFSettings = field(default_factory=CRFSettings)
+    masks: MaskFilterSettings = field(default_factory=MaskFilterSettings)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Discovered:
+    """Masks found in one image, at its original size.
+
+    masks: (N, H, W) bool. levels: (N,) 0 whole / 1 part / 2 subpart.
+    parents: (N,) index of the parent mask or -1. scores: (N,) agreement of
+    the mask with its CRF refinement (IoU, 0..1). thresholds: (N,) the merge
+    threshold each mask came from.
+    """
+
+    masks: np.ndarray
+    levels: np.ndarray
+    parents: np.ndarray
+    scores: np.ndarray
+    thresholds: np.ndarray
+
+    def annotations(self) -> list[dict[str, Any]]:
+        """Per-mask dicts for :class:`hassod.discover.coco.ImageRecord` (RLE, xywh box)."""
+        rles = masks_to_rle(self.masks)
+        boxes = masks_to_boxes_xywh(self.masks)
+        areas = mask_areas(self.masks)
+        return [
+            {
+                "segmentation": rle,
+                "bbox": [round(float(v), 2) for v in box],
+                "area": int(area),
+                "score": round(float(score), 4),
+                "hier_level": int(level),
+                "parent": int(parent),
+                "threshold": float(threshold),
+            }
+            for rle, box, area, score, level, parent, threshold in zip(
+                rles, boxes, areas, self.scores, self.levels, self.parents, self.thresholds
+            )
+        ]
+
+
+def discover_masks(
+    image: np.ndarray,
+    features: np.ndarray,
+    original_size: tuple[int, int],
+    thresholds: tuple[float, ...],
+    settings: DiscoverySettings,
+    timings: dict[str, float] | None = None,
+) -> Discovered:
+    """Run stage 1 on one image.
+
+    image: (S, S, 3) uint8, the image resized to the backbone input.
+    features: (h, w, C) patch features of that image.
+    original_size: (H, W) in pixels; masks are returned at this size.
+    timings: if given, seconds spent per stage ("merge", "crf_filters",
+        "levels") are added to it (for benchmarks).
+    """
+    clock = _StageClock(timings)
+    partitions = hierarchical_merge(features, thresholds)
+    clock.lap("merge")
+    per_threshold, scores, origins = [], [], []
+    for threshold, labels in zip(sorted(thresholds, reverse=True), partitions):
+        refined = refine_partition(image, labels, settings.crf)
+        kept, keep_index = postprocess_masks(refined.masks, original_size, settings.masks)
+        per_threshold.append(kept)
+        scores.append(refined.ious[keep_index])
+        origins.append(np.full(len(kept), threshold))
+    masks, source = pool_masks(per_threshold)
+    clock.lap("crf_filters")
+    levels, parents = assign_levels(masks, settings.tau)
+    clock.lap("levels")
+    return Discovered(
+        masks=masks,
+        levels=levels,
+        parents=parents,
+        scores=np.concatenate(scores)[source],
+        thresholds=np.concatenate(origins)[source],
+    )
+
+
+class _StageClock:
+    """Adds the seconds since the previous lap to ``timings[stage]`` (no-op without a dict)."""
+
+    def __init__(self, timings: dict[str, float] | None):
+        self.timings = timings
+        self.last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        if self.timings is None:
+            return
+        now = time.perf_counter()
+        self.timings[stage] = self.timings.get(stage, 0.0) + now - self.last
+        self.last = now

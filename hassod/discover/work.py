@@ -1,0 +1,46 @@
+"""The per-image work of stage 1, run in worker processes.
+
+Kept apart from :mod:`hassod.discover.collection` so that a spawned worker
+imports only what it needs (no backbone, no timm): worker start-up is paid
+once per process and dominates small runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from threadpoolctl import threadpool_limits
+
+from .coco import ImageRecord
+from .pipeline import DiscoverySettings, discover_masks
+from .viz import save_overlay
+
+
+@dataclass
+class Job:
+    """One image's inputs to the post-processing."""
+
+    path: str
+    image: np.ndarray  # (S, S, 3) uint8
+    features: np.ndarray  # (h, w, C) float32
+    size: tuple[int, int]  # original (H, W)
+
+
+def process_job(job: Job, thresholds: tuple[float, ...], settings: DiscoverySettings, viz_dir: Path | None) -> ImageRecord:
+    found = discover_masks(job.image, job.features, job.size, thresholds, settings)
+    if viz_dir is not None:
+        save_overlay(job.path, found.masks, found.levels, Path(viz_dir))
+    height, width = job.size
+    return ImageRecord(path=job.path, width=width, height=height, annotations=found.annotations())
+
+
+def limit_threads() -> None:
+    # Each worker is one of several processes: with more than one BLAS/OpenMP
+    # thread each, idle threads spin against the other workers and a 20 ms
+    # matrix product can take seconds.
+    threadpool_limits(1)
+    torch.set_num_threads(1)
+
+

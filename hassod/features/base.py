@@ -1,0 +1,92 @@
+"""The interface every feature backbone implements.
+
+A backbone turns a batch of images into a grid of C-dimensional feature
+vectors, one per ``patch_size`` x ``patch_size`` block of input pixels. Stage-1
+discovery clusters these grids; the indexer RoI-pools region descriptors from
+them (``spatial_scale = 1 / patch_size``).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ImageSize = int | tuple[int, int]
+
+# ImageNet statistics (RGB, [0, 1] pixel scale): what DINO was trained with.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Merge thresholds of the paper (DESIGN.md §4), meaningful for DINO keys.
+PAPER_THRESHOLDS = (0.4, 0.2, 0.1)
+
+
+class Backbone(nn.Module):
+    """A frozen feature extractor producing a patch grid.
+
+    Attributes:
+        name: backbone name as accepted by :func:`hassod.features.build_backbone`.
+        dim: channels C of the output feature grid.
+        patch_size: stride of the output grid, in input pixels.
+        default_thresholds: merge thresholds for stage-1 clustering in this
+            feature space, descending.
+        weights_id: sha256 hex prefix of the weight file, or ``"random"``.
+        mean, std: per-channel RGB normalisation on the [0, 1] pixel scale.
+
+    The module is always in eval mode: :meth:`train` does not switch it, so
+    BatchNorm statistics never drift while it is embedded in a trained model.
+    """
+
+    name: str
+    dim: int
+    patch_size: int
+    default_thresholds: tuple[float, ...]
+    weights_id: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def train(self, mode: bool = True) -> "Backbone":
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def grid_shape(self, height: int, width: int) -> tuple[int, int]:
+        """Output grid (rows, cols), in patches, for an input of height x width pixels."""
+        return height // self.patch_size, width // self.patch_size
+
+    def prepare(self, images: Sequence[np.ndarray], size: ImageSize = 480) -> torch.Tensor:
+        """Resize and normalise images for this backbone.
+
+        Args:
+            images: RGB arrays (H, W, 3) uint8, sizes may differ.
+            size: output side in pixels, or (height, width); aspect is not kept.
+
+        Returns:
+            (B, 3, height, width) float32 tensor on the module's device.
+        """
+        height, width = (size, size) if isinstance(size, int) else size
+        device = self.device
+        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
+        batch = []
+        for image in images:
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise ValueError(f"expected an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
+            pixels = torch.from_numpy(np.ascontiguousarray(image)).to(device)
+            pixels = pixels.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+            # Antialiasing matters when shrinking large photos to 480 px: without
+            # it the patch features see aliased high frequencies.
+            batch.append(F.interpolate(pixels, size=(height, width), mode="bilinear", align_corners=False, antialias=True))
+        if not batch:
+            raise ValueError("prepare() needs at least one image")
+        return (torch.cat(batch).clamp_(0.0, 1.0) - mean) / std
+
+    def extract(self, images: Sequence[np.ndarray], size: ImageSize = 480) -> torch.Tensor:
+        """Patch-grid features of images: (B, dim, height // patch, width // patch) float32."""
+        with torch.inference_mode():
+            return self(self.prepare(images, size))

@@ -1,0 +1,492 @@
+"""The index catalog: images, their regions and the index configuration.
+
+One SQLAlchemy database per index (a SQLite file inside the index directory by
+default, any SQLAlchemy URL otherwise, PostgreSQL included). Region ids are
+the FAISS ids of the region descriptors, so they are never reused: images and
+regions take their ids from counters stored in the catalog and advanced in
+the same transaction that inserts the rows. A rolled-back transaction rolls
+the counter back too, which keeps ids identical on every backend for the same
+sequence of operations.
+
+Callers only see frozen dataclasses (:class:`ImageRecord`, :class:`RegionRecord`);
+sessions never leave this module. Every public method is one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Double,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+FORMAT_VERSION = 1
+"""Version of the catalog schema and config layout; bumped on incompatible changes."""
+
+COMPATIBILITY_KEYS = ("backbone", "weights", "descriptor", "descriptor_version", "descriptor_dim")
+"""Config keys that must match for descriptors of a query to be comparable with the index."""
+
+LEVEL_NAMES = ("whole", "part", "subpart")
+"""Region levels by number: 0 whole object, 1 part, 2 subpart."""
+
+# Keeps IN (...) lists well below PostgreSQL's 65535 bind parameters per statement.
+_CHUNK = 10_000
+
+# SQLite only aliases the rowid (fast, 64-bit) for a column declared exactly INTEGER.
+_Id64 = BigInteger().with_variant(Integer, "sqlite")
+
+
+class IncompatibleIndexError(RuntimeError):
+    """The index was built with another backbone, weights or descriptor than requested."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image of the collection.
+
+    Attributes:
+        path: the image's path as given to the indexer (the catalog's key).
+        content_hash: sha256 hex digest of the file bytes ('' when it could not be read).
+        size_bytes: file size in bytes.
+        mtime: modification time, seconds since the epoch.
+        width, height: image size in pixels (0 for an image in error).
+        status: 'ok' or 'error'.
+        error: the reason the image could not be indexed, None when status is 'ok'.
+        n_regions: number of regions stored for the image.
+        id: catalog id, assigned by the catalog (ignored on input).
+    """
+
+    path: str
+    content_hash: str
+    size_bytes: int
+    mtime: float
+    width: int
+    height: int
+    status: str = "ok"
+    error: str | None = None
+    n_regions: int = 0
+    id: int = 0
+
+
+@dataclass(frozen=True)
+class NewRegion:
+    """A region to store with :meth:`Catalog.replace_image`.
+
+    Attributes:
+        box: (x0, y0, x1, y1) in pixels of the original image (xyxy).
+        score: confidence of the region source.
+        level: 0 whole object, 1 part, 2 subpart.
+        area: mask area in pixels.
+        mask_rle: COCO compressed RLE dict {'size': [h, w], 'counts': bytes | str}.
+        parent: index of the parent region in the same list, None for a root.
+    """
+
+    box: tuple[float, float, float, float]
+    score: float
+    level: int
+    area: int
+    mask_rle: dict[str, Any]
+    parent: int | None = None
+
+
+@dataclass(frozen=True)
+class RegionRecord:
+    """A stored region; ``id`` is also its FAISS id.
+
+    Attributes:
+        id: region id (FAISS id), never reused.
+        image_id: id of the image holding the region.
+        box: (x0, y0, x1, y1) in pixels of the original image (xyxy).
+        score: confidence of the region source.
+        level: 0 whole object, 1 part, 2 subpart.
+        parent_id: region id of the parent in the same image, None for a root.
+        area: mask area in pixels.
+        mask_rle: COCO compressed RLE dict {'size': [h, w], 'counts': str}
+            (pycocotools.mask.decode accepts it as is).
+    """
+
+    id: int
+    image_id: int
+    box: tuple[float, float, float, float]
+    score: float
+    level: int
+    parent_id: int | None
+    area: int
+    mask_rle: dict[str, Any]
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class _Image(_Base):
+    __tablename__ = "images"
+    __table_args__ = (CheckConstraint("status IN ('ok', 'error')", name="ck_images_status"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    path: Mapped[str] = mapped_column(Text, unique=True)
+    content_hash: Mapped[str] = mapped_column(String(64), index=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    mtime: Mapped[float] = mapped_column(Double)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(8))
+    error: Mapped[str | None] = mapped_column(Text)
+    n_regions: Mapped[int] = mapped_column(Integer)
+
+
+class _Region(_Base):
+    __tablename__ = "regions"
+    __table_args__ = (CheckConstraint("level IN (0, 1, 2)", name="ck_regions_level"),)
+
+    id: Mapped[int] = mapped_column(_Id64, primary_key=True, autoincrement=False)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    x0: Mapped[float] = mapped_column(Double)
+    y0: Mapped[float] = mapped_column(Double)
+    x1: Mapped[float] = mapped_column(Double)
+    y1: Mapped[float] = mapped_column(Double)
+    score: Mapped[float] = mapped_column(Double)
+    level: Mapped[int] = mapped_column(Integer, index=True)
+    # Not a foreign key: parent and child always live and die with their image.
+    parent_id: Mapped[int | None] = mapped_column(BigInteger)
+    area: Mapped[int] = mapped_column(BigInteger)
+    mask_rle: Mapped[str] = mapped_column(Text)
+
+
+class _Config(_Base):
+    __tablename__ = "config"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)  # JSON
+
+
+class _Counter(_Base):
+    """Last id handed out per table; ids are allocated here, never by the database."""
+
+    __tablename__ = "id_counters"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger)
+
+
+_COUNTED = {"images": _Image, "regions": _Region}
+
+
+class Catalog:
+    """The catalog of one index.
+
+    Args:
+        url: SQLAlchemy URL, e.g. ``sqlite:///index/catalog.sqlite`` or
+            ``postgresql+psycopg://user@host/db`` (a bare ``postgresql://`` is
+            taken to mean the psycopg 3 driver). Tables are created if missing.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.engine = _make_engine(url)
+        _Base.metadata.create_all(self.engine)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+        with self._session.begin() as s:
+            for name, table in _COUNTED.items():
+                if s.get(_Counter, name) is None:
+                    # A catalog from before the counter existed continues after its largest id.
+                    last = s.scalar(select(func.coalesce(func.max(table.id), 0)))
+                    s.add(_Counter(name=name, value=last))
+
+    def close(self) -> None:
+        """Release all database connections."""
+        self.engine.dispose()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- configuration -------------------------------------------------------
+
+    def get_config(self) -> dict[str, Any] | None:
+        """The index configuration, or None for a catalog that has none yet."""
+        with self._session() as s:
+            rows = s.execute(select(_Config.key, _Config.value)).all()
+        return {key: json.loads(value) for key, value in rows} or None
+
+    def set_config(self, config: dict[str, Any]) -> None:
+        """Replace the index configuration.
+
+        Expected keys: backbone, weights, descriptor, descriptor_version,
+        descriptor_dim, region_source ('discovery' or 'detector:<hash>'),
+        thresholds; values must be JSON-serialisable. ``format_version`` and
+        ``created_at`` (ISO 8601, UTC) are added when absent.
+        """
+        config = {
+            "format_version": FORMAT_VERSION,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **config,
+        }
+        rows = [{"key": k, "value": json.dumps(v, sort_keys=True)} for k, v in config.items()]
+        with self._session.begin() as s:
+            s.execute(delete(_Config))
+            s.execute(insert(_Config), rows)
+
+    def check_compatible(self, requested: dict[str, Any]) -> None:
+        """Raise IncompatibleIndexError unless ``requested`` matches the stored config.
+
+        Only the keys of COMPATIBILITY_KEYS present in ``requested`` are compared;
+        a catalog without a config is compatible with anything.
+        """
+        stored = self.get_config()
+        if stored is None:
+            return
+        version = stored.get("format_version")
+        if version != FORMAT_VERSION:
+            raise IncompatibleIndexError(
+                f"index catalog has format version {version}, this hassod reads version "
+                f"{FORMAT_VERSION}; rebuild the index"
+            )
+        keys = [k for k in COMPATIBILITY_KEYS if k in requested]
+        if any(stored.get(k) != requested[k] for k in keys):
+            raise IncompatibleIndexError(
+                f"index was built with {_describe(stored, keys)}, but {_describe(requested, keys)} "
+                "was requested; use the same backbone and descriptor or rebuild the index"
+            )
+
+    # -- images --------------------------------------------------------------
+
+    def image_by_path(self, path: str) -> ImageRecord | None:
+        """The image stored under ``path``, or None."""
+        with self._session() as s:
+            row = s.scalar(select(_Image).where(_Image.path == path))
+            return None if row is None else _image_record(row)
+
+    def images(self) -> list[ImageRecord]:
+        """All images, ok and in error, ordered by path."""
+        with self._session() as s:
+            return [_image_record(r) for r in s.scalars(select(_Image).order_by(_Image.path))]
+
+    def images_by_id(self, ids: Iterable[int]) -> dict[int, ImageRecord]:
+        """Images by id (e.g. the ``image_id`` of search hits); missing ids are left out."""
+        ids = sorted(set(ids))
+        out: dict[int, ImageRecord] = {}
+        with self._session() as s:
+            for chunk in _chunks(ids):
+                for row in s.scalars(select(_Image).where(_Image.id.in_(chunk))):
+                    out[row.id] = _image_record(row)
+        return out
+
+    def replace_image(self, image: ImageRecord, regions: Sequence[NewRegion]) -> list[int]:
+        """Store ``image`` (status 'ok') with its regions, replacing any previous entry.
+
+        One transaction: the previous row for ``image.path`` and its regions are
+        deleted, the image and the regions inserted. On any error nothing changes.
+        The ids, status, error and n_regions of ``image`` are ignored.
+
+        Returns:
+            the new region ids, in the order of ``regions``. Ids of replaced
+            regions are gone from the catalog; callers drop them from FAISS
+            (see :meth:`region_ids` to reconcile).
+        """
+        n = len(regions)
+        for i, r in enumerate(regions):
+            if r.parent is not None and not (0 <= r.parent < n and r.parent != i):
+                raise ValueError(f"region {i}: parent index {r.parent} is not another region of the list")
+        with self._session.begin() as s:
+            s.execute(delete(_Image).where(_Image.path == image.path))  # regions cascade
+            image_id = _allocate(s, "images", 1)[0]
+            s.execute(
+                insert(_Image).values(
+                    id=image_id, path=image.path, content_hash=image.content_hash,
+                    size_bytes=int(image.size_bytes), mtime=float(image.mtime), width=int(image.width),
+                    height=int(image.height), status="ok", error=None, n_regions=n,
+                )
+            )
+            ids = _allocate(s, "regions", n)
+            if n:
+                rows = [_region_row(r, pos, image_id, ids) for pos, r in enumerate(regions)]
+                s.execute(insert(_Region), rows)  # one executemany
+        return ids
+
+    def record_error(self, path: str, content_hash: str, size_bytes: int, mtime: float, error: str) -> list[int]:
+        """Store ``path`` as unreadable (status 'error'), replacing any previous entry.
+
+        Returns:
+            ids of the regions the previous entry had, now removed.
+        """
+        with self._session.begin() as s:
+            removed = self._delete(s, [path])
+            s.execute(
+                insert(_Image).values(
+                    id=_allocate(s, "images", 1)[0], path=path, content_hash=content_hash,
+                    size_bytes=int(size_bytes), mtime=float(mtime), width=0, height=0, status="error",
+                    error=error, n_regions=0,
+                )
+            )
+        return removed
+
+    def delete_images(self, paths: Iterable[str]) -> list[int]:
+        """Delete the images at ``paths`` (unknown paths are ignored) with their regions.
+
+        Returns:
+            the removed region ids, ascending, for the caller to drop from FAISS.
+        """
+        with self._session.begin() as s:
+            return self._delete(s, list(paths))
+
+    @staticmethod
+    def _delete(s: Session, paths: list[str]) -> list[int]:
+        removed: list[int] = []
+        for chunk in _chunks(paths):
+            in_chunk = select(_Image.id).where(_Image.path.in_(chunk)).scalar_subquery()
+            removed += s.scalars(
+                delete(_Region).where(_Region.image_id.in_(in_chunk)).returning(_Region.id),
+                execution_options={"synchronize_session": False},
+            ).all()
+            s.execute(
+                delete(_Image).where(_Image.path.in_(chunk)), execution_options={"synchronize_session": False}
+            )
+        return sorted(removed)
+
+    # -- regions -------------------------------------------------------------
+
+    def regions(self, ids: Sequence[int]) -> list[RegionRecord]:
+        """The regions with these ids, in the order of ``ids``; unknown ids are left out."""
+        wanted = sorted({int(i) for i in ids})
+        found: dict[int, RegionRecord] = {}
+        with self._session() as s:
+            for chunk in _chunks(wanted):
+                for row in s.scalars(select(_Region).where(_Region.id.in_(chunk))):
+                    found[row.id] = _region_record(row)
+        return [found[int(i)] for i in ids if int(i) in found]
+
+    def region_ids(self, level: int | None = None) -> np.ndarray:
+        """All region ids, or those of one level, ascending: (N,) int64."""
+        query = select(_Region.id).order_by(_Region.id)
+        if level is not None:
+            query = query.where(_Region.level == level)
+        with self._session() as s:
+            return np.fromiter(s.scalars(query), dtype=np.int64)
+
+    def region_ids_by_image(self) -> dict[str, np.ndarray]:
+        """Region ids per image path, ascending (N_i,) int64; images without regions map to empty arrays."""
+        with self._session() as s:
+            images = s.execute(select(_Image.id, _Image.path)).all()
+            pairs = s.execute(select(_Region.image_id, _Region.id).order_by(_Region.image_id, _Region.id)).all()
+        owners, ids = np.array(pairs, dtype=np.int64).reshape(-1, 2).T
+        image_ids = [image_id for image_id, _ in images]
+        starts = np.searchsorted(owners, image_ids, side="left")
+        ends = np.searchsorted(owners, image_ids, side="right")
+        return {path: ids[a:b] for (_, path), a, b in zip(images, starts, ends)}
+
+    def stats(self) -> dict[str, Any]:
+        """Counts: {'images_ok', 'images_error', 'regions', 'regions_by_level': {'whole', 'part', 'subpart'}}."""
+        with self._session() as s:
+            by_status = dict(s.execute(select(_Image.status, func.count()).group_by(_Image.status)).all())
+            by_level = dict(s.execute(select(_Region.level, func.count()).group_by(_Region.level)).all())
+        return {
+            "images_ok": by_status.get("ok", 0),
+            "images_error": by_status.get("error", 0),
+            "regions": sum(by_level.values()),
+            "regions_by_level": {name: by_level.get(i, 0) for i, name in enumerate(LEVEL_NAMES)},
+        }
+
+
+def _make_engine(url: str) -> Engine:
+    parsed = make_url(url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(parsed)
+    engine = create_engine(parsed)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy emit BEGIN itself (pysqlite's implicit one comes too late for
+        # reads), enforce the regions -> images cascade, and use WAL so a search can
+        # read while a build writes; NORMAL sync under WAL survives kill -9.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN")
+
+    return engine
+
+
+def _allocate(s: Session, name: str, n: int) -> list[int]:
+    """Take the next ``n`` ids of counter ``name``; the UPDATE row-locks it until commit."""
+    last = s.scalar(
+        update(_Counter)
+        .where(_Counter.name == name)
+        .values(value=_Counter.value + n)
+        .returning(_Counter.value),
+        execution_options={"synchronize_session": False},
+    )
+    return list(range(last - n + 1, last + 1))
+
+
+def _region_row(r: NewRegion, pos: int, image_id: int, ids: list[int]) -> dict[str, Any]:
+    x0, y0, x1, y1 = (float(v) for v in r.box)
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1, r.score)):
+        raise ValueError(f"region {pos}: box and score must be finite, got {r.box}, {r.score}")
+    counts = r.mask_rle["counts"]
+    if isinstance(counts, bytes):  # pycocotools.mask.encode gives bytes; JSON needs str
+        counts = counts.decode("ascii")
+    if not isinstance(counts, str):
+        raise TypeError(f"region {pos}: mask_rle counts must be a compressed RLE (bytes or str)")
+    rle = {"size": [int(v) for v in r.mask_rle["size"]], "counts": counts}
+    return {
+        "id": ids[pos], "image_id": image_id, "x0": x0, "y0": y0, "x1": x1, "y1": y1,
+        "score": float(r.score), "level": int(r.level),
+        "parent_id": None if r.parent is None else ids[r.parent],
+        "area": int(r.area), "mask_rle": json.dumps(rle),
+    }
+
+
+def _image_record(row: _Image) -> ImageRecord:
+    return ImageRecord(
+        path=row.path, content_hash=row.content_hash, size_bytes=row.size_bytes, mtime=row.mtime,
+        width=row.width, height=row.height, status=row.status, error=row.error,
+        n_regions=row.n_regions, id=row.id,
+    )
+
+
+def _region_record(row: _Region) -> RegionRecord:
+    return RegionRecord(
+        id=row.id, image_id=row.image_id, box=(row.x0, row.y0, row.x1, row.y1), score=row.score,
+        level=row.level, parent_id=row.parent_id, area=row.area, mask_rle=json.loads(row.mask_rle),
+    )
+
+
+def _describe(config: dict[str, Any], keys: Sequence[str]) -> str:
+    """One-line description of the compared part of a config, e.g. 'backbone X / descriptor Y'."""
+    return " / ".join(f"{k.replace('_', ' ')} {config.get(k)}" for k in keys)
+
+
+def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]

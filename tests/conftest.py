@@ -1,0 +1,44 @@
+"""Fixtures shared by the whole suite: the real-photo data folder and bad input files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` beside the repository (real photos with ground truth)."""
+    if not (SHARED_DATA / "coco128" / "instances.json").exists():
+        pytest.fail(f"the development data folder is missing: expected {SHARED_DATA} (see DESIGN.md)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def coco128_images(shared_data: Path) -> list[Path]:
+    return sorted((shared_data / "coco128" / "images").glob("*.jpg"))
+
+
+@pytest.fixture
+def bad_inputs(tmp_path: Path, coco128_images: list[Path]) -> dict[str, Path]:
+    """One file of every kind discovery must skip with a reason, keyed by kind."""
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not an image\n")
+    (folder / "empty.jpg").write_bytes(b"")
+    data = coco128_images[0].read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    huge = folder / "huge.png"
+    # A 1-bit image is tiny on disk yet has many pixels: the size check must refuse it unread.
+    Image.new("1", (9000, 8000)).save(huge)
+    return {p.stem: p for p in folder.iterdir()}
+
+
+def write_image(path: Path, array: np.ndarray, **save_args) -> Path:
+    Image.fromarray(array).save(path, **save_args)
+    return path

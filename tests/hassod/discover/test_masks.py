@@ -1,0 +1,162 @@
+import json
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+from scipy import ndimage
+
+from hassod.discover.masks import (
+    MaskFilterSettings,
+    corner_counts,
+    fill_holes,
+    mask_areas,
+    masks_to_boxes_xywh,
+    masks_to_rle,
+    pool_masks,
+    postprocess_masks,
+    resize_masks,
+    rle_to_masks,
+)
+
+
+def blank(count: int, height: int = 40, width: int = 50) -> np.ndarray:
+    return np.zeros((count, height, width), bool)
+
+
+def test_area_filter_at_original_size():
+    masks = blank(3)
+    masks[0, 5:15, 5:15] = True  # 100 px: kept
+    masks[1, 5:15, 5:15] = True
+    masks[1, 14, 14] = False  # 99 px: dropped
+    masks[2, 20:30, 20:35] = True  # 150 px: kept
+    kept, indices = postprocess_masks(masks, (40, 50))
+    assert indices.tolist() == [0, 2]
+    np.testing.assert_array_equal(kept, masks[[0, 2]])
+
+
+def test_area_is_measured_after_resizing():
+    masks = blank(1, 20, 20)
+    masks[0, 5:12, 5:12] = True  # 49 px at 20 x 20, 196 px at 40 x 40
+    assert postprocess_masks(masks, (20, 20))[1].tolist() == []
+    kept, indices = postprocess_masks(masks, (40, 40))
+    assert indices.tolist() == [0] and mask_areas(kept).tolist() == [196]
+
+
+def test_corner_filter_drops_three_or_more_corners():
+    masks = blank(4)
+    masks[0, :5, :] = True  # top band: 2 corners
+    masks[1, :5, :] = True
+    masks[1, :, :5] = True  # top + left band: 3 corners
+    masks[2] = True  # 4 corners
+    masks[3, 10:30, 10:30] = True  # none
+    assert corner_counts(masks).tolist() == [2, 3, 4, 0]
+    assert postprocess_masks(masks, (40, 50))[1].tolist() == [0, 3]
+    relaxed = MaskFilterSettings(max_corners=5)
+    assert postprocess_masks(masks, (40, 50), relaxed)[1].tolist() == [0, 1, 2, 3]
+
+
+def test_hole_filling_turns_a_ring_into_a_disk():
+    yy, xx = np.mgrid[0:60, 0:60]
+    radius2 = (yy - 30) ** 2 + (xx - 30) ** 2
+    disk = radius2 <= 20**2
+    ring = disk & (radius2 > 10**2)
+    kept, _ = postprocess_masks(ring[None], (60, 60))
+    np.testing.assert_array_equal(kept[0], disk)
+    unfilled, _ = postprocess_masks(ring[None], (60, 60), MaskFilterSettings(fill_holes=False))
+    np.testing.assert_array_equal(unfilled[0], ring)
+    # A notch open to the image border is not a hole.
+    open_mask = np.zeros((20, 20), bool)
+    open_mask[:, 5:15] = True
+    open_mask[:10, 8:12] = False
+    np.testing.assert_array_equal(fill_holes(open_mask[None])[0], open_mask)
+
+
+def test_bounding_box_fill_equals_full_image_fill():
+    rng = np.random.default_rng(5)
+    masks = rng.random((6, 30, 40)) > 0.45  # many holes, touching every border
+    masks[0] = False
+    masks[1] = False
+    masks[1, 3:12, 20:39] = rng.random((9, 19)) > 0.3
+    expected = np.stack([ndimage.binary_fill_holes(m) for m in masks])
+    np.testing.assert_array_equal(fill_holes(masks), expected)
+    assert (expected != masks).sum() > 20  # there were holes to fill
+
+
+def test_resize_to_non_square_original():
+    masks = blank(2, 48, 48)
+    masks[0, :, :24] = True  # left half
+    masks[1, 12:36, 12:36] = True  # centred square, half the side
+    out = resize_masks(masks, (30, 70))
+    assert out.shape == (2, 30, 70) and out.dtype == bool
+    expected_left = np.zeros((30, 70), bool)
+    expected_left[:, :35] = True
+    np.testing.assert_array_equal(out[0], expected_left)
+    expected_square = np.zeros((30, 70), bool)
+    # The square spans rows 7.5..22.5 and columns 17.5..52.5 at the new size:
+    # exactly the pixels whose centres lie strictly inside are set.
+    expected_square[8:22, 18:52] = True
+    np.testing.assert_array_equal(out[1], expected_square)
+    kept, indices = postprocess_masks(masks, (30, 70))
+    assert kept.shape == (2, 30, 70) and indices.tolist() == [0, 1]
+
+
+def test_resize_is_identity_at_same_size_and_handles_empty():
+    masks = np.random.default_rng(0).random((3, 17, 23)) > 0.5
+    np.testing.assert_array_equal(resize_masks(masks, (17, 23)), masks)
+    assert resize_masks(blank(0), (10, 12)).shape == (0, 10, 12)
+    kept, indices = postprocess_masks(blank(0), (10, 12))
+    assert kept.shape == (0, 10, 12) and indices.shape == (0,)
+
+
+def test_rle_round_trip_is_exact_and_json_ready():
+    masks = np.random.default_rng(1).random((4, 31, 17)) > 0.6
+    masks[3] = False
+    rles = masks_to_rle(masks)
+    assert all(isinstance(r["counts"], str) and r["size"] == [31, 17] for r in rles)
+    decoded = rle_to_masks(json.loads(json.dumps(rles)))
+    assert decoded.dtype == bool
+    np.testing.assert_array_equal(decoded, masks)
+    assert masks_to_rle(blank(0)) == []
+    assert rle_to_masks([], size=(5, 6)).shape == (0, 5, 6)
+    with pytest.raises(ValueError):
+        rle_to_masks([])
+
+
+def test_boxes_xywh_on_hand_made_masks():
+    masks = blank(4, 10, 12)
+    masks[0, 5, 3] = True  # one pixel
+    masks[1, 2:5, 1:7] = True  # rows 2..4, cols 1..6
+    masks[2, 0, 0] = masks[2, 9, 11] = True  # opposite corners
+    boxes = masks_to_boxes_xywh(masks)
+    assert boxes.tolist() == [[3, 5, 1, 1], [1, 2, 6, 3], [0, 0, 12, 10], [0, 0, 0, 0]]
+    reference = mask_utils.toBbox(mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0), dtype=np.uint8)))
+    np.testing.assert_array_equal(boxes, reference)
+
+
+def test_mask_areas():
+    masks = blank(3, 5, 5)
+    masks[0] = True
+    masks[1, 1:3, 1:4] = True
+    assert mask_areas(masks).tolist() == [25, 6, 0]
+
+
+def test_pool_masks_removes_exact_duplicates_only():
+    rng = np.random.default_rng(2)
+    base = rng.random((3, 16, 16)) > 0.5
+    near = base[1].copy()
+    near[0, 0] = ~near[0, 0]  # differs by one pixel
+    first = base  # from the highest threshold
+    second = np.stack([base[1], near, base[2], base[0] | base[2]])
+    pooled, kept = pool_masks([first, second, base[:1]])
+    assert len(pooled) == 5
+    assert kept.tolist() == [0, 1, 2, 4, 6]  # indices into the concatenation of the inputs
+    np.testing.assert_array_equal(pooled, np.stack([*base, near, base[0] | base[2]]))
+
+
+def test_pool_masks_handles_empty_thresholds():
+    masks = np.zeros((2, 4, 4), bool)
+    masks[1, 0, 0] = True
+    pooled, kept = pool_masks([blank(0, 4, 4), masks])
+    assert len(pooled) == 2 and kept.tolist() == [0, 1]
+    with pytest.raises(ValueError):
+        pool_masks([])

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hassod.images import ImageError, list_images, load_rgb
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    array = np.zeros((20, 40, 3), np.uint8)
+    array[:, :20] = 255  # left half white
+    img = Image.fromarray(array)
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    img.save(tmp_path / "rot.jpg", exif=exif, quality=100)
+    out = load_rgb(tmp_path / "rot.jpg")
+    assert out.shape == (40, 20, 3)
+    assert out[:15].mean() > 200 and out[25:].mean() < 50  # white half now on top
+
+
+def test_modes_become_rgb_uint8(tmp_path):
+    gray = (np.arange(100, dtype=np.uint8).reshape(10, 10))
+    Image.fromarray(gray, "L").save(tmp_path / "g.png")
+    np.testing.assert_array_equal(load_rgb(tmp_path / "g.png")[..., 1], gray)
+
+    sixteen = (np.arange(100, dtype=np.uint16).reshape(10, 10) * 600)
+    Image.fromarray(sixteen).save(tmp_path / "s.png")
+    out = load_rgb(tmp_path / "s.png")
+    assert out.dtype == np.uint8 and out[0, 0, 0] == 0 and out[-1, -1, 0] == 255
+    assert np.all(np.diff(out[..., 0].ravel().astype(int)) >= 0)  # scaled, not clipped at 255
+
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0] = 255
+    rgba[:2, :, 3] = 255  # top opaque red, bottom transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    out = load_rgb(tmp_path / "a.png")
+    assert out[0, 0].tolist() == [255, 0, 0] and out[3, 3].tolist() == [255, 255, 255]
+
+
+def test_bad_inputs_raise_clear_errors(bad_inputs):
+    messages = {}
+    for kind, path in bad_inputs.items():
+        with pytest.raises(ImageError) as info:
+            load_rgb(path, max_pixels=50_000_000)
+        messages[kind] = str(info.value)
+    assert "not an image" in messages["notes"]
+    assert "not an image" in messages["empty"]
+    assert "unreadable" in messages["truncated"] or "truncated" in messages["truncated"]
+    assert "too large" in messages["huge"] and "9000x8000" in messages["huge"]
+
+
+def test_list_images_recursive_sorted_without_hidden(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / ".hidden").mkdir()
+    for name in ["b/2.jpg", "1.png", ".x.jpg", ".hidden/3.jpg"]:
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.relative_to(tmp_path).as_posix() for p in list_images([tmp_path])] == ["1.png", "b/2.jpg"]
+    with pytest.raises(FileNotFoundError):
+        list_images([tmp_path / "missing"])
