@@ -60,14 +60,14 @@ def main() -> None:
     per_level: Counter = Counter()
     detections = []
     warm = resize_square(load_rgb(DATA / "images" / images[0]["file_name"]), settings.input_size)
-    discover_masks(warm, backbone.extract([warm])[0].permute(1, 2, 0).numpy(), warm.shape[:2], thresholds, settings)
+    discover_masks(warm, backbone.extract([warm])[0].permute(1, 2, 0).numpy(), warm.shape[:2], settings)
     for info in images:
         image = load_rgb(DATA / "images" / info["file_name"])
         small = resize_square(image, settings.input_size)
         start = time.perf_counter()
         features = backbone.extract([small])[0].permute(1, 2, 0).float().numpy()
         timings["backbone"] += time.perf_counter() - start
-        found = discover_masks(small, features, image.shape[:2], thresholds, settings, timings=timings)
+        found = discover_masks(small, features, image.shape[:2], settings, timings=timings)
         per_threshold.update(found.thresholds.tolist())
         per_level.update(found.levels.tolist())
         for ann in found.annotations():

@@ -61,13 +61,8 @@ def discover_collection(
 ) -> DiscoverySummary:
     """Discover masks in every file of ``paths`` and write COCO pseudo-labels to ``out``."""
     start = time.perf_counter()
-    thresholds = tuple(sorted(settings.thresholds or backbone.default_thresholds, reverse=True))
-    run_settings = {
-        "backbone": backbone.name,
-        "weights": backbone.weights_id,
-        "thresholds": list(thresholds),
-        "discovery": settings.as_dict(),
-    }
+    settings = settings.with_default_thresholds(backbone.default_thresholds)
+    run_settings = {"backbone": backbone.name, "weights": backbone.weights_id, "discovery": settings.as_dict()}
     log = ProgressLog(Path(str(out) + ".progress.jsonl"), run_settings)
     keys = [str(Path(p).resolve()) for p in paths]
     todo = [k for k in keys if k not in log.done]
@@ -76,24 +71,9 @@ def discover_collection(
         Path(viz_dir).mkdir(parents=True, exist_ok=True)
 
     with tqdm(total=len(keys), initial=summary.resumed, unit="img", disable=not show_progress) as bar:
-        with _postprocessor(min(workers, len(todo))) as submit:
-            pending: set[Future] = set()
-            limit = 2 * max(workers, 1) + batch_size  # features are megabytes per image
-            for batch in _batches(todo, batch_size):
-                jobs, errors = _prepare(batch, backbone, settings.input_size, max_pixels)
-                for record in errors:
-                    log.append(record)
-                    bar.update()
-                pending.update(submit(process_job, job, thresholds, settings, viz_dir) for job in jobs)
-                # Log whatever has finished at once, so a kill loses only work in flight.
-                done, pending = wait(pending, timeout=0 if len(pending) <= limit else None,
-                                     return_when=FIRST_COMPLETED)
-                for future in done:
-                    log.append(future.result())
-                    bar.update()
-            for future in as_completed(pending):
-                log.append(future.result())
-                bar.update()
+        for record, _ in discover_records(todo, backbone, settings, workers, batch_size, viz_dir, max_pixels):
+            log.append(record)
+            bar.update()
     log.close()
 
     records = [log.done[k] for k in keys]
@@ -111,6 +91,43 @@ def discover_collection(
     return summary
 
 
+def discover_records(
+    paths: Sequence[str],
+    backbone: Backbone,
+    settings: DiscoverySettings,
+    workers: int = 1,
+    batch_size: int = 8,
+    viz_dir: Path | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Iterator[tuple[ImageRecord, np.ndarray | None]]:
+    """Yield ``(record, image)`` for every path, in order of completion.
+
+    ``image`` is the decoded (H, W, 3) uint8 original (``None`` for a skipped
+    file), so callers that need the pixels again do not decode twice. Records
+    are yielded as soon as they finish, so a caller that persists each one
+    loses only the images in flight when it is killed.
+    """
+    settings = settings.with_default_thresholds(backbone.default_thresholds)
+    decoded: dict[str, np.ndarray] = {}
+    with _postprocessor(min(workers, len(paths))) as submit:
+        pending: set[Future] = set()
+        limit = 2 * max(workers, 1) + batch_size  # features are megabytes per image
+        for batch in _batches(list(paths), batch_size):
+            jobs, images, errors = _prepare(batch, backbone, settings.input_size, max_pixels)
+            for record in errors:
+                yield record, None
+            decoded.update((job.path, image) for job, image in zip(jobs, images))
+            pending.update(submit(process_job, job, settings, viz_dir) for job in jobs)
+            done, pending = wait(pending, timeout=0 if len(pending) <= limit else None,
+                                 return_when=FIRST_COMPLETED)
+            for future in done:
+                record = future.result()
+                yield record, decoded.pop(record.path)
+        for future in as_completed(pending):
+            record = future.result()
+            yield record, decoded.pop(record.path)
+
+
 def _batches(items: list[str], size: int) -> Iterator[list[str]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -118,7 +135,7 @@ def _batches(items: list[str], size: int) -> Iterator[list[str]]:
 
 def _prepare(
     batch: list[str], backbone: Backbone, input_size: int, max_pixels: int
-) -> tuple[list[Job], list[ImageRecord]]:
+) -> tuple[list[Job], list[np.ndarray], list[ImageRecord]]:
     """Decode a batch, run the backbone once on it, and split into per-image jobs."""
     images, loaded, errors = [], [], []
     for path in batch:
@@ -128,7 +145,7 @@ def _prepare(
         except ImageError as exc:
             errors.append(ImageRecord(path=path, error=str(exc)))
     if not images:
-        return [], errors
+        return [], [], errors
     small = [resize_square(image, input_size) for image in images]
     features = backbone.extract(small, size=input_size)  # (B, C, h, w)
     grid = features.permute(0, 2, 3, 1).float().cpu().numpy()
@@ -136,7 +153,7 @@ def _prepare(
         Job(path, np.ascontiguousarray(small[i]), np.ascontiguousarray(grid[i]), images[i].shape[:2])
         for i, path in enumerate(loaded)
     ]
-    return jobs, errors
+    return jobs, images, errors
 
 
 class _Inline:

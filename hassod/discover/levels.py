@@ -80,6 +80,31 @@ def find_parents(inter: np.ndarray, tau: float = 0.9) -> np.ndarray:
     return np.where(covered_by.any(axis=1), best, -1).astype(np.int64)
 
 
+def distinct_masks(inter: np.ndarray, max_iou: float = 0.9) -> np.ndarray:
+    """Indices of the masks to keep when near-duplicates are dropped, ascending.
+
+    Masks are taken in order; one whose IoU with an already kept mask is at
+    least ``max_iou`` is dropped. Pooling the partitions of several
+    thresholds yields many such near-copies (a region that did not merge
+    further, its boundary moved by a few pixels in another CRF): two masks
+    that cover each other at tau = 0.9 are the same element of the hierarchy
+    and, kept together, would stand side by side as siblings.
+
+    inter: (N, N) pairwise intersections from :func:`intersection_matrix`.
+    """
+    areas = np.diagonal(inter).astype(np.float64)
+    union = areas[:, None] + areas[None, :] - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        duplicate = np.where(union > 0, inter / union, 1.0) >= max_iou
+    keep = np.ones(len(areas), dtype=bool)
+    for index in range(len(areas)):  # N masks, not pixels: at most a few hundred steps
+        if keep[index]:
+            later = duplicate[index].copy()
+            later[: index + 1] = False
+            keep &= ~later
+    return np.flatnonzero(keep)
+
+
 def levels_from_parents(parents: np.ndarray) -> np.ndarray:
     """(N,) int parent indices (-1 for roots) -> (N,) int8 levels: 0 whole, 1 part, 2 subpart.
 

@@ -120,39 +120,6 @@ def fill_holes(masks: np.ndarray) -> np.ndarray:
     return filled
 
 
-def pool_masks(per_threshold: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate the masks of several thresholds, dropping exact duplicates.
-
-    A region that did not merge further between two thresholds yields the same
-    mask twice; two identical masks never cover each other, so kept together
-    they would both become roots of the coverage tree instead of one node.
-
-    Args:
-        per_threshold: list of (N_i, H, W) bool, one per threshold, in the order
-            the caller wants to prefer: the first copy of a mask is kept. With
-            thresholds in processing order (descending, 0.4 then 0.2 then 0.1)
-            a duplicate is attributed to the highest threshold, the finest
-            partition where the region first appeared.
-
-    Returns:
-        (masks, kept): (N, H, W) bool, the unique masks in input order, and
-        (N,) int64 index of each into the concatenation of ``per_threshold``
-        (so per-mask values of the inputs can be pooled the same way).
-    """
-    if not per_threshold:
-        raise ValueError("pool_masks needs at least one (possibly empty) mask array")
-    masks = np.concatenate([np.asarray(m, dtype=bool) for m in per_threshold], axis=0)
-    if len(masks) == 0:
-        return masks, np.zeros(0, dtype=np.int64)
-    # Each mask's packed bits viewed as one opaque row: np.unique then finds
-    # exact duplicates with a single sort, no pairwise comparisons.
-    packed = np.packbits(masks.reshape(len(masks), -1), axis=1)
-    rows = np.ascontiguousarray(packed).view(np.dtype((np.void, packed.shape[1]))).reshape(-1)
-    _, first = np.unique(rows, return_index=True)
-    first = np.sort(first).astype(np.int64)
-    return masks[first], first
-
-
 def masks_to_rle(masks: np.ndarray) -> list[dict]:
     """(N, H, W) bool -> N COCO RLE dicts ``{"size": [H, W], "counts": str}``, JSON-ready."""
     if len(masks) == 0:

@@ -3,19 +3,18 @@ from __future__ import annotations
 
 import time
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from .crf import CRFSettings, refine_partition
-from .levels import assign_levels
+from .levels import distinct_masks, find_parents, intersection_matrix, levels_from_parents
 from .masks import (
     MaskFilterSettings,
     mask_areas,
     masks_to_boxes_xywh,
     masks_to_rle,
-    pool_masks,
     postprocess_masks,
 )
 from .merge import hierarchical_merge
@@ -30,16 +29,23 @@ class DiscoverySettings:
     input_size: side in pixels of the square the image is resized to for the
         backbone and the CRF (aspect not kept).
     tau: coverage ratio of the whole/part/subpart tree.
+    duplicate_iou: of masks from different thresholds overlapping at least
+        this much (IoU), only the first (finest threshold) is kept.
     """
 
     thresholds: tuple[float, ...] | None = None
     input_size: int = 480
     tau: float = 0.9
+    duplicate_iou: float = 0.9
     crf: CRFSettings = field(default_factory=CRFSettings)
     masks: MaskFilterSettings = field(default_factory=MaskFilterSettings)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def with_default_thresholds(self, defaults: tuple[float, ...]) -> "DiscoverySettings":
+        """These settings with ``thresholds`` filled from ``defaults`` if unset, sorted high to low."""
+        return replace(self, thresholds=tuple(sorted(self.thresholds or defaults, reverse=True)))
 
 
 @dataclass
@@ -83,7 +89,6 @@ def discover_masks(
     image: np.ndarray,
     features: np.ndarray,
     original_size: tuple[int, int],
-    thresholds: tuple[float, ...],
     settings: DiscoverySettings,
     timings: dict[str, float] | None = None,
 ) -> Discovered:
@@ -92,29 +97,35 @@ def discover_masks(
     image: (S, S, 3) uint8, the image resized to the backbone input.
     features: (h, w, C) patch features of that image.
     original_size: (H, W) in pixels; masks are returned at this size.
+    settings: must have ``thresholds`` set (see ``with_default_thresholds``).
     timings: if given, seconds spent per stage ("merge", "crf_filters",
         "levels") are added to it (for benchmarks).
     """
+    if not settings.thresholds:
+        raise ValueError("discover_masks needs settings.thresholds; use settings.with_default_thresholds()")
+    thresholds = tuple(sorted(settings.thresholds, reverse=True))
     clock = _StageClock(timings)
     partitions = hierarchical_merge(features, thresholds)
     clock.lap("merge")
     per_threshold, scores, origins = [], [], []
-    for threshold, labels in zip(sorted(thresholds, reverse=True), partitions):
+    for threshold, labels in zip(thresholds, partitions):
         refined = refine_partition(image, labels, settings.crf)
         kept, keep_index = postprocess_masks(refined.masks, original_size, settings.masks)
         per_threshold.append(kept)
         scores.append(refined.ious[keep_index])
         origins.append(np.full(len(kept), threshold))
-    masks, source = pool_masks(per_threshold)
     clock.lap("crf_filters")
-    levels, parents = assign_levels(masks, settings.tau)
+    masks = np.concatenate(per_threshold)
+    inter = intersection_matrix(masks)
+    keep = distinct_masks(inter, settings.duplicate_iou)
+    parents = find_parents(inter[np.ix_(keep, keep)], settings.tau)
     clock.lap("levels")
     return Discovered(
-        masks=masks,
-        levels=levels,
+        masks=masks[keep],
+        levels=levels_from_parents(parents),
         parents=parents,
-        scores=np.concatenate(scores)[source],
-        thresholds=np.concatenate(origins)[source],
+        scores=np.concatenate(scores)[keep],
+        thresholds=np.concatenate(origins)[keep],
     )
 
 

@@ -28,8 +28,9 @@ class Job:
     size: tuple[int, int]  # original (H, W)
 
 
-def process_job(job: Job, thresholds: tuple[float, ...], settings: DiscoverySettings, viz_dir: Path | None) -> ImageRecord:
-    found = discover_masks(job.image, job.features, job.size, thresholds, settings)
+def process_job(job: Job, settings: DiscoverySettings, viz_dir: Path | None) -> ImageRecord:
+    """Stage 1 on one image (``settings.thresholds`` set), with its overlay when ``viz_dir`` is given."""
+    found = discover_masks(job.image, job.features, job.size, settings)
     if viz_dir is not None:
         save_overlay(job.path, found.masks, found.levels, Path(viz_dir))
     height, width = job.size

@@ -264,3 +264,21 @@ def test_no_rebuild_when_shrinking_under_threshold(clustered):
     store.rebuild(index_type="flat")  # an explicit switch still works
     assert store.kind == "flat" and len(store) == 3010
     np.testing.assert_array_equal(store.ids(), np.sort(np.concatenate([ids[2000:5000], ids[5000:5010]])))
+
+
+@pytest.mark.parametrize("exact_filter_max", [20_000, 0])
+def test_hnsw_allowed_ids(clustered, exact_filter_max):
+    ids, vectors, labels, queries = clustered
+    ids, vectors, labels = ids[:5000], vectors[:5000], labels[:5000]
+    store = VectorStore.create(vectors.shape[1], "hnsw", settings=VectorStoreSettings(exact_filter_max=exact_filter_max))
+    store.add(ids, vectors)
+    exact = VectorStore.create(vectors.shape[1], "flat")
+    exact.add(ids, vectors)
+    allowed = ids[labels % 5 == 0]  # ~1000 ids of a fifth of the clusters
+    _, found = store.search(queries, 10, allowed_ids=allowed)
+    _, truth = exact.search(queries, 10, allowed_ids=allowed)
+    assert (found >= 0).all() and np.isin(found, allowed).all()
+    if exact_filter_max:  # small allowed sets: brute force over them, exact
+        np.testing.assert_array_equal(found, truth)
+    else:  # filtered graph walk, widened until stable
+        assert _recall(found, truth) >= 0.9

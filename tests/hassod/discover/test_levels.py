@@ -6,6 +6,7 @@ import pytest
 from hassod.discover.levels import (
     assign_levels,
     coverage_matrix,
+    distinct_masks,
     find_parents,
     intersection_matrix,
     levels_from_parents,
@@ -175,3 +176,16 @@ def test_bulk_matches_brute_force_on_random_masks(tau):
     areas = masks.reshape(len(masks), -1).sum(axis=1)
     child = parents >= 0
     assert np.all(areas[parents[child]] > areas[child])
+
+
+def test_distinct_masks_drops_near_duplicates_keeping_the_first():
+    whole = box(0, 0, 40, 40)
+    near = whole.copy()
+    near[0, :10] = False  # IoU 1590/1600 with whole
+    inner = box(10, 10, 30, 30)  # IoU 0.25 with whole: kept
+    inner_shifted = box(11, 10, 31, 30)  # IoU 380/420 ≈ 0.905 with inner: dropped
+    masks = np.stack([whole, inner, near, inner_shifted])
+    keep = distinct_masks(intersection_matrix(masks), max_iou=0.9)
+    assert keep.tolist() == [0, 1]
+    assert distinct_masks(intersection_matrix(masks), max_iou=0.95).tolist() == [0, 1, 3]
+    assert distinct_masks(intersection_matrix(masks[:0]), max_iou=0.9).tolist() == []

@@ -12,7 +12,6 @@ from hassod.discover.masks import (
     mask_areas,
     masks_to_boxes_xywh,
     masks_to_rle,
-    pool_masks,
     postprocess_masks,
     resize_masks,
     rle_to_masks,
@@ -138,25 +137,3 @@ def test_mask_areas():
     masks[0] = True
     masks[1, 1:3, 1:4] = True
     assert mask_areas(masks).tolist() == [25, 6, 0]
-
-
-def test_pool_masks_removes_exact_duplicates_only():
-    rng = np.random.default_rng(2)
-    base = rng.random((3, 16, 16)) > 0.5
-    near = base[1].copy()
-    near[0, 0] = ~near[0, 0]  # differs by one pixel
-    first = base  # from the highest threshold
-    second = np.stack([base[1], near, base[2], base[0] | base[2]])
-    pooled, kept = pool_masks([first, second, base[:1]])
-    assert len(pooled) == 5
-    assert kept.tolist() == [0, 1, 2, 4, 6]  # indices into the concatenation of the inputs
-    np.testing.assert_array_equal(pooled, np.stack([*base, near, base[0] | base[2]]))
-
-
-def test_pool_masks_handles_empty_thresholds():
-    masks = np.zeros((2, 4, 4), bool)
-    masks[1, 0, 0] = True
-    pooled, kept = pool_masks([blank(0, 4, 4), masks])
-    assert len(pooled) == 2 and kept.tolist() == [0, 1]
-    with pytest.raises(ValueError):
-        pool_masks([])

@@ -1,0 +1,166 @@
+"""Speed of the stage-1 hierarchical merge against the quadratic oracle.
+
+    .venv/bin/python benchmarks/bench_merge.py [--images 4] [--oracle-images 1]
+
+Feature maps are 60x60 grids (a 480 px image at stride 8), merged at the
+paper's thresholds (0.4, 0.2, 0.1):
+
+- structured: piecewise-constant part prototypes + Gaussian noise, 768-d;
+  most patches merge, and large regions grow patch by patch;
+- random: i.i.d. Gaussian 768-d; cosines are ~N(0, 1/768), so almost nothing
+  merges (a lower bound on the cost);
+- photo: real COCO photos (``../shared/data``): per-patch colour and gradient
+  statistics, lifted to 768-d by a fixed random projection;
+- efficientnet: the project's offline backbone on the same photos (472-d),
+  when its package weights are installed.
+
+Per set it prints the mean time per image of the fast merge (numba, one
+thread, compiled before timing), the oracle's time on the first maps in the
+same run, the speed-up, whether both gave identical partitions, and the mean
+number of regions per threshold.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from hassod.discover.merge import hierarchical_merge  # noqa: E402
+from hassod.images import load_rgb  # noqa: E402
+from tests.oracles import colour_gradient_features, quadratic_merge, segment_features  # noqa: E402
+
+THRESHOLDS = (0.4, 0.2, 0.1)
+GRID = 60
+DIM = 768
+PHOTOS = ROOT / ".." / "shared" / "data" / "coco128" / "images"
+
+
+def structured_maps(count: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [segment_features(rng, GRID, GRID, DIM) for _ in range(count)]
+
+
+def random_maps(count: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=(GRID, GRID, DIM)).astype(np.float32) for _ in range(count)]
+
+
+def _photo_paths(count: int) -> list[Path]:
+    if not PHOTOS.is_dir():
+        raise FileNotFoundError(f"photos missing: expected {PHOTOS.resolve()}")
+    return sorted(PHOTOS.glob("*.jpg"))[:count]
+
+
+def photo_maps(count: int, seed: int) -> list[np.ndarray]:
+    projection = np.random.default_rng(seed).normal(size=(16, DIM)).astype(np.float32)
+    return [colour_gradient_features(load_rgb(p), (GRID, GRID)) @ projection for p in _photo_paths(count)]
+
+
+def efficientnet_maps(count: int, seed: int) -> list[np.ndarray]:
+    import torch
+
+    from hassod.features import build_backbone
+
+    torch.set_num_threads(1)
+    backbone = build_backbone("efficientnet_lite0", device="cpu")
+    maps = []
+    with torch.inference_mode():
+        for path in _photo_paths(count):
+            batch = backbone.prepare([load_rgb(path)], GRID * backbone.patch_size)
+            maps.append(backbone(batch)[0].permute(1, 2, 0).numpy().copy())
+    return maps
+
+
+FEATURE_SETS: dict[str, Callable[[int, int], list[np.ndarray]]] = {
+    "structured": structured_maps,
+    "random": random_maps,
+    "photo": photo_maps,
+    "efficientnet": efficientnet_maps,
+}
+
+
+def _mean_ms(fn: Callable[[], object], repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def run(
+    n_images: int = 4,
+    oracle_images: int = 1,
+    sets: tuple[str, ...] = tuple(FEATURE_SETS),
+    repeats: int = 3,
+    seed: int = 0,
+    print_fn: Callable[[str], None] = print,
+) -> dict[str, dict[str, object]]:
+    """Time the merge on each feature set; returns per-set results.
+
+    Each result: ``fast_ms`` (mean per image, best of ``repeats`` passes),
+    ``oracle_ms`` and ``speedup`` (on the first ``oracle_images`` maps; None
+    if 0), ``identical`` (fast == oracle on those maps), ``regions`` (mean
+    region count per threshold, descending thresholds), ``skipped`` (reason)
+    when a set could not be built.
+    """
+    hierarchical_merge(np.ones((2, 2, 4), np.float32), THRESHOLDS)  # compile / load cache
+    hierarchical_merge(np.ones((2, 2, 4), np.float64), THRESHOLDS)
+    print_fn(f"hierarchical merge, {GRID}x{GRID} grids, thresholds {THRESHOLDS}, one thread")
+    print_fn(f"{'set':<13} {'C':>4} {'fast ms/img':>11} {'oracle ms':>10} {'speed-up':>9} {'same':>5}  regions per threshold")
+    results: dict[str, dict[str, object]] = {}
+    for name in sets:
+        try:
+            maps = FEATURE_SETS[name](n_images, seed)
+        except (ImportError, FileNotFoundError) as exc:
+            print_fn(f"{name:<13} skipped: {exc}")
+            results[name] = {"skipped": str(exc)}
+            continue
+        fast_ms = _mean_ms(lambda: [hierarchical_merge(m, THRESHOLDS) for m in maps], repeats) / len(maps)
+        partitions = [hierarchical_merge(m, THRESHOLDS) for m in maps]
+        regions = np.mean([[int(p.max()) + 1 for p in parts] for parts in partitions], axis=0)
+        oracle_ms = speedup = identical = None
+        checked = maps[:oracle_images]
+        if checked:
+            start = time.perf_counter()
+            slow = [quadratic_merge(m, THRESHOLDS) for m in checked]
+            oracle_ms = (time.perf_counter() - start) * 1e3 / len(checked)
+            fast_checked_ms = _mean_ms(lambda: [hierarchical_merge(m, THRESHOLDS) for m in checked], repeats)
+            speedup = oracle_ms / (fast_checked_ms / len(checked))
+            identical = all(np.array_equal(s, p) for s, p in zip(slow, partitions))
+        results[name] = {
+            "fast_ms": fast_ms,
+            "oracle_ms": oracle_ms,
+            "speedup": speedup,
+            "identical": identical,
+            "regions": [float(r) for r in regions],
+            "channels": int(maps[0].shape[-1]),
+            "images": len(maps),
+        }
+        oracle_text = f"{oracle_ms:10.0f} {speedup:8.0f}x {str(identical):>5}" if checked else f"{'-':>10} {'-':>9} {'-':>5}"
+        print_fn(
+            f"{name:<13} {maps[0].shape[-1]:>4} {fast_ms:11.2f} {oracle_text}  "
+            + " / ".join(f"{r:.1f}" for r in regions)
+        )
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=4, help="feature maps per set (default 4)")
+    parser.add_argument("--oracle-images", type=int, default=1, help="maps per set also run through the oracle")
+    parser.add_argument("--sets", nargs="+", choices=list(FEATURE_SETS), default=list(FEATURE_SETS))
+    args = parser.parse_args()
+    run(args.images, args.oracle_images, tuple(args.sets))
+
+
+if __name__ == "__main__":
+    main()
