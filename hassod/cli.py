@@ -10,7 +10,8 @@ import click
 from .images import DEFAULT_MAX_PIXELS
 
 
-def _fail(message: str) -> None:
+def fail(message: str) -> None:
+    """Print a one-line error and exit with status 2 (bad input, not a crash)."""
     click.echo(f"error: {message}", err=True)
     sys.exit(2)
 
@@ -58,11 +59,11 @@ def discover(images, out, backbone, weights, thresholds, device, workers, batch_
 
     paths = list_images(images)
     if not paths:
-        _fail(f"no files found in {', '.join(map(str, images))}")
+        fail(f"no files found in {', '.join(map(str, images))}")
     try:
         model = build_backbone(backbone, weights=weights, device=resolve_device(device))
     except (WeightsNotFoundError, WeightsFormatError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     settings = DiscoverySettings(thresholds=_thresholds(thresholds))
     try:
         summary = discover_collection(
@@ -72,7 +73,7 @@ def discover(images, out, backbone, weights, thresholds, device, workers, batch_
             show_progress=not as_json,
         )
     except SettingsMismatchError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if as_json:
         click.echo(json.dumps(summary.__dict__))
         return

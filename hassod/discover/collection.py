@@ -128,6 +128,16 @@ def discover_records(
             yield record, decoded.pop(record.path)
 
 
+def patch_grid(backbone: Backbone, images: list[np.ndarray], input_size: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Resize (H, W, 3) uint8 images to input_size squares and run the backbone once on them.
+
+    Returns the resized images and their (B, h, w, C) float32 patch features.
+    """
+    small = [resize_square(image, input_size) for image in images]
+    features = backbone.extract(small, size=input_size)  # (B, C, h, w)
+    return small, features.permute(0, 2, 3, 1).float().cpu().numpy()
+
+
 def _batches(items: list[str], size: int) -> Iterator[list[str]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -146,9 +156,7 @@ def _prepare(
             errors.append(ImageRecord(path=path, error=str(exc)))
     if not images:
         return [], [], errors
-    small = [resize_square(image, input_size) for image in images]
-    features = backbone.extract(small, size=input_size)  # (B, C, h, w)
-    grid = features.permute(0, 2, 3, 1).float().cpu().numpy()
+    small, grid = patch_grid(backbone, images, input_size)
     jobs = [
         Job(path, np.ascontiguousarray(small[i]), np.ascontiguousarray(grid[i]), images[i].shape[:2])
         for i, path in enumerate(loaded)

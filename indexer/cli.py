@@ -1,0 +1,90 @@
+"""`hassod index build` and `hassod index stats`."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+from hassod.cli import fail
+from hassod.images import DEFAULT_MAX_PIXELS
+
+
+@click.group()
+def index() -> None:
+    """Build and inspect a region index of an image collection."""
+
+
+@index.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--index", "index_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Index directory (created).")
+@click.option("--detector", type=click.Path(exists=True, dir_okay=False), help="Regions from a trained detector.")
+@click.option("--db", "db_url", help="SQLAlchemy URL of the catalog [sqlite file inside the index].")
+@click.option("--backbone", default="efficientnet_lite0", show_default=True)
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Backbone weight file.")
+@click.option("--index-type", default="auto", show_default=True, help="auto, flat, ivf, ivfsq, ivfpq, hnsw.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--workers", default=None, type=click.IntRange(min=1), help="Discovery processes [CPU count].")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def build(images, index_dir, detector, db_url, backbone, weights, index_type, device, workers, batch_size,
+          max_pixels, as_json):
+    """Index every whole, part and subpart region of IMAGES (files or folders); re-runs update it."""
+    from hassod.device import resolve_device
+    from hassod.features import WeightsFormatError, WeightsNotFoundError, build_backbone
+    from hassod.images import list_images
+
+    from .build import IncompatibleSourceError, build_index
+    from .catalog import IncompatibleIndexError
+    from .descriptors import RegionDescriber
+    from .regions import DiscoveryRegions, detector_regions
+
+    paths = list_images(images)
+    if not paths:
+        fail(f"no files found in {', '.join(map(str, images))}")
+    try:
+        model = build_backbone(backbone, weights=weights, device=resolve_device(device))
+        source = (detector_regions(detector) if detector else
+                  DiscoveryRegions(model, workers=workers or os.cpu_count() or 1, batch_size=batch_size,
+                                   max_pixels=max_pixels))
+        summary = build_index(paths, index_dir, source, RegionDescriber(model), db_url=db_url,
+                              index_type=index_type, show_progress=not as_json)
+    except (WeightsNotFoundError, WeightsFormatError, IncompatibleIndexError, IncompatibleSourceError,
+            NotImplementedError) as exc:
+        fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(summary.__dict__))
+        return
+    for path, reason in summary.errors:
+        click.echo(f"unreadable {path}: {reason}", err=True)
+    click.echo(summary.line())
+
+
+@index.command()
+@click.argument("index_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def stats(index_dir, as_json):
+    """Images, regions per level, vector index type and size of the index at INDEX_DIR."""
+    from .layout import IndexNotFoundError, open_existing, vectors_path
+
+    try:
+        catalog, store = open_existing(index_dir)
+    except IndexNotFoundError as exc:
+        fail(str(exc))
+    with catalog:
+        info = {**catalog.stats(), "vectors": store.info(), "config": catalog.get_config(),
+                "bytes_on_disk": vectors_path(index_dir).stat().st_size}
+    if as_json:
+        click.echo(json.dumps(info, default=str))
+        return
+    levels = info["regions_by_level"]
+    vectors = info["vectors"]
+    click.echo(f"images    {info['images_ok']} indexed, {info['images_error']} unreadable")
+    click.echo(f"regions   {info['regions']} ({levels['whole']} whole, {levels['part']} part, {levels['subpart']} subpart)")
+    click.echo(f"vectors   {vectors['size']} x {vectors['dim']}, {vectors['kind']} index, "
+               f"{info['bytes_on_disk'] / 1e6:.1f} MB on disk")
+    click.echo(f"backbone  {info['config']['backbone']} ({info['config']['descriptor']}); "
+               f"regions from {info['config']['region_source']}")

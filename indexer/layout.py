@@ -1,0 +1,50 @@
+"""An index is a directory: the vectors, the catalog (or a pointer to it), and nothing else.
+
+``DIR/vectors.faiss``   FAISS vectors keyed by region id (indexer.vectors)
+``DIR/catalog.sqlite``  the catalog, unless ``--db URL`` put it elsewhere
+``DIR/index.json``      ``{"catalog": URL}`` when the catalog lives elsewhere
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .catalog import Catalog
+from .vectors import VectorStore
+
+VECTORS_FILE = "vectors.faiss"
+CATALOG_FILE = "catalog.sqlite"
+POINTER_FILE = "index.json"
+
+
+class IndexNotFoundError(FileNotFoundError):
+    """No index at the given directory."""
+
+
+def catalog_url(index_dir: Path, db_url: str | None = None) -> str:
+    """The catalog URL of the index at ``index_dir``; ``db_url`` (at build time) overrides and is remembered."""
+    index_dir = Path(index_dir)
+    pointer = index_dir / POINTER_FILE
+    if db_url:
+        index_dir.mkdir(parents=True, exist_ok=True)
+        pointer.write_text(json.dumps({"catalog": db_url}))
+        return db_url
+    if pointer.exists():
+        return json.loads(pointer.read_text())["catalog"]
+    return f"sqlite:///{(index_dir / CATALOG_FILE).resolve()}"
+
+
+def vectors_path(index_dir: Path) -> Path:
+    return Path(index_dir) / VECTORS_FILE
+
+
+def open_existing(index_dir: Path) -> tuple[Catalog, VectorStore]:
+    """Catalog and vectors of a built index, or :class:`IndexNotFoundError` saying what is missing."""
+    index_dir = Path(index_dir)
+    has_catalog = (index_dir / CATALOG_FILE).exists() or (index_dir / POINTER_FILE).exists()
+    if not index_dir.is_dir() or not has_catalog:
+        raise IndexNotFoundError(f"no index at {index_dir} (build one with `hassod index build IMAGES --index {index_dir}`)")
+    catalog = Catalog(catalog_url(index_dir))
+    if catalog.get_config() is None or not vectors_path(index_dir).exists():
+        raise IndexNotFoundError(f"the index at {index_dir} is empty: its first build has not finished")
+    return catalog, VectorStore.load(vectors_path(index_dir))

@@ -1,0 +1,83 @@
+"""`hassod search`, and the full `hassod` command (this package sits on top of the others)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from hassod.cli import fail, main
+from indexer.cli import index
+
+
+def _parse_box(value: str | None) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        box = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected x0,y0,x1,y1 in pixels, got {value!r}") from None
+    if len(box) != 4:
+        raise click.BadParameter(f"expected 4 numbers x0,y0,x1,y1, got {len(box)}")
+    return box
+
+
+@click.command()
+@click.option("--index", "index_dir", required=True, type=click.Path(path_type=Path), help="Index directory.")
+@click.option("--query", type=click.Path(path_type=Path), help="Query image.")
+@click.option("--box", help="x0,y0,x1,y1 in query-image pixels; without it the whole image is the query.")
+@click.option("--region", "region_id", type=int, help="Query by an indexed region id instead of an image.")
+@click.option("--level", type=click.Choice(["whole", "part", "subpart"]), help="Only match regions of this level.")
+@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(min=1), help="Number of images.")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Backbone weights, as at build.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON lines.")
+@click.option("--html", "html_out", type=click.Path(dir_okay=False, path_type=Path), help="Write a results page.")
+def search(index_dir, query, box, region_id, level, k, weights, device, as_json, html_out):
+    """Find the images of the index that contain the query region, best first, with the matched box."""
+    from hassod.features import WeightsNotFoundError
+    from indexer.catalog import IncompatibleIndexError
+    from indexer.layout import IndexNotFoundError
+
+    from .html import write_results_page
+    from .searcher import QueryError, Searcher, check_box, load_query
+
+    if (query is None) == (region_id is None):
+        fail("give either --query IMAGE (optionally with --box) or --region ID")
+    try:
+        searcher = Searcher(index_dir, device=None if device == "auto" else device, weights=weights)
+    except (IndexNotFoundError, IncompatibleIndexError, WeightsNotFoundError) as exc:
+        fail(str(exc))
+    try:
+        if region_id is not None:
+            matches = searcher.search_region(region_id, level=level, k=k)
+            pixels, crop_box = None, None
+        else:
+            pixels = load_query(query)
+            crop_box = None if box is None else tuple(check_box(_parse_box(box), pixels.shape[:2]))
+            matches = searcher.search(pixels, box=crop_box, level=level, k=k)
+    except QueryError as exc:
+        fail(str(exc))
+    finally:
+        searcher.close()
+    for rank, match in enumerate(matches, start=1):
+        if as_json:
+            click.echo(json.dumps({"rank": rank, "path": match.path, "score": round(match.score, 5),
+                                   "box": [round(v, 1) for v in match.box], "level": match.level_name,
+                                   "region_id": match.region_id}))
+        else:
+            x0, y0, x1, y1 = match.box
+            click.echo(f"{rank:3d}  {match.score:.3f}  {match.level_name:8s} "
+                       f"[{x0:.0f},{y0:.0f},{x1:.0f},{y1:.0f}]  {match.path}")
+    if html_out is not None and pixels is not None:
+        write_results_page(html_out, pixels, crop_box, matches, title=f"hassod search: {query}")
+        if not as_json:
+            click.echo(f"results page: {html_out}")
+
+
+main.add_command(index)
+main.add_command(search)
+app = main
+
+if __name__ == "__main__":
+    app()

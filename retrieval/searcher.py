@@ -1,0 +1,199 @@
+"""Answering "where does this appear?" over an index: the library API behind `hassod search`.
+
+>>> searcher = Searcher("my_index")
+>>> for match in searcher.search("query.jpg", box=(120, 40, 260, 180), level="part", k=10):
+...     print(match.path, match.score, match.box, match.level_name)
+
+A query box is described by the same function as the indexed regions, so a
+crop of an indexed region finds that region first. Results are images, each
+with its best-matching region; with ``level`` only regions of that level are
+searched (through a FAISS id filter, so k images come back whenever k exist).
+Without a box the whole image is a multi-instance query: its own regions are
+found by the index's region source, each searches the index, and a database
+image scores the sum over query regions of its best match.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from hassod.device import resolve_device
+from hassod.features import build_backbone
+from hassod.images import DEFAULT_MAX_PIXELS, load_rgb
+from indexer.catalog import LEVEL_NAMES, IncompatibleIndexError
+from indexer.descriptors import DescriptorSettings, RegionDescriber
+from indexer.layout import open_existing
+from indexer.regions import DiscoveryRegions
+
+# Region candidates fetched per wanted image on the first try; doubled until
+# k distinct images are found or the (allowed) regions are exhausted.
+_CANDIDATES_PER_IMAGE = 8
+
+
+class QueryError(ValueError):
+    """A query that cannot be answered as asked (bad box, unreadable image, unknown level)."""
+
+
+@dataclass(frozen=True)
+class Match:
+    """One result image with its best region. box: xyxy pixels of the result image; score: cosine."""
+
+    path: str
+    image_id: int
+    region_id: int
+    score: float
+    box: tuple[float, float, float, float]
+    level: int
+
+    @property
+    def level_name(self) -> str:
+        return LEVEL_NAMES[self.level]
+
+
+class Searcher:
+    """Queries an index directory built by `hassod index build`.
+
+    Args:
+        index_dir: the index directory.
+        device: where the backbone runs (``None``: CUDA if present).
+        weights: backbone weight file, needed when the index was built with an
+            explicit ``--weights``; it must be the same file (checked by hash).
+    """
+
+    def __init__(self, index_dir: str | os.PathLike, device: str | None = None, weights: str | None = None):
+        self.catalog, self.store = open_existing(Path(index_dir))
+        self.config = self.catalog.get_config()
+        backbone = build_backbone(self.config["backbone"], weights=weights, device=resolve_device(device))
+        if backbone.weights_id != self.config["weights"]:
+            raise IncompatibleIndexError(
+                f"index was built with {self.config['backbone']} weights {self.config['weights']}, "
+                f"but weights {backbone.weights_id} were loaded; pass the same --weights file"
+            )
+        settings = dict(self.config["descriptor_settings"])
+        settings["layers"] = tuple(settings["layers"])
+        self.describer = RegionDescriber(backbone, DescriptorSettings(**settings))
+        if self.describer.name != self.config["descriptor"]:
+            raise IncompatibleIndexError(
+                f"index descriptor {self.config['descriptor']} cannot be rebuilt here (got {self.describer.name})"
+            )
+        self._filters: dict[int, object] = {}
+
+    def close(self) -> None:
+        self.catalog.close()
+
+    def search(
+        self,
+        image: str | os.PathLike | np.ndarray,
+        box: Sequence[float] | None = None,
+        level: str | int | None = None,
+        k: int = 10,
+    ) -> list[Match]:
+        """Best k images for ``box`` (xyxy pixels) of ``image``, or for the whole image when ``box`` is None."""
+        pixels = load_query(image)
+        level_id = _level_id(level)
+        if box is not None:
+            query = self.describer.describe_query(pixels, check_box(box, pixels.shape[:2]))
+            return self._rank(query[None], level_id, k)
+        return self._rank(self._image_regions(pixels), level_id, k)
+
+    def search_region(self, region_id: int, level: str | int | None = None, k: int = 10) -> list[Match]:
+        """Best k images for an indexed region (its stored vector is the query)."""
+        if not self.store.contains(np.asarray([region_id], dtype=np.int64))[0]:
+            raise QueryError(f"no region {region_id} in this index")
+        return self._rank(self.store.reconstruct(np.asarray([region_id], dtype=np.int64)), _level_id(level), k)
+
+    def _image_regions(self, pixels: np.ndarray) -> np.ndarray:
+        """(Q, dim) descriptors of the query image's own regions plus the whole image."""
+        found = DiscoveryRegions(self.describer.backbone).regions_of_image(pixels)
+        fmap = self.describer.feature_map([pixels])[0]
+        boxes = np.asarray([fmap.whole_box] + [r.box for r in found], dtype=np.float64)
+        return self.describer.describe(fmap, boxes)
+
+    def _allowed(self, level: int | None):
+        if level is None:
+            return None
+        if level not in self._filters:
+            self._filters[level] = self.store.make_filter(self.catalog.region_ids(level))
+        return self._filters[level]
+
+    def _rank(self, queries: np.ndarray, level: int | None, k: int) -> list[Match]:
+        """Images ranked by the sum over query rows of their best region's similarity."""
+        if k < 1:
+            raise QueryError("k must be at least 1")
+        allowed = self._allowed(level)
+        available = len(self.store) if level is None else len(self.catalog.region_ids(level))
+        wanted = min(max(k * _CANDIDATES_PER_IMAGE, 32), max(available, 1))
+        while True:
+            scores, ids = self.store.search(np.ascontiguousarray(queries, dtype=np.float32), wanted, allowed)
+            best = self._best_per_image(scores, ids)
+            if len(best) >= k or wanted >= available:
+                break
+            wanted = min(wanted * 4, available)
+        ranked = sorted(best.values(), key=lambda m: (-m.score, m.image_id))
+        return ranked[:k]
+
+    def _best_per_image(self, scores: np.ndarray, ids: np.ndarray) -> dict[int, Match]:
+        valid = ids >= 0
+        records = {r.id: r for r in self.catalog.regions(np.unique(ids[valid]).tolist())}
+        images = self.catalog.images_by_id(sorted({r.image_id for r in records.values()}))
+        totals: dict[int, float] = {}
+        best: dict[int, tuple[float, int]] = {}
+        for row in range(len(ids)):
+            seen: set[int] = set()
+            for score, region_id in zip(scores[row], ids[row]):
+                record = records.get(int(region_id))
+                if record is None or record.image_id in seen:
+                    continue  # an image counts once per query row: its best region
+                seen.add(record.image_id)
+                totals[record.image_id] = totals.get(record.image_id, 0.0) + float(score)
+                if record.image_id not in best or score > best[record.image_id][0]:
+                    best[record.image_id] = (float(score), record.id)
+        matches = {}
+        for image_id, total in totals.items():
+            record = records[best[image_id][1]]
+            matches[image_id] = Match(images[image_id].path, image_id, record.id, total / len(ids),
+                                      tuple(record.box), record.level)
+        return matches
+
+
+def load_query(image: str | os.PathLike | np.ndarray) -> np.ndarray:
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise QueryError(f"query image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+        return image
+    from hassod.images import ImageError
+
+    try:
+        return load_rgb(image, DEFAULT_MAX_PIXELS)
+    except (ImageError, FileNotFoundError) as exc:
+        raise QueryError(f"query image {image}: {exc}") from None
+
+
+def _level_id(level: str | int | None) -> int | None:
+    if level is None:
+        return None
+    if isinstance(level, str):
+        if level not in LEVEL_NAMES:
+            raise QueryError(f"unknown level {level!r}; choose one of {', '.join(LEVEL_NAMES)}")
+        return LEVEL_NAMES.index(level)
+    if level not in (0, 1, 2):
+        raise QueryError(f"level must be 0, 1 or 2, got {level}")
+    return int(level)
+
+
+def check_box(box: Sequence[float], size: tuple[int, int]) -> np.ndarray:
+    """The box as a (4,) float array, or :class:`QueryError` when it is malformed or outside the image."""
+    height, width = size
+    values = np.asarray(box, dtype=np.float64).reshape(-1)
+    if values.shape != (4,) or not np.isfinite(values).all():
+        raise QueryError(f"box must be four numbers x0,y0,x1,y1, got {list(box)}")
+    x0, y0, x1, y1 = values
+    if x1 <= x0 or y1 <= y0:
+        raise QueryError(f"box {x0:g},{y0:g},{x1:g},{y1:g} is empty: need x1 > x0 and y1 > y0")
+    if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+        raise QueryError(f"box {x0:g},{y0:g},{x1:g},{y1:g} lies outside the {width}x{height} query image")
+    return values
