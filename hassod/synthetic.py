@@ -48,14 +48,14 @@ def _shape(rng: np.random.Generator, shape, cy, cx, ry, rx) -> np.ndarray:
     return draw(shape, cy, cx, ry, rx)
 
 
-def _texture(rng: np.random.Generator, shape: tuple[int, int], colour: np.ndarray) -> np.ndarray:
-    """A flat colour with a low-contrast stripe pattern of random orientation and period."""
+def _texture(rng: np.random.Generator, shape: tuple[int, int], colour: np.ndarray, contrast: float = 14.0) -> np.ndarray:
+    """A flat colour with a stripe pattern of random orientation and period, ``contrast`` in intensity units."""
     yy, xx = np.mgrid[: shape[0], : shape[1]].astype(np.float32)
     angle = rng.uniform(0, np.pi)
     period = rng.uniform(6, 20)
     wave = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 2 * np.pi / period)
     # Low contrast keeps the texture inside one region for the colour term of the CRF.
-    pattern = 14.0 * wave[..., None] + rng.normal(0, 3.0, size=(*shape, 1))
+    pattern = contrast * wave[..., None] + rng.normal(0, 3.0, size=(*shape, 1))
     return np.clip(colour[None, None, :] + pattern, 0, 255)
 
 
@@ -74,18 +74,21 @@ def make_scene(
     n_objects: int = 2,
     parts_per_object: int = 2,
     subpart_probability: float = 1.0,
+    contrast: float = 14.0,
 ) -> Scene:
     """A scene of ``n_objects`` wholes laid side by side, each with parts and subparts.
 
     ``size`` is (H, W) in pixels. Objects do not overlap and stay clear of the
     image corners; parts are placed side by side inside their whole, subparts
-    at the centre of their part.
+    at the centre of their part. ``contrast`` is the amplitude of the stripes
+    inside each element: low keeps each element one colour region for the
+    CRF, high makes elements easier to tell apart by their pattern.
     """
     rng = np.random.default_rng(seed)
     height, width = size
     n_elements = n_objects * (1 + 2 * parts_per_object) + 1
     colours = _distinct_colours(rng, n_elements)
-    image = _texture(rng, size, colours[-1])
+    image = _texture(rng, size, colours[-1], contrast)
     masks: list[np.ndarray] = []
     levels: list[int] = []
     parents: list[int] = []
@@ -94,7 +97,7 @@ def make_scene(
         masks.append(mask)
         levels.append(level)
         parents.append(parent)
-        image[mask] = _texture(rng, size, colours[len(masks) - 1])[mask]
+        image[mask] = _texture(rng, size, colours[len(masks) - 1], contrast)[mask]
         return len(masks) - 1
 
     cell_w = width / n_objects
@@ -166,3 +169,81 @@ def scene_features(
     majority = counts.reshape(h, w, n + 1).argmax(axis=2)
     features = prototypes[majority] + rng.normal(0, noise / np.sqrt(dim), size=(h, w, dim))
     return features.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class InstanceScene:
+    """A database or query image for instance search.
+
+    objects: ids of the object instances pasted into the image; boxes: their
+    (x0, y0, x1, y1) boxes in pixels; masks: (N, H, W) bool of each whole
+    object, its parts and subparts; levels / parents as in :class:`Scene`.
+    """
+
+    image: np.ndarray
+    objects: list[int]
+    boxes: list[tuple[int, int, int, int]]
+    masks: np.ndarray
+    levels: np.ndarray
+    parents: np.ndarray
+
+
+def _object_library(seed: int, count: int, contrast: float) -> list[Scene]:
+    """``count`` single-object scenes whose object (a whole with parts) serves as an instance."""
+    return [make_scene(seed * 1000 + i, size=(240, 240), n_objects=1, parts_per_object=2, contrast=contrast)
+            for i in range(count)]
+
+
+def _resize_nearest(array: np.ndarray, height: int, width: int) -> np.ndarray:
+    rows = (np.arange(height) * array.shape[0] / height).astype(int)
+    cols = (np.arange(width) * array.shape[1] / width).astype(int)
+    return array[rows][:, cols]
+
+
+def make_instance_scenes(
+    seed: int,
+    n_objects: int = 6,
+    n_images: int = 8,
+    per_image: int = 2,
+    size: tuple[int, int] = (320, 480),
+    contrast: float = 40.0,
+) -> list[InstanceScene]:
+    """Images each holding ``per_image`` of ``n_objects`` object instances, pasted at random scales.
+
+    Every object appears in at least one image; each instance keeps its
+    texture and parts, so it can be found from a crop taken in another image.
+    """
+    rng = np.random.default_rng(seed)
+    library = _object_library(seed, n_objects, contrast)
+    height, width = size
+    scenes = []
+    for index in range(n_images):
+        chosen = [index % n_objects] + list(rng.choice([o for o in range(n_objects) if o != index % n_objects],
+                                                       per_image - 1, replace=False))
+        image = _texture(rng, size, rng.uniform(40, 220, size=3))
+        masks, levels, parents, boxes = [], [], [], []
+        slot_w = width // per_image
+        for slot, obj in enumerate(chosen):
+            source = library[obj]
+            ys, xs = np.nonzero(source.masks[0])
+            y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+            scale = rng.uniform(0.55, 0.95) * min((height - 20) / (y1 - y0), (slot_w - 20) / (x1 - x0))
+            new_h, new_w = max(8, int((y1 - y0) * scale)), max(8, int((x1 - x0) * scale))
+            top = int(rng.integers(10, height - new_h - 9))
+            left = slot * slot_w + int(rng.integers(10, slot_w - new_w - 9))
+            pixels = _resize_nearest(source.image[y0:y1, x0:x1], new_h, new_w)
+            element_masks = _resize_nearest(source.masks[:, y0:y1, x0:x1].transpose(1, 2, 0), new_h, new_w)
+            inside = element_masks[..., 0]
+            image[top:top + new_h, left:left + new_w][inside] = pixels[inside]
+            offset = len(masks)
+            for element in range(len(source.masks)):
+                full = np.zeros(size, bool)
+                full[top:top + new_h, left:left + new_w] = element_masks[..., element]
+                masks.append(full)
+                levels.append(int(source.levels[element]))
+                parent = int(source.parents[element])
+                parents.append(parent + offset if parent >= 0 else -1)
+            boxes.append((left, top, left + new_w, top + new_h))
+        scenes.append(InstanceScene(np.round(image).astype(np.uint8), [int(o) for o in chosen], boxes,
+                                    np.stack(masks), np.asarray(levels), np.asarray(parents)))
+    return scenes

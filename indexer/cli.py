@@ -21,6 +21,8 @@ def index() -> None:
 @click.option("--index", "index_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Index directory (created).")
 @click.option("--detector", type=click.Path(exists=True, dir_okay=False), help="Regions from a trained detector.")
+@click.option("--regions", "regions_json", type=click.Path(exists=True, dir_okay=False),
+              help="Regions from a COCO file, e.g. the output of `hassod discover`.")
 @click.option("--db", "db_url", help="SQLAlchemy URL of the catalog [sqlite file inside the index].")
 @click.option("--backbone", default="efficientnet_lite0", show_default=True)
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Backbone weight file.")
@@ -30,7 +32,7 @@ def index() -> None:
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def build(images, index_dir, detector, db_url, backbone, weights, index_type, device, workers, batch_size,
+def build(images, index_dir, detector, regions_json, db_url, backbone, weights, index_type, device, workers, batch_size,
           max_pixels, as_json):
     """Index every whole, part and subpart region of IMAGES (files or folders); re-runs update it."""
     from hassod.device import resolve_device
@@ -40,16 +42,20 @@ def build(images, index_dir, detector, db_url, backbone, weights, index_type, de
     from .build import IncompatibleSourceError, build_index
     from .catalog import IncompatibleIndexError
     from .descriptors import RegionDescriber
-    from .regions import DiscoveryRegions, detector_regions
+    from .regions import CocoRegions, DiscoveryRegions, detector_regions
 
     paths = list_images(images)
     if not paths:
         fail(f"no files found in {', '.join(map(str, images))}")
     try:
         model = build_backbone(backbone, weights=weights, device=resolve_device(device))
-        source = (detector_regions(detector) if detector else
-                  DiscoveryRegions(model, workers=workers or os.cpu_count() or 1, batch_size=batch_size,
-                                   max_pixels=max_pixels))
+        if detector:
+            source = detector_regions(detector)
+        elif regions_json:
+            source = CocoRegions(regions_json, max_pixels=max_pixels)
+        else:
+            source = DiscoveryRegions(model, workers=workers or os.cpu_count() or 1, batch_size=batch_size,
+                                      max_pixels=max_pixels)
         summary = build_index(paths, index_dir, source, RegionDescriber(model), db_url=db_url,
                               index_type=index_type, show_progress=not as_json)
     except (WeightsNotFoundError, WeightsFormatError, IncompatibleIndexError, IncompatibleSourceError,

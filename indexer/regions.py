@@ -8,16 +8,19 @@ checkpoint. The build asks only for :meth:`RegionSource.regions` and
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
+from pycocotools import mask as mask_utils
 
 from hassod.discover.collection import discover_records, patch_grid
 from hassod.discover.pipeline import DiscoverySettings, discover_masks
 from hassod.features import Backbone
-from hassod.images import DEFAULT_MAX_PIXELS
+from hassod.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,67 @@ def _from_annotation(ann: dict[str, Any]) -> Region:
         area=int(ann["area"]),
         mask_rle=ann["segmentation"],
     )
+
+
+class CocoRegions:
+    """Regions read from a COCO file: the output of `hassod discover`, or any detections with masks.
+
+    Images are matched by path: ``file_name`` relative to the file's
+    ``info.root`` (what `hassod discover` writes), else to the JSON's folder.
+    Levels and parents come from ``hier_level`` / ``parent_id`` when present
+    (else every region is a whole); polygon segmentations are converted to RLE.
+    """
+
+    def __init__(self, coco_json: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS):
+        path = Path(coco_json)
+        raw = path.read_bytes()
+        data = json.loads(raw)
+        root = Path(data.get("info", {}).get("root") or path.parent)
+        anns_by_image: dict[int, list[dict[str, Any]]] = {}
+        for ann in data.get("annotations", []):
+            anns_by_image.setdefault(ann["image_id"], []).append(ann)
+        self.entries = {
+            str((root / image["file_name"]).resolve()): (image, anns_by_image.get(image["id"], []))
+            for image in data.get("images", [])
+        }
+        self.max_pixels = max_pixels
+        self.source = path
+        self.identity = f"coco:{hashlib.sha256(raw).hexdigest()[:16]}"
+
+    def regions(self, paths: Sequence[str]) -> Iterator[ImageRegions]:
+        for path in paths:
+            entry = self.entries.get(str(Path(path).resolve()))
+            if entry is None:
+                yield ImageRegions(path, None, [], f"no entry for this file in {self.source}")
+                continue
+            try:
+                image = load_rgb(path, self.max_pixels)
+            except ImageError as exc:
+                yield ImageRegions(path, None, [], str(exc))
+                continue
+            yield ImageRegions(path, image, _coco_regions(entry[1], image.shape[:2]))
+
+
+def _coco_regions(anns: list[dict[str, Any]], size: tuple[int, int]) -> list[Region]:
+    position = {ann["id"]: i for i, ann in enumerate(anns)}
+    regions = []
+    for ann in anns:
+        rle = ann["segmentation"]
+        if isinstance(rle, list):  # polygons
+            rle = mask_utils.merge(mask_utils.frPyObjects(rle, *size))
+        elif isinstance(rle.get("counts"), list):  # uncompressed RLE
+            rle = mask_utils.frPyObjects(rle, *size)
+        if isinstance(rle["counts"], bytes):
+            rle = {"size": list(rle["size"]), "counts": rle["counts"].decode()}
+        parent = ann.get("parent_id")
+        regions.append(_from_annotation({
+            **ann,
+            "segmentation": rle,
+            "score": ann.get("score", 1.0),
+            "hier_level": ann.get("hier_level", 0),
+            "parent": position.get(parent, -1) if parent is not None else -1,
+        }))
+    return regions
 
 
 def detector_regions(checkpoint: str | Path) -> RegionSource:

@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from hassod.device import resolve_device
-from hassod.features import build_backbone
+from hassod.features import Backbone, build_backbone
 from hassod.images import DEFAULT_MAX_PIXELS, load_rgb
 from indexer.catalog import LEVEL_NAMES, IncompatibleIndexError
 from indexer.descriptors import DescriptorSettings, RegionDescriber
@@ -62,16 +62,24 @@ class Searcher:
         device: where the backbone runs (``None``: CUDA if present).
         weights: backbone weight file, needed when the index was built with an
             explicit ``--weights``; it must be the same file (checked by hash).
+        backbone: an already loaded backbone to use instead (checked the same way).
     """
 
-    def __init__(self, index_dir: str | os.PathLike, device: str | None = None, weights: str | None = None):
+    def __init__(
+        self,
+        index_dir: str | os.PathLike,
+        device: str | None = None,
+        weights: str | None = None,
+        backbone: Backbone | None = None,
+    ):
         self.catalog, self.store = open_existing(Path(index_dir))
         self.config = self.catalog.get_config()
-        backbone = build_backbone(self.config["backbone"], weights=weights, device=resolve_device(device))
-        if backbone.weights_id != self.config["weights"]:
+        if backbone is None:
+            backbone = build_backbone(self.config["backbone"], weights=weights, device=resolve_device(device))
+        if backbone.name != self.config["backbone"] or backbone.weights_id != self.config["weights"]:
             raise IncompatibleIndexError(
                 f"index was built with {self.config['backbone']} weights {self.config['weights']}, "
-                f"but weights {backbone.weights_id} were loaded; pass the same --weights file"
+                f"but {backbone.name} weights {backbone.weights_id} were loaded; pass the same --weights file"
             )
         settings = dict(self.config["descriptor_settings"])
         settings["layers"] = tuple(settings["layers"])

@@ -19,11 +19,14 @@ def quadratic_merge(features: np.ndarray, thresholds: Sequence[float]) -> np.nda
     """Reference for :func:`hassod.discover.merge.hierarchical_merge`, same output.
 
     At every step all neighbouring pairs are listed and all their similarities
-    computed afresh; the best pair (highest rounded similarity, then smallest
+    computed afresh from the regions' summed features (summed in the features'
+    dtype, float32 or float64); the best pair (highest rounded similarity, then smallest
     (min id, max id)) is merged if it reaches the threshold. O(merges * pairs * C).
     features: (h, w, C) float; returns (T, h, w) int32, thresholds descending.
     """
-    feats = np.asarray(features, dtype=np.float64)
+    feats = np.asarray(features)
+    # Sums are kept in the features' precision, like the fast code.
+    feats = feats.astype(np.float64 if feats.dtype == np.float64 else np.float32)
     h, w, c = feats.shape
     n = h * w
     sums = {i: row.copy() for i, row in enumerate(feats.reshape(n, c))}
@@ -69,6 +72,7 @@ def quadratic_merge(features: np.ndarray, thresholds: Sequence[float]) -> np.nda
 
 
 def _unit(vector: np.ndarray) -> np.ndarray:
+    vector = vector.astype(np.float64)
     norm = np.sqrt(np.sum(vector * vector))
     if norm == 0:
         return np.zeros_like(vector)

@@ -12,8 +12,10 @@ same grid (DESIGN.md §4).
 Numerical rule, shared with the quadratic test oracle (``tests/oracles.py``)
 so that both give identical partitions:
 
-- sums and dot products are float64; the cosine of two regions is computed
-  as ``(S_a . S_b) / (|S_a| |S_b|)`` (no unit vectors are stored);
+- region sums are kept in the features' dtype (float32 or float64; float32
+  sums are off by ~1e-7 relative, far below any meaningful threshold step);
+  dot products and norms accumulate in float64, and the cosine of two regions
+  is computed as ``(S_a . S_b) / (|S_a| |S_b|)`` (no unit vectors are stored);
 - a similarity is rounded to the nearest multiple of ``2**-32`` before it is
   compared, so that float rounding (summation order, SIMD width) cannot decide
   between pairs that are equal in exact arithmetic (duplicated patches, flat
@@ -97,31 +99,35 @@ def hierarchical_merge(features: np.ndarray, thresholds: Sequence[float]) -> np.
     min_scores = np.ceil(np.clip(levels, -_THRESHOLD_CLIP, _THRESHOLD_CLIP) * SIMILARITY_SCALE)
     dtype = np.float64 if feats.dtype == np.float64 else np.float32
     flat = np.ascontiguousarray(feats.reshape(h * w, c), dtype=dtype)
-    labels, finite = _merge_grid(flat, h, w, min_scores.astype(np.int64), _scratch(h * w, c))
+    sums = _scratch(h * w, c, flat.dtype)
+    labels, finite = _merge_grid(flat, h, w, min_scores.astype(np.int64), sums)
     if not finite:
         raise ValueError("features contain NaN or infinite values")
     return labels.reshape(len(levels), h, w)
 
 
-# Per-thread scratch memory for the (n, C) float64 region sums, kept between
-# calls: a fresh 22 MB allocation costs ~4 ms of page faults per 60x60x768
+# Per-thread scratch memory for the (n, C) region sums, kept between calls:
+# a fresh 11-22 MB allocation costs several ms of page faults per 60x60x768
 # image, as much as the whole merge.
 _SCRATCH = threading.local()
 
 
-def _scratch(n: int, c: int) -> np.ndarray:
-    held = getattr(_SCRATCH, "sums", None)
-    if held is None or held.size < n * c:
-        held = np.empty(n * c, np.float64)
+def _scratch(n: int, c: int, dtype: np.dtype) -> np.ndarray:
+    held = getattr(_SCRATCH, "sums", {})
+    buffer = held.get(np.dtype(dtype))
+    if buffer is None or buffer.size < n * c:
+        buffer = np.empty(n * c, dtype)
+        held[np.dtype(dtype)] = buffer
         _SCRATCH.sums = held
-    return held[: n * c].reshape(n, c)
+    return buffer[: n * c].reshape(n, c)
 
 
 # --------------------------------------------------------------------------
-# Vector arithmetic. A region's vector is its patch feature row (``flat``,
-# the caller's dtype) until it first merges, then its float64 row of ``sums``;
-# ``inv`` holds 1 / its norm (0 for a zero vector). fastmath only reorders
-# float64 sums (relative error ~1e-16), far below the 2**-32 score rounding.
+# Vector arithmetic. A region's vector is its patch feature row (``flat``)
+# until it first merges, then its row of ``sums`` (same dtype); ``inv`` holds
+# 1 / its norm (0 for a zero vector). Products and sums of products are
+# float64; fastmath only reorders them (relative error ~1e-16), far below the
+# 2**-32 rounding of scores.
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
@@ -131,18 +137,6 @@ def _squared_norm(row):
         value = np.float64(row[k])
         sq += value * value
     return sq
-
-
-@numba.njit(cache=True, nogil=True)
-def _inverse_norms(flat, inv):
-    """inv[r] = 1 / |flat[r]|; False if a feature is NaN or infinite."""
-    for r in range(flat.shape[0]):
-        # Checked outside fastmath code, where LLVM may fold the test away.
-        sq = _squared_norm(flat[r])
-        if not np.isfinite(sq):
-            return False
-        inv[r] = 1.0 / np.sqrt(sq) if sq > 0.0 else 0.0
-    return True
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
@@ -156,32 +150,28 @@ def _dot(first, second):
 @numba.njit(cache=True, nogil=True)
 def _score(flat, sums, summed, inv, a, b):
     """round(2**32 * cosine(a, b)) as int64."""
-    if summed[a] and summed[b]:
-        dot = _dot(sums[a], sums[b])
-    elif summed[a]:
-        dot = _dot(sums[a], flat[b])
-    elif summed[b]:
-        dot = _dot(flat[a], sums[b])
-    else:
-        dot = _dot(flat[a], flat[b])
-    return np.int64(np.floor(dot * inv[a] * inv[b] * 4294967296.0 + 0.5))
+    first = sums[a] if summed[a] else flat[a]
+    second = sums[b] if summed[b] else flat[b]
+    return np.int64(np.floor(_dot(first, second) * inv[a] * inv[b] * 4294967296.0 + 0.5))
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _add_rows(old, extra, out, inv_old):
-    """out = old + extra (out may be old itself); returns (1 / |out| or 0,
-    |out / |out| - old * inv_old|): the new inverse norm and how far the
-    unit vector moved."""
+    """out = old + extra, rounded to the arrays' dtype (out may be old itself).
+
+    Returns (1 / |out| or 0, |out / |out| - old * inv_old|): the new inverse
+    norm and how far the unit vector moved. The sum is formed twice so that
+    ``old`` is still intact while the movement is measured.
+    """
     sq = 0.0
     for k in range(out.shape[0]):
-        value = np.float64(old[k]) + np.float64(extra[k])
+        value = np.float64(old[k] + extra[k])
         sq += value * value
     inv_new = 1.0 / np.sqrt(sq) if sq > 0.0 else 0.0
     moved = 0.0
     for k in range(out.shape[0]):
-        before = np.float64(old[k])
-        value = before + np.float64(extra[k])
-        step = value * inv_new - before * inv_old
+        value = old[k] + extra[k]
+        step = np.float64(value) * inv_new - np.float64(old[k]) * inv_old
         moved += step * step
         out[k] = value
     return inv_new, np.sqrt(moved)
@@ -191,17 +181,10 @@ def _add_rows(old, extra, out, inv_old):
 def _absorb(flat, sums, summed, inv, keep, gone):
     """Region ``keep`` takes over ``gone``'s patches: update its sum and
     inverse norm; returns how far its unit vector moved."""
-    out = sums[keep]
-    if summed[keep] and summed[gone]:
-        inv_new, moved = _add_rows(sums[keep], sums[gone], out, inv[keep])
-    elif summed[keep]:
-        inv_new, moved = _add_rows(sums[keep], flat[gone], out, inv[keep])
-    elif summed[gone]:
-        inv_new, moved = _add_rows(flat[keep], sums[gone], out, inv[keep])
-    else:
-        inv_new, moved = _add_rows(flat[keep], flat[gone], out, inv[keep])
+    old = sums[keep] if summed[keep] else flat[keep]
+    extra = sums[gone] if summed[gone] else flat[gone]
+    inv[keep], moved = _add_rows(old, extra, sums[keep], inv[keep])
     summed[keep] = True
-    inv[keep] = inv_new
     return moved
 
 
@@ -373,13 +356,11 @@ def _label_map(parent, out_row):
 @numba.njit(cache=True, nogil=True)
 def _merge_grid(flat, h, w, min_scores, sums):
     """flat: (h*w, C) patch features in raster order; min_scores: (T,) integer
-    thresholds, descending; sums: (h*w, C) float64 scratch.
+    thresholds, descending; sums: scratch like ``flat``.
     Returns ((T, h*w) int32 labels, whether all features are finite)."""
     n = flat.shape[0]
     out = np.zeros((min_scores.shape[0], n), np.int32)
     inv = np.empty(n, np.float64)
-    if not _inverse_norms(flat, inv):
-        return out, False
     summed = np.zeros(n, np.bool_)
     parent = np.arange(n)
     alive = np.ones(n, np.bool_)
@@ -400,9 +381,15 @@ def _merge_grid(flat, h, w, min_scores, sums):
     glob = np.empty((2 * n + 16, 6), np.int64)
     g_len = 0
 
-    for i in range(n):
-        for j in (i + 1 if (i + 1) % w != 0 else -1, i + w if i + w < n else -1):
-            if j < 0:
+    # One pass over the features in raster order: each patch's norm, then its
+    # pairs with the left and upper neighbours (still in cache).
+    for j in range(n):
+        sq = _squared_norm(flat[j])
+        if not np.isfinite(sq):  # outside fastmath code, where it could be folded away
+            return out, False
+        inv[j] = 1.0 / np.sqrt(sq) if sq > 0.0 else 0.0
+        for i in (j - w if j >= w else -1, j - 1 if j % w != 0 else -1):
+            if i < 0:
                 continue
             score = _score(flat, sums, summed, inv, i, j)
             for a, b in ((i, j), (j, i)):

@@ -160,7 +160,8 @@ def test_mask_weighting(random_backbone, photo):
     np.testing.assert_allclose(describer.describe(fmap, box, masks_to_rle(left)), weighted, atol=1e-6)
     # Weighting by the left half moves the vector towards the left half's box.
     left_box = describer.describe(fmap, np.array([[100.0, 100.0, 250.0, 300.0]]))
-    assert float(weighted[0] @ left_box[0]) > float(plain[0] @ left_box[0]) + 0.01
+    # (A random-init backbone makes all vectors close, so compare cosine distances.)
+    assert 1 - float(weighted[0] @ left_box[0]) < 0.2 * (1 - float(plain[0] @ left_box[0]))
     with pytest.raises(ValueError, match="2 masks for 1 boxes"):
         describer.describe(fmap, box, np.concatenate([full, left]))
     with pytest.raises(ValueError, match="masks are 10x10"):

@@ -1,12 +1,11 @@
 """Tests of the FAISS vector store (indexer/vectors.py)."""
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 
-faiss = pytest.importorskip("faiss")
-
-from indexer.vectors import IdFilter, VectorStore, VectorStoreSettings, choose_kind, choose_nlist  # noqa: E402
+from indexer.vectors import IdFilter, VectorStore, VectorStoreSettings, choose_kind, choose_nlist
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,204 @@
+"""`index build` → search round trips on synthetic instance scenes (real catalog, FAISS, backbone)."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from indexer.build import build_index
+from indexer.catalog import Catalog
+from indexer.descriptors import RegionDescriber
+from indexer.layout import catalog_url
+from indexer.regions import CocoRegions, DiscoveryRegions
+from retrieval.searcher import Searcher
+
+
+def box_iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def _build(folder: Path, truth: Path, index_dir: Path, backbone, db_url: str | None = None):
+    paths = sorted(folder.glob("*.png"))
+    return build_index(paths, index_dir, CocoRegions(truth), RegionDescriber(backbone), db_url=db_url,
+                       show_progress=False)
+
+
+def _catalog_dump(url: str) -> list[tuple]:
+    with Catalog(url) as catalog:
+        paths = {image.id: Path(image.path).name for image in catalog.images()}
+        ids = catalog.region_ids()
+        return sorted((paths[r.image_id], r.level, tuple(round(v, 2) for v in r.box), r.area)
+                      for r in catalog.regions(ids.tolist()))
+
+
+def _check_instance_queries(searcher: Searcher, scenes, folder: Path, level=None) -> None:
+    """Every object cropped from every image holding it: the query image first, then another
+    holder; mean average precision over the queries >= 0.9; each holder returned with its box."""
+    average_precisions = []
+    for obj in sorted({o for s in scenes for o in s.objects}):
+        holders = [i for i, s in enumerate(scenes) if obj in s.objects]
+        for query_index in holders:
+            query_box = scenes[query_index].boxes[scenes[query_index].objects.index(obj)]
+            matches = searcher.search(folder / f"scene_{query_index:02d}.png", box=query_box, level=level,
+                                      k=len(scenes))
+            found = [int(Path(m.path).stem.split("_")[1]) for m in matches]
+            assert found[0] == query_index, (obj, found)
+            if len(holders) > 1:
+                assert found[1] in holders, (obj, query_index, found, holders)
+            relevant = np.cumsum([index in holders for index in found])
+            average_precisions.append(np.mean([relevant[r] / (r + 1) for r, index in enumerate(found)
+                                               if index in holders]))
+            for match, index in zip(matches, found):
+                if index in holders:
+                    truth = scenes[index].boxes[scenes[index].objects.index(obj)]
+                    assert box_iou(match.box, truth) >= 0.5, (obj, index, match.box, truth)
+    assert np.mean(average_precisions) >= 0.9
+
+
+def test_round_trip_finds_instances_at_other_scales(tmp_path, instance_folder, instance_scenes, offline_backbone):
+    folder, truth = instance_folder
+    summary = _build(folder, truth, tmp_path / "index", offline_backbone)
+    assert summary.added == 8 and summary.regions == sum(len(s.masks) for s in instance_scenes)
+    searcher = Searcher(tmp_path / "index", backbone=offline_backbone)
+    _check_instance_queries(searcher, instance_scenes, folder)
+    # A crop of an indexed region finds that very region first.
+    first = searcher.search(folder / "scene_00.png", box=instance_scenes[0].boxes[0], k=1)[0]
+    assert first.path.endswith("scene_00.png") and first.score == pytest.approx(1.0, abs=1e-5)
+    assert first.region_id == searcher.search_region(first.region_id, k=1)[0].region_id
+
+
+def test_level_restriction_returns_k_results_of_that_level(tmp_path, instance_folder, offline_backbone):
+    folder, truth = instance_folder
+    _build(folder, truth, tmp_path / "index", offline_backbone)
+    searcher = Searcher(tmp_path / "index", backbone=offline_backbone)
+    query = folder / "scene_03.png"
+    for level, name in enumerate(["whole", "part", "subpart"]):
+        matches = searcher.search(query, box=(20, 20, 200, 200), level=name, k=7)
+        assert len(matches) == 7 and {m.level for m in matches} == {level}
+    unrestricted = searcher.search(query, box=(20, 20, 200, 200), k=8)
+    assert len(unrestricted) == 8
+
+
+def test_incremental_build_matches_a_fresh_build(tmp_path, instance_folder, instance_scenes, offline_backbone):
+    folder, truth = instance_folder
+    staging = tmp_path / "staging"
+    shutil.move(str(folder / "scene_07.png"), staging.mkdir() or staging / "scene_07.png")
+    first = _build(folder, truth, tmp_path / "index", offline_backbone)
+    assert first.added == 7
+    # Add one file, change one (other pixels, same name), delete one.
+    shutil.move(str(staging / "scene_07.png"), folder / "scene_07.png")
+    Image.fromarray(instance_scenes[2].image[:, ::-1].copy()).save(folder / "scene_01.png")
+    os.remove(folder / "scene_05.png")
+    second = _build(folder, truth, tmp_path / "index", offline_backbone)
+    assert (second.added, second.updated, second.removed, second.unchanged) == (1, 1, 1, 5)
+    third = _build(folder, truth, tmp_path / "index", offline_backbone)
+    assert (third.added, third.updated, third.removed, third.unchanged) == (0, 0, 0, 7)
+
+    _build(folder, truth, tmp_path / "fresh", offline_backbone)
+    assert _catalog_dump(catalog_url(tmp_path / "index")) == _catalog_dump(catalog_url(tmp_path / "fresh"))
+    incremental = Searcher(tmp_path / "index", backbone=offline_backbone)
+    fresh = Searcher(tmp_path / "fresh", backbone=offline_backbone)
+    assert len(incremental.store) == len(fresh.store) == len(incremental.catalog.region_ids())
+    query = dict(image=folder / "scene_03.png", box=instance_scenes[3].boxes[1], k=5)
+    assert [(Path(m.path).name, round(m.score, 4), m.box) for m in incremental.search(**query)] == \
+        [(Path(m.path).name, round(m.score, 4), m.box) for m in fresh.search(**query)]
+
+
+def _images_in_catalog(index_dir: Path) -> int:
+    path = index_dir / "catalog.sqlite"
+    if not path.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1) as db:
+            return db.execute("select count(*) from images").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def test_killed_build_leaves_a_usable_index_and_resumes_without_duplicates(
+    tmp_path, instance_folder, instance_scenes, offline_backbone
+):
+    folder, truth = instance_folder
+    later = tmp_path / "later"
+    later.mkdir()
+    for name in ["scene_04.png", "scene_05.png", "scene_06.png", "scene_07.png"]:
+        shutil.move(str(folder / name), later / name)
+    index_dir = tmp_path / "index"
+    _build(folder, truth, index_dir, offline_backbone)  # the previous, complete state: 4 images
+    for path in later.iterdir():
+        shutil.move(str(path), folder / path.name)
+
+    command = [sys.executable, "-m", "retrieval.cli", "index", "build", str(folder), "--index", str(index_dir),
+               "--regions", str(truth), "--device", "cpu", "--json"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None and _images_in_catalog(index_dir) < 6:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert 5 <= _images_in_catalog(index_dir) < 8  # killed mid-way
+
+    searcher = Searcher(index_dir, backbone=offline_backbone)  # the index stays usable
+    assert searcher.search(folder / "scene_00.png", box=instance_scenes[0].boxes[0], k=1)[0].score > 0.99
+    searcher.close()
+
+    summary = _build(folder, truth, index_dir, offline_backbone)
+    assert summary.added + summary.updated >= 2 and summary.removed == 0
+    with Catalog(catalog_url(index_dir)) as catalog:
+        names = [Path(image.path).name for image in catalog.images()]
+        assert sorted(names) == [f"scene_{i:02d}.png" for i in range(8)]
+        region_ids = catalog.region_ids()
+    assert len(region_ids) == sum(len(s.masks) for s in instance_scenes)
+    searcher = Searcher(index_dir, backbone=offline_backbone)
+    assert np.array_equal(np.sort(searcher.store.ids()), region_ids)
+    for index in (5, 7):  # images indexed by the resumed build are found
+        top = searcher.search(folder / f"scene_{index:02d}.png", box=instance_scenes[index].boxes[0], k=1)[0]
+        assert top.path.endswith(f"scene_{index:02d}.png") and top.score > 0.99
+
+
+def test_sqlite_and_postgresql_give_identical_results(tmp_path, instance_folder, instance_scenes, offline_backbone,
+                                                       postgres_url):
+    folder, truth = instance_folder
+    _build(folder, truth, tmp_path / "lite", offline_backbone)
+    _build(folder, truth, tmp_path / "pg", offline_backbone, db_url=postgres_url)
+    assert (tmp_path / "pg" / "index.json").exists() and not (tmp_path / "pg" / "catalog.sqlite").exists()
+    assert _catalog_dump(catalog_url(tmp_path / "lite")) == _catalog_dump(postgres_url)
+    lite = Searcher(tmp_path / "lite", backbone=offline_backbone)
+    pg = Searcher(tmp_path / "pg", backbone=offline_backbone)
+    for index, scene in enumerate(instance_scenes[:4]):
+        query = dict(image=folder / f"scene_{index:02d}.png", box=scene.boxes[0], k=6, level="whole")
+        assert [(Path(m.path).name, m.region_id, round(m.score, 5)) for m in lite.search(**query)] == \
+            [(Path(m.path).name, m.region_id, round(m.score, 5)) for m in pg.search(**query)]
+    pg.close()
+
+
+def test_discovery_regions_round_trip(tmp_path, instance_folder, instance_scenes, offline_backbone):
+    """The default, training-free region source: discovery finds the pasted objects well enough to search."""
+    folder, _ = instance_folder
+    paths = sorted(folder.glob("*.png"))[:6]
+    summary = build_index(paths, tmp_path / "index", DiscoveryRegions(offline_backbone, workers=2),
+                          RegionDescriber(offline_backbone), show_progress=False)
+    assert summary.added == 6 and summary.regions >= 6 * 2
+    searcher = Searcher(tmp_path / "index", backbone=offline_backbone)
+    scenes = instance_scenes[:6]
+    hits = 0
+    for index, scene in enumerate(scenes):
+        for obj, box in zip(scene.objects, scene.boxes):
+            holders = {i for i, s in enumerate(scenes) if obj in s.objects}
+            top = searcher.search(folder / f"scene_{index:02d}.png", box=box, k=1)[0]
+            top_index = int(Path(top.path).stem.split("_")[1])
+            truth = scenes[top_index].boxes[scenes[top_index].objects.index(obj)] if top_index in holders else None
+            hits += truth is not None and box_iou(top.box, truth) >= 0.5
+    assert hits >= 0.75 * sum(len(s.objects) for s in scenes)

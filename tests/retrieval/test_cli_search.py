@@ -1,0 +1,92 @@
+"""`hassod index build|stats` and `hassod search` through the command line."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from retrieval.cli import app
+
+
+@pytest.fixture
+def built_index(tmp_path, instance_folder):
+    folder, truth = instance_folder
+    index_dir = tmp_path / "index"
+    result = CliRunner().invoke(app, ["index", "build", str(folder), "--index", str(index_dir),
+                                      "--regions", str(truth), "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert summary["added"] == 8 and summary["errors"] == []
+    return folder, index_dir
+
+
+def test_search_prints_ranked_results_and_writes_html(built_index, instance_scenes, tmp_path):
+    folder, index_dir = built_index
+    box = instance_scenes[0].boxes[0]
+    page = tmp_path / "out.html"
+    result = CliRunner().invoke(app, ["search", "--index", str(index_dir), "--query", str(folder / "scene_00.png"),
+                                      "--box", ",".join(map(str, box)), "-k", "3", "--json", "--html", str(page)])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.output.strip().splitlines()]
+    assert [r["rank"] for r in rows] == [1, 2, 3]
+    assert Path(rows[0]["path"]).name == "scene_00.png" and rows[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert rows[0]["box"] == [float(v) for v in box] and rows[0]["level"] == "whole"
+    assert rows[0]["score"] >= rows[1]["score"] >= rows[2]["score"]
+    html = page.read_text()
+    assert len(re.findall(r"<img src=\"data:image/jpeg;base64,", html)) == 2 + 3  # query, crop, results
+
+    by_region = CliRunner().invoke(app, ["search", "--index", str(index_dir), "--region", str(rows[0]["region_id"]),
+                                         "-k", "1", "--json"])
+    assert json.loads(by_region.output)["region_id"] == rows[0]["region_id"]
+
+    subparts = CliRunner().invoke(app, ["search", "--index", str(index_dir), "--query", str(folder / "scene_00.png"),
+                                        "--box", "5,5,200,200", "--level", "subpart", "-k", "4", "--json"])
+    assert [json.loads(line)["level"] for line in subparts.output.strip().splitlines()] == ["subpart"] * 4
+
+    stats = CliRunner().invoke(app, ["index", "stats", str(index_dir), "--json"])
+    info = json.loads(stats.output)
+    assert info["images_ok"] == 8 and info["regions"] == sum(len(s.masks) for s in instance_scenes)
+    assert info["regions_by_level"]["whole"] == 16 and info["vectors"]["kind"] == "flat"
+
+
+def test_errors_are_one_line_and_exit_2(built_index, tmp_path):
+    folder, index_dir = built_index
+    query = str(folder / "scene_00.png")
+    runner = CliRunner()
+
+    def fails(args: list[str], message: str) -> None:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert message in result.output, result.output
+
+    fails(["search", "--index", str(tmp_path / "nowhere"), "--query", query], "no index at")
+    (tmp_path / "empty").mkdir()
+    fails(["search", "--index", str(tmp_path / "empty"), "--query", query], "no index at")
+    fails(["search", "--index", str(index_dir), "--query", query, "--box", "400,10,600,100"], "outside the 480x320")
+    fails(["search", "--index", str(index_dir), "--query", query, "--box", "50,50,50,90"], "is empty")
+    fails(["search", "--index", str(index_dir), "--query", query, "--box", "1,2,3"], "expected 4 numbers")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    fails(["search", "--index", str(index_dir), "--query", str(notes)], "not an image")
+    fails(["search", "--index", str(index_dir)], "give either --query")
+    fails(["search", "--index", str(index_dir), "--region", "999999"], "no region 999999")
+    empty_folder = tmp_path / "nothing"
+    empty_folder.mkdir()
+    fails(["index", "build", str(empty_folder), "--index", str(index_dir)], "no files found")
+
+
+def test_index_built_with_another_backbone_is_refused(built_index, tmp_path):
+    import timm
+    import torch
+
+    folder, index_dir = built_index
+    weights = tmp_path / "dino_deitsmall16_pretrain.pth"
+    torch.save(timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0).state_dict(), weights)
+    result = CliRunner().invoke(app, ["index", "build", str(folder), "--index", str(index_dir), "--device", "cpu",
+                                      "--backbone", "dino_vits16", "--weights", str(weights)])
+    assert result.exit_code == 2, result.output
+    assert "index was built with backbone efficientnet_lite0" in result.output
+    assert "dino_vits16" in result.output
