@@ -19,15 +19,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# The main job on bundled photos: index every region, then search with a box
-# around the front wheel of one view of a motorcycle.
+# The main job on bundled photos: discover wholes/parts/subparts, index every
+# region, then search with a box around the front wheel of one view of a motorcycle.
 demo: $(STAMP)
 	$(BIN)/python -c "from hassod.samples import write_samples; write_samples('$(DEMO)/samples')"
-	$(BIN)/hassod index build $(DEMO)/samples --index $(DEMO)/index
+	$(BIN)/hassod discover $(DEMO)/samples --out $(DEMO)/pseudo.json --viz $(DEMO)/viz
+	$(BIN)/hassod index build $(DEMO)/samples --index $(DEMO)/index --regions $(DEMO)/pseudo.json
 	$(BIN)/hassod index stats $(DEMO)/index
 	$(BIN)/hassod search --index $(DEMO)/index --query $(DEMO)/samples/motorcycle_left.png \
 		--box 505,290,690,455 -k 5 --html $(DEMO)/search.html
-	$(BIN)/hassod discover $(DEMO)/samples --out $(DEMO)/pseudo.json --viz $(DEMO)/viz
 	@echo "index: $(DEMO)/index  results page: $(DEMO)/search.html  pseudo-labels: $(DEMO)/pseudo.json  overlays: $(DEMO)/viz/"
 
 test: $(STAMP)

@@ -8,9 +8,13 @@ them apart, and the truth (masks, levels, parents) is known exactly.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
 
 WHOLE, PART, SUBPART = 0, 1, 2
 
@@ -247,3 +251,31 @@ def make_instance_scenes(
         scenes.append(InstanceScene(np.round(image).astype(np.uint8), [int(o) for o in chosen], boxes,
                                     np.stack(masks), np.asarray(levels), np.asarray(parents)))
     return scenes
+
+
+def save_scenes(scenes: list[InstanceScene], folder: Path, coco_path: Path) -> Path:
+    """Write scenes as ``folder/scene_NN.png`` and their true regions as a COCO file at ``coco_path``.
+
+    The COCO file has RLE masks, ``hier_level`` and ``parent_id``, and its
+    ``info.root`` points at ``folder`` (the layout `hassod discover` writes).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for index, scene in enumerate(scenes):
+        name = f"scene_{index:02d}.png"
+        Image.fromarray(scene.image).save(folder / name)
+        height, width = scene.image.shape[:2]
+        images.append({"id": index + 1, "file_name": name, "width": width, "height": height})
+        first = len(annotations) + 1
+        for mask, level, parent in zip(scene.masks, scene.levels, scene.parents):
+            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": index + 1, "category_id": 1,
+                "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
+                "bbox": mask_utils.toBbox(rle).tolist(), "area": int(mask.sum()), "iscrowd": 0,
+                "hier_level": int(level), "parent_id": first + int(parent) if parent >= 0 else None,
+            })
+    coco = {"info": {"root": str(folder.resolve())}, "images": images, "annotations": annotations,
+            "categories": [{"id": 1, "name": "fg"}]}
+    coco_path.write_text(json.dumps(coco))
+    return coco_path

@@ -1,7 +1,6 @@
 """Fixtures shared by the whole suite: the real-photo data folder and bad input files."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -53,31 +52,6 @@ def offline_backbone():
     return build_backbone("efficientnet_lite0", device="cpu")
 
 
-def write_truth_coco(scenes, folder: Path) -> Path:
-    """Write synthetic scenes as PNGs plus their true regions as a COCO file `truth.json`."""
-    from pycocotools import mask as mask_utils
-
-    images, annotations = [], []
-    for index, scene in enumerate(scenes):
-        name = f"scene_{index:02d}.png"
-        Image.fromarray(scene.image).save(folder / name)
-        height, width = scene.image.shape[:2]
-        images.append({"id": index + 1, "file_name": name, "width": width, "height": height})
-        first = len(annotations) + 1
-        for mask, level, parent in zip(scene.masks, scene.levels, scene.parents):
-            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": index + 1, "category_id": 1,
-                "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
-                "bbox": mask_utils.toBbox(rle).tolist(), "area": int(mask.sum()), "iscrowd": 0,
-                "hier_level": int(level), "parent_id": first + int(parent) if parent >= 0 else None,
-            })
-    path = folder / "truth.json"
-    path.write_text(json.dumps({"images": images, "annotations": annotations,
-                                "categories": [{"id": 1, "name": "fg"}]}))
-    return path
-
-
 @pytest.fixture(scope="session")
 def instance_scenes():
     """Synthetic instance-search set: 8 images, 6 objects pasted at random scales (hassod.synthetic)."""
@@ -89,12 +63,8 @@ def instance_scenes():
 @pytest.fixture
 def instance_folder(tmp_path: Path, instance_scenes) -> tuple[Path, Path]:
     """(folder of the scenes as PNGs, path of their true regions as COCO json, outside the folder)."""
+    from hassod.synthetic import save_scenes
+
     folder = tmp_path / "collection"
-    folder.mkdir()
-    truth = write_truth_coco(instance_scenes, folder)
-    moved = tmp_path / "truth.json"
-    data = json.loads(truth.read_text())
-    data["info"] = {"root": str(folder.resolve())}
-    moved.write_text(json.dumps(data))
-    truth.unlink()
-    return folder, moved
+    truth = save_scenes(instance_scenes, folder, tmp_path / "truth.json")
+    return folder, truth

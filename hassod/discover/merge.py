@@ -56,12 +56,14 @@ SIMILARITY_SCALE = float(2**32)
 # [-1, 1], so clipping changes no decision and keeps the scaled value finite.
 _THRESHOLD_CLIP = 2.0
 
-# Heap rows are 6 int64 columns. Order: column 0 descending, then column 1
-# descending, then column 2 ascending.
-# Local heap of a region: (score - drift at push, 0, pair code, other region,
-#     other region's version at push, own version at push).
-# Global heap: (bound, 1 if inexact, pair code, region, token, 0).
-_KEY, _FLAG, _CODE, _A, _B, _C = 0, 1, 2, 3, 4, 5
+# Heap rows are 4 int64 columns (32 bytes: the heaps are cache-miss bound),
+# ordered by column 0 descending, then column 1 (pair code) ascending.
+# Local heap of region r: (score - drift[r] at push, pair code, other region,
+#     other region's version << 32 | r's version, both at push).
+# Global heap: (2 * bound + 1 if inexact: inexact bounds come first on ties,
+#     pair code, region, token).
+_KEY, _CODE, _A, _B = 0, 1, 2, 3
+_LOW32 = (1 << 32) - 1
 
 # fastmath reassociation is what vectorises the float64 sums; "no NaN / no
 # inf" is left out so that NaN inputs still propagate to the check.
@@ -198,22 +200,23 @@ def _drift_units(moved):
 
 
 # --------------------------------------------------------------------------
-# Binary heaps over rows of a (capacity, 6) int64 array view
+# Binary heaps over rows of a (capacity, 4) int64 array view
 
 
 @numba.njit(cache=True, nogil=True)
 def _before(heap, i, j):
-    if heap[i, _KEY] != heap[j, _KEY]:
-        return heap[i, _KEY] > heap[j, _KEY]
-    if heap[i, _FLAG] != heap[j, _FLAG]:
-        return heap[i, _FLAG] > heap[j, _FLAG]
-    return heap[i, _CODE] < heap[j, _CODE]
+    return heap[i, _KEY] > heap[j, _KEY] or (heap[i, _KEY] == heap[j, _KEY] and heap[i, _CODE] < heap[j, _CODE])
 
 
 @numba.njit(cache=True, nogil=True)
 def _swap(heap, i, j):
-    for col in range(6):
+    for col in range(4):
         heap[i, col], heap[j, col] = heap[j, col], heap[i, col]
+
+
+@numba.njit(cache=True, nogil=True)
+def _set_row(heap, row, key, code, a, b):
+    heap[row, _KEY], heap[row, _CODE], heap[row, _A], heap[row, _B] = key, code, a, b
 
 
 @numba.njit(cache=True, nogil=True)
@@ -229,20 +232,15 @@ def _sift_up(heap, pos):
 @numba.njit(cache=True, nogil=True)
 def _sift_down(heap, pos, size):
     while True:
-        best = pos
-        for child in (2 * pos + 1, 2 * pos + 2):
-            if child < size and _before(heap, child, best):
-                best = child
+        best, child = pos, 2 * pos + 1
+        if child < size and _before(heap, child, best):
+            best = child
+        if child + 1 < size and _before(heap, child + 1, best):
+            best = child + 1
         if best == pos:
             return
         _swap(heap, pos, best)
         pos = best
-
-
-@numba.njit(cache=True, nogil=True)
-def _set_row(heap, row, key, flag, code, a, b, c):
-    heap[row, _KEY], heap[row, _FLAG], heap[row, _CODE] = key, flag, code
-    heap[row, _A], heap[row, _B], heap[row, _C] = a, b, c
 
 
 @numba.njit(cache=True, nogil=True)
@@ -273,7 +271,7 @@ def _grown(array, rows):
 
 
 # --------------------------------------------------------------------------
-# Per-region local heaps, packed into one arena
+# Per-region segments (neighbour lists, local heaps) packed into arenas
 
 
 @numba.njit(cache=True, nogil=True)
@@ -295,19 +293,22 @@ def _reserve(arena, end, start, length, cap, region, extra):
 @numba.njit(cache=True, nogil=True)
 def _local_push(local, start, length, region, key, code, other, other_version, own_version):
     base = start[region]
-    _set_row(local, base + length[region], key, 0, code, other, other_version, own_version)
+    _set_row(local, base + length[region], key, code, other, (other_version << 32) | own_version)
     _sift_up(local[base:], length[region])
     length[region] += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _valid(row, alive, version):
+    """Whether a local entry's other region is unchanged since the push."""
+    return alive[row[_A]] and version[row[_A]] == row[_B] >> 32
 
 
 @numba.njit(cache=True, nogil=True)
 def _clean_top(local, start, length, region, alive, version):
     """Drop entries at the top of a local heap whose other region has changed."""
     heap = local[start[region] :]
-    while length[region] > 0:
-        other = heap[0, _A]
-        if alive[other] and version[other] == heap[0, _B]:
-            return
+    while length[region] > 0 and not _valid(heap[0], alive, version):
         length[region] = _pop(heap, length[region])
 
 
@@ -317,8 +318,7 @@ def _compact(local, start, length, region, alive, version):
     heap = local[start[region] :]
     kept = 0
     for i in range(length[region]):
-        other = heap[i, _A]
-        if alive[other] and version[other] == heap[i, _B]:
+        if _valid(heap[i], alive, version):
             if kept != i:
                 heap[kept] = heap[i]
             kept += 1
@@ -375,10 +375,10 @@ def _merge_grid(flat, h, w, min_scores, sums):
     nbrs = np.empty((4 * n, 2), np.int64)
     nb_start, nb_len, nb_cap = np.arange(n) * 4, np.zeros(n, np.int64), np.full(n, 4, np.int64)
     nb_end = 4 * n
-    local = np.empty((8 * n, 6), np.int64)
-    lo_start, lo_len, lo_cap = np.arange(n) * 8, np.zeros(n, np.int64), np.full(n, 8, np.int64)
-    lo_end = 8 * n
-    glob = np.empty((2 * n + 16, 6), np.int64)
+    local = np.empty((4 * n, 4), np.int64)
+    lo_start, lo_len, lo_cap = np.arange(n) * 4, np.zeros(n, np.int64), np.full(n, 4, np.int64)
+    lo_end = 4 * n
+    glob = np.empty((n, 4), np.int64)  # at most one entry per region
     g_len = 0
 
     # One pass over the features in raster order: each patch's norm, then its
@@ -400,7 +400,7 @@ def _merge_grid(flat, h, w, min_scores, sums):
     for r in range(n):
         if lo_len[r] > 0:
             top = local[lo_start[r]]
-            _set_row(glob, g_len, top[_KEY], 0, top[_CODE], r, 0, 0)
+            _set_row(glob, g_len, 2 * top[_KEY], top[_CODE], r, 0)
             _sift_up(glob, g_len)
             g_len += 1
 
@@ -421,7 +421,9 @@ def _merge_grid(flat, h, w, min_scores, sums):
                 if lo_len[r] == 0:
                     break
                 top = local[lo_start[r]]
-                if top[_C] == version[r] or (rival > 0 and top[_KEY] + drift[r] < glob[rival, _KEY]):
+                if (top[_B] & _LOW32) == version[r] or (
+                    rival > 0 and 2 * (top[_KEY] + drift[r]) + 1 < glob[rival, _KEY]
+                ):
                     break
                 other = top[_A]
                 lo_len[r] = _pop(local[lo_start[r] :], lo_len[r])
@@ -433,12 +435,12 @@ def _merge_grid(flat, h, w, min_scores, sums):
                 g_len = _pop(glob, g_len)
                 continue
             top = local[lo_start[r]]
-            exact = top[_C] == version[r]
-            _set_row(glob, 0, top[_KEY] + drift[r], 0 if exact else 1, top[_CODE], r, token[r], 0)
+            exact = (top[_B] & _LOW32) == version[r]
+            _set_row(glob, 0, 2 * (top[_KEY] + drift[r]) + (0 if exact else 1), top[_CODE], r, token[r])
             if not exact or (rival > 0 and _before(glob, rival, 0)):
                 _sift_down(glob, 0, g_len)
                 continue
-            if glob[0, _KEY] < min_scores[t]:
+            if top[_KEY] + drift[r] < min_scores[t]:
                 break
 
             # Certified maximum: merge r with its partner.
@@ -492,8 +494,8 @@ def _merge_grid(flat, h, w, min_scores, sums):
                 g_len = _pop(glob, g_len)
             else:
                 top = local[lo_start[keep]]
-                _set_row(glob, 0, top[_KEY] + drift[keep], np.int64(top[_C] != version[keep]),
-                         top[_CODE], keep, token[keep], 0)
+                inexact = np.int64((top[_B] & _LOW32) != version[keep])
+                _set_row(glob, 0, 2 * (top[_KEY] + drift[keep]) + inexact, top[_CODE], keep, token[keep])
                 _sift_down(glob, 0, g_len)
         _label_map(parent, out[t])
     return out, True
