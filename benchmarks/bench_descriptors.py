@@ -89,7 +89,7 @@ def discover_regions(images: list[np.ndarray], backbone, refresh: bool, name: st
     key = hashlib.sha256(repr((backbone.name, backbone.weights_id, settings.as_dict())).encode()).hexdigest()[:12]
     cache = CACHE / f"{name}_regions_{key}.pkl"
     if cache.exists() and not refresh:
-        return pickle.loads(cache.read_bytes())
+        return [Regions(**fields) for fields in pickle.loads(cache.read_bytes())]
     out = []
     for image in images:
         small = resize_square(image, settings.input_size)
@@ -99,7 +99,7 @@ def discover_regions(images: list[np.ndarray], backbone, refresh: bool, name: st
         boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
         out.append(Regions(boxes, found.levels, found.masks.sum(axis=(1, 2)), masks_to_rle(found.masks)))
     CACHE.mkdir(parents=True, exist_ok=True)
-    cache.write_bytes(pickle.dumps(out))
+    cache.write_bytes(pickle.dumps([dataclasses.asdict(r) for r in out]))  # plain dicts: loadable from any script
     return out
 
 

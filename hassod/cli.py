@@ -16,6 +16,16 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def report(summary, problems: list[tuple[str, str]], verb: str, as_json: bool) -> None:
+    """Print a run's summary: one JSON object, or each problem file on stderr then the one-line summary."""
+    if as_json:
+        click.echo(json.dumps(summary.__dict__))
+        return
+    for path, reason in problems:
+        click.echo(f"{verb} {path}: {reason}", err=True)
+    click.echo(summary.line())
+
+
 def _thresholds(value: str | None) -> tuple[float, ...] | None:
     if not value:
         return None
@@ -74,12 +84,7 @@ def discover(images, out, backbone, weights, thresholds, device, workers, batch_
         )
     except SettingsMismatchError as exc:
         fail(str(exc))
-    if as_json:
-        click.echo(json.dumps(summary.__dict__))
-        return
-    for path, reason in summary.skipped:
-        click.echo(f"skipped {path}: {reason}", err=True)
-    click.echo(summary.line())
+    report(summary, summary.skipped, "skipped", as_json)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from hassod.cli import fail
+from hassod.cli import fail, report
 from hassod.images import DEFAULT_MAX_PIXELS
 
 
@@ -41,7 +41,7 @@ def build(images, index_dir, detector, regions_json, db_url, backbone, weights, 
 
     from .build import IncompatibleSourceError, build_index
     from .catalog import IncompatibleIndexError
-    from .descriptors import RegionDescriber
+    from .descriptors import RegionDescriber, default_settings
     from .regions import CocoRegions, DiscoveryRegions, detector_regions
 
     paths = list_images(images)
@@ -56,17 +56,13 @@ def build(images, index_dir, detector, regions_json, db_url, backbone, weights, 
         else:
             source = DiscoveryRegions(model, workers=workers or os.cpu_count() or 1, batch_size=batch_size,
                                       max_pixels=max_pixels)
-        summary = build_index(paths, index_dir, source, RegionDescriber(model), db_url=db_url,
+        describer = RegionDescriber(model, default_settings(model))
+        summary = build_index(paths, index_dir, source, describer, db_url=db_url,
                               index_type=index_type, show_progress=not as_json)
     except (WeightsNotFoundError, WeightsFormatError, IncompatibleIndexError, IncompatibleSourceError,
             NotImplementedError) as exc:
         fail(str(exc))
-    if as_json:
-        click.echo(json.dumps(summary.__dict__))
-        return
-    for path, reason in summary.errors:
-        click.echo(f"unreadable {path}: {reason}", err=True)
-    click.echo(summary.line())
+    report(summary, summary.errors, "unreadable", as_json)
 
 
 @index.command()

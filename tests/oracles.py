@@ -18,10 +18,11 @@ from hassod.discover.merge import SIMILARITY_SCALE
 def quadratic_merge(features: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
     """Reference for :func:`hassod.discover.merge.hierarchical_merge`, same output.
 
-    At every step all neighbouring pairs are listed and all their similarities
-    computed afresh from the regions' summed features (summed in the features'
-    dtype, float32 or float64); the best pair (highest rounded similarity, then smallest
-    (min id, max id)) is merged if it reaches the threshold. O(merges * pairs * C).
+    At every step all neighbouring pairs are listed and all their cosines
+    computed afresh from the regions' summed features (summed in the
+    features' dtype, float32 or float64, as the fast code does); the best
+    pair (highest similarity rounded to 2**-32, then smallest (min id, max id))
+    is merged if it reaches the threshold. O(merges * pairs * C).
     features: (h, w, C) float; returns (T, h, w) int32, thresholds descending.
     """
     feats = np.asarray(features)

@@ -27,19 +27,24 @@ so that both give identical partitions:
 Algorithm. The reference implementation rescans every pair after every merge
 (quadratic). Recomputing only the merged region's similarities is not enough
 either: a large region growing patch by patch would re-score its whole
-boundary (hundreds of C-dim dot products) at every merge. Instead each
-region keeps its candidate pairs in a local max-heap of *upper bounds*: when a
-region absorbs another, its unit vector moves by ``delta = |u' - u|`` and, by
+boundary (hundreds of C-dim dot products) at every merge. Instead each region
+keeps candidate pairs in a local max-heap of *upper bounds*: when a region
+absorbs another, its unit vector moves by ``delta = |u' - u|`` and, by
 Cauchy-Schwarz, every similarity to it moves by at most ``delta``; adding
-``delta`` (rounded up) to a per-region drift counter raises the bound of all
+``delta`` (rounded up) to a per-region drift counter raises the bounds of all
 its local entries at once without touching them. A global heap holds each
 region's best bound. An entry that reaches the top while inexact is re-scored
-exactly (one dot product) and pushed back; the top is merged only when it is
-exact, and because bounds of inexact entries are strictly above their true
-score, it is then the true maximum, tie-break included. Entries whose other
-region has changed since are dropped lazily (global version ticks); neighbour
-lists remember, per neighbour, whether the local heap still holds a valid
-entry for it, so only pairs without one are re-scored after a merge.
+(one dot product) and pushed back; the top is merged only when it is exact,
+and because inexact bounds are strictly above their true score it is then the
+true maximum, tie-break included. Entries whose other region has changed are
+dropped lazily (version ticks); neighbour lists remember whether the local
+heap still holds a valid entry per neighbour, so after a merge only pairs
+without one are scored. The surviving heap is the one with more neighbours
+(the tie-break id is tracked separately, so this changes no decision).
+
+Cost: O((n + R) log n) heap operations and O((n + R) C) arithmetic for n
+patches and R re-scorings; R is ~3 per merge on photo features and up to ~30
+per merge when big regions grow into isotropic noise (benchmarks/bench_merge.py).
 """
 from __future__ import annotations
 
@@ -354,6 +359,31 @@ def _label_map(parent, out_row):
 
 
 @numba.njit(cache=True, nogil=True)
+def _union_neighbours(nbrs, start, length, keep, gone, parent, version, tick, seen, slot, merged):
+    """Neighbours of the union of ``keep`` and ``gone`` (already linked in
+    ``parent``), each once, into ``merged`` rows (region, stamp); returns
+    their count. The stamp is the neighbour's version if keep's local heap
+    still holds a valid entry for it, else -1 (it must be scored)."""
+    count = 0
+    for owner in (keep, gone):
+        for e in range(start[owner], start[owner] + length[owner]):
+            named = nbrs[e, 0]
+            nb = _find(parent, named)
+            if nb == keep:
+                continue
+            valid = owner == keep and named == nb and nbrs[e, 1] == version[nb]
+            if seen[nb] != tick:
+                seen[nb] = tick
+                slot[nb] = count
+                merged[count, 0] = nb
+                merged[count, 1] = version[nb] if valid else -1
+                count += 1
+            elif valid:
+                merged[slot[nb], 1] = version[nb]
+    return count
+
+
+@numba.njit(cache=True, nogil=True)
 def _merge_grid(flat, h, w, min_scores, sums):
     """flat: (h*w, C) patch features in raster order; min_scores: (T,) integer
     thresholds, descending; sums: scratch like ``flat``.
@@ -427,9 +457,9 @@ def _merge_grid(flat, h, w, min_scores, sums):
                     break
                 other = top[_A]
                 lo_len[r] = _pop(local[lo_start[r] :], lo_len[r])
+                score = _score(flat, sums, summed, inv, r, other)
                 code = min(ident[r], ident[other]) * n + max(ident[r], ident[other])
-                _local_push(local, lo_start, lo_len, r, _score(flat, sums, summed, inv, r, other) - drift[r],
-                            code, other, version[other], version[r])
+                _local_push(local, lo_start, lo_len, r, score - drift[r], code, other, version[other], version[r])
             if lo_len[r] == 0:
                 token[r] += 1
                 g_len = _pop(glob, g_len)
@@ -443,7 +473,9 @@ def _merge_grid(flat, h, w, min_scores, sums):
             if top[_KEY] + drift[r] < min_scores[t]:
                 break
 
-            # Certified maximum: merge r with its partner.
+            # Certified maximum: merge r with its partner. The region with the
+            # longer neighbour list keeps its slot, so that its local heap
+            # entries stay usable and only the other's pairs are re-scored.
             other = top[_A]
             lo_len[r] = _pop(local[lo_start[r] :], lo_len[r])
             keep, gone = (r, other) if nb_len[r] >= nb_len[other] else (other, r)
@@ -454,31 +486,14 @@ def _merge_grid(flat, h, w, min_scores, sums):
             drift[keep] += _drift_units(_absorb(flat, sums, summed, inv, keep, gone))
             version[keep] = tick
 
-            # Union of both neighbour lists; an entry of keep's list stays
-            # valid if it names a live region whose version is unchanged.
-            count = 0
-            for owner in (keep, gone):
-                for e in range(nb_start[owner], nb_start[owner] + nb_len[owner]):
-                    named = nbrs[e, 0]
-                    nb = _find(parent, named)
-                    if nb == keep:
-                        continue
-                    valid = owner == keep and named == nb and nbrs[e, 1] == version[nb]
-                    if seen[nb] != tick:
-                        seen[nb] = tick
-                        slot[nb] = count
-                        merged[count, 0] = nb
-                        merged[count, 1] = version[nb] if valid else -1
-                        count += 1
-                    elif valid:
-                        merged[slot[nb], 1] = version[nb]
+            count = _union_neighbours(nbrs, nb_start, nb_len, keep, gone, parent, version, tick, seen, slot, merged)
             local, lo_end = _reserve(local, lo_end, lo_start, lo_len, lo_cap, keep, count)
             for e in range(count):
                 nb = merged[e, 0]
                 if merged[e, 1] < 0:
+                    score = _score(flat, sums, summed, inv, keep, nb)
                     code = min(ident[keep], ident[nb]) * n + max(ident[keep], ident[nb])
-                    _local_push(local, lo_start, lo_len, keep, _score(flat, sums, summed, inv, keep, nb) - drift[keep],
-                                code, nb, version[nb], version[keep])
+                    _local_push(local, lo_start, lo_len, keep, score - drift[keep], code, nb, version[nb], tick)
                     merged[e, 1] = version[nb]
             if lo_len[keep] > 2 * count + 16:
                 _compact(local, lo_start, lo_len, keep, alive, version)
