@@ -13,7 +13,7 @@ only inside the index), then reports:
   by brute force over the regenerated chunks;
 - the same for restricted searches (``allowed_ids``): ``r_*`` allows a random
   third of the ids (a filter independent of the descriptor); ``c_*`` (clustered
-  data only) allows a third of the *clusters* — a filter correlated with the
+  and hierarchical data) allows a third of the *clusters* — a filter correlated with the
   descriptor, like a hierarchy level, where two thirds of the queries have no
   allowed neighbour nearby and the search must widen to (near) exhaustive.
 
@@ -22,7 +22,12 @@ Data kinds:
   vector (top-1 cosine 0.28 vs top-10 0.24 at 200k, d = 256), so no index beats
   a near-exhaustive scan at recall 0.95: the worst case, not a realistic one.
 - ``clustered``: n/100 Gaussian clusters on the sphere, members at cosine ~0.7
-  to their centre — closer to real descriptors, which have neighbourhood structure.
+  to their centre. The centres are random, hence nearly orthogonal: at 10M
+  there are 100k unrelated clusters for ~12k IVF lists, so a list cannot hold a
+  cluster and a member's list is decided by noise — hard for IVF at scale.
+- ``hierarchical``: the same clusters, but their centres scattered (cosine
+  ~0.7) around n/10^4 category centres — neighbourhood structure at several
+  scales (category → instance → view), as real region descriptors have.
 Queries are fresh draws from the same distribution, never stored vectors.
 
 Timings are single-threaded per query (the store never runs more OpenMP threads
@@ -63,11 +68,18 @@ class Collection:
 
     def __init__(self, kind: str, n: int, dim: int, seed: int = 0):
         self.kind, self.n, self.dim, self.seed = kind, n, dim, seed
-        if kind == "clustered":
+        # per-dimension noise giving member·centre cosine ≈ 0.7 whatever the dimension
+        self.sigma = float(np.sqrt(1.0 / dim))
+        if kind in ("clustered", "hierarchical"):
             rng = np.random.default_rng(seed + 1)
-            self.centres = _unit(rng.standard_normal((max(10, n // 100), dim), dtype=np.float32))
-            # per-dimension noise giving member·centre cosine ≈ 0.7 whatever the dimension
-            self.sigma = float(np.sqrt(1.0 / dim))
+            n_clusters = max(10, n // 100)
+            if kind == "clustered":
+                self.centres = _unit(rng.standard_normal((n_clusters, dim), dtype=np.float32))
+            else:  # cluster centres themselves scattered around n/10^4 category centres
+                categories = _unit(rng.standard_normal((max(2, n // 10_000), dim), dtype=np.float32))
+                parents = rng.integers(0, len(categories), n_clusters)
+                noise = rng.standard_normal((n_clusters, dim), dtype=np.float32) * self.sigma
+                self.centres = _unit(categories[parents] + noise)
 
     def _draw(self, rng: np.random.Generator, m: int) -> tuple[np.ndarray, np.ndarray]:
         if self.kind == "random":
@@ -125,7 +137,7 @@ def run(kind: str, n: int, dim: int, n_queries: int, n_restricted: int) -> dict:
 
     queries = data.queries(n_queries)
     filters = {"r": lambda ids, labels: ids % 3 == 0}
-    if kind == "clustered":
+    if kind != "random":
         filters["c"] = lambda ids, labels: labels % 3 == 0
     truth = ExactTopK(queries, K)
     truth_restricted = {name: ExactTopK(queries[:n_restricted], K) for name in filters}
@@ -162,7 +174,7 @@ def run(kind: str, n: int, dim: int, n_queries: int, n_restricted: int) -> dict:
     return row
 
 
-COLUMNS = [("data", "{:>9}"), ("n", "{:>10,}"), ("kind", "{:>5}"), ("nlist", "{:>6}"), ("nprobe", "{:>6}"),
+COLUMNS = [("data", "{:>12}"), ("n", "{:>10,}"), ("kind", "{:>5}"), ("nlist", "{:>6}"), ("nprobe", "{:>6}"),
            ("build_s", "{:>8.1f}"), ("rss_gb", "{:>6.2f}"), ("est_gb", "{:>6.2f}"),
            ("p50", "{:>7.2f}"), ("p95", "{:>7.2f}"), ("recall", "{:>6.3f}"),
            ("r_p50", "{:>7.2f}"), ("r_p95", "{:>7.2f}"), ("r_recall", "{:>8.3f}"), ("r_all_k", "{!s:>7}"),

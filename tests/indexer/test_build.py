@@ -145,10 +145,11 @@ def test_killed_build_leaves_a_usable_index_and_resumes_without_duplicates(
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 240
     while time.time() < deadline and process.poll() is None and _images_in_catalog(index_dir) < 6:
-        time.sleep(0.02)
+        time.sleep(0.2)
+    assert process.poll() is None, process.communicate()[1].decode()[-2000:]  # still running: kill it mid-way
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert 5 <= _images_in_catalog(index_dir) < 8  # killed mid-way
+    assert 5 <= _images_in_catalog(index_dir) < 8
 
     searcher = Searcher(index_dir, backbone=offline_backbone)  # the index stays usable
     assert searcher.search(folder / "scene_00.png", box=instance_scenes[0].boxes[0], k=1)[0].score > 0.99

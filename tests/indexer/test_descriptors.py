@@ -55,8 +55,9 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_name_dim_and_layers(random_backbone):
     default = RegionDescriber(random_backbone)
-    assert default.name == "gem3-s32+head-l640-v1"
-    assert default.dim == 320 + 1280
+    assert default.name == "avg-s16+s32-l480-v1"
+    assert default.dim == 112 + 320
+    assert RegionDescriber(random_backbone, DescriptorSettings(pooling="gem")).name == "gem3-s16+s32-l480-v1"
     single = RegionDescriber(random_backbone, DescriptorSettings(layers=("s16",), pooling="max", long_side=320))
     assert (single.name, single.dim) == ("max-s16-l320-v1", 112)
     assert RegionDescriber(random_backbone, DescriptorSettings(layers=("grid",))).dim == random_backbone.dim
@@ -70,7 +71,7 @@ def test_feature_map_keeps_aspect_and_original_size(describer, photo):
     fmap = describer.feature_map([photo])[0]
     assert fmap.image_size == (400, 600)
     assert fmap.input_size == (160, 256)  # 400 * 256/600 = 170.7 → nearest multiple of 32
-    assert {name: tuple(t.shape) for name, t in fmap.layers.items()} == {"s32": (320, 5, 8), "head": (1280, 5, 8)}
+    assert {name: tuple(t.shape) for name, t in fmap.layers.items()} == {"s16": (112, 10, 16), "s32": (320, 5, 8)}
 
 
 def test_shape_dtype_and_unit_norm(describer, photo):
@@ -212,10 +213,11 @@ def test_same_object_elsewhere_and_smaller_matches_its_box(real_describer):
     ys, xs = np.meshgrid(np.arange(0, 700 - h + 1, 20), np.arange(0, 500 - w + 1, 20), indexing="ij")
     candidates = np.stack([xs.ravel(), ys.ravel(), xs.ravel() + w, ys.ravel() + h], axis=1).astype(np.float64)
     scores = real_describer.describe(fmap_b, candidates) @ query
-    assert _iou(candidates[np.argmax(scores)], box_b) >= 0.5
+    assert _iou(candidates[np.argmax(scores)], box_b) >= 0.7  # measured 0.89
 
     on_object = float(real_describer.describe(fmap_b, box_b[None])[0] @ query)
     background = float(real_describer.describe(fmap_b, np.array([[20.0, 330.0, 20 + w, 330 + h]]))[0] @ query)
     distractor = float(real_describer.describe(fmap_b, np.array([[20.0, 20.0, 344.0, 290.0]]))[0] @ query)
-    assert on_object > 0.6
-    assert on_object > max(background, distractor) + 0.2
+    # Measured: 0.89 on the object, 0.13 on black, 0.27 on the coffee cup.
+    assert on_object > 0.7
+    assert on_object > max(background, distractor) + 0.4
