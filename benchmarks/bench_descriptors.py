@@ -266,11 +266,11 @@ def main() -> None:
     print("-- layers x pooling, 640 px, GeM p=3")
     for layers in (("grid",), ("s16",), ("s32",), ("head",), ("s16", "s32"), ("s32", "head"), ("s16", "s32", "head")):
         for pooling in ("gem", "avg", "max"):
-            run(f"{'+'.join(layers)} {pooling}", layers=layers, pooling=pooling)
+            run(f"{'+'.join(layers)} {pooling}", layers=layers, pooling=pooling, long_side=640)
     if args.quick:
         return
     print("-- defaults, then one change each")
-    run("defaults")
+    run(f"defaults ({RegionDescriber(backbone).name})")
     for long_side in (320, 640, 800):
         run(f"long_side {long_side}", long_side=long_side)
     run("+ head layer (1712-d)", layers=("s16", "s32", "head"))

@@ -94,8 +94,10 @@ class DescriptorSettings:
         gem_p, gem_eps: GeM exponent and clamp (``pooling="gem"`` only).
         long_side: the image is resized (aspect kept) so its longer side has
             about this many pixels, then one forward. s16+s32 avg, clutter
-            mi/box/c80: 480 px 3.30/3.27/3.41, 640 px 3.29/3.18/3.34,
-            800 px 3.16/3.16/3.27; 480 is also the cheapest.
+            mi/box/c80: 320 px 3.25/3.27/3.43, 480 px 3.30/3.27/3.41,
+            640 px 3.29/3.18/3.34, 800 px 3.16/3.16/3.27. 480 is the middle
+            of the plateau (320 is cheaper but on the edge for small parts);
+            forward 95-114 ms per photo on one core.
         size_multiple: both input sides are rounded to a multiple of this, so
             every stage grid covers the input exactly (32 = the deepest stride).
         bins: RoI-align output grid per side; samples per bin adapt to the
@@ -206,7 +208,11 @@ class RegionDescriber:
         return self.backbone.device
 
     def input_size(self, height: int, width: int) -> tuple[int, int]:
-        """Network input (h, w) in pixels for an H x W image: longer side ≈ ``long_side``, aspect kept."""
+        """Network input (h, w) in pixels for an H x W image: longer side ≈ ``long_side``, aspect kept.
+
+        Smaller images are upscaled, so a query crop is seen at the same
+        input size as a whole indexed image.
+        """
         s = self.settings
         factor = s.long_side / max(height, width)
         return tuple(
@@ -230,8 +236,10 @@ class RegionDescriber:
                 with torch.inference_mode():
                     layers = self._forward(batch)
                 for row, index in enumerate(chunk):
+                    # A copy, so that one kept map does not hold its whole batch in memory.
                     out[index] = FeatureMap(
-                        layers={name: value[row] for name, value in layers.items()},
+                        layers={name: value[row].clone() if len(chunk) > 1 else value[row]
+                                for name, value in layers.items()},
                         strides=dict(self.strides),
                         image_size=tuple(int(v) for v in images[index].shape[:2]),
                         input_size=size,
@@ -282,6 +290,8 @@ class RegionDescriber:
 
     def describe_query(self, image: np.ndarray, box: Sequence[float] | np.ndarray | None = None) -> np.ndarray:
         """(dim,) descriptor of ``box`` (xyxy original pixels; ``None`` = whole image) in ``image``."""
+        if box is not None:  # a bad box fails before the forward
+            self._check_boxes(np.asarray(box, dtype=np.float64).reshape(1, -1), tuple(np.shape(image)[:2]))
         fmap = self.feature_map([image])[0]
         region = fmap.whole_box if box is None else np.asarray(box, dtype=np.float64)
         return self.describe(fmap, region.reshape(1, 4))[0]

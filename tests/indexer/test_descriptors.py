@@ -36,6 +36,11 @@ def photo() -> np.ndarray:
     return skimage.data.coffee()  # 400 x 600, not square
 
 
+@pytest.fixture(scope="module")
+def photo_fmap(describer, photo):
+    return describer.feature_map([photo])[0]
+
+
 def _paste(canvas_hw: tuple[int, int], obj: np.ndarray, top_left: tuple[int, int], scale: float):
     """``obj`` resized by ``scale`` on a black canvas; returns the image and the object's xyxy box."""
     h, w = round(obj.shape[0] * scale), round(obj.shape[1] * scale)
@@ -74,8 +79,8 @@ def test_feature_map_keeps_aspect_and_original_size(describer, photo):
     assert {name: tuple(t.shape) for name, t in fmap.layers.items()} == {"s16": (112, 10, 16), "s32": (320, 5, 8)}
 
 
-def test_shape_dtype_and_unit_norm(describer, photo):
-    fmap = describer.feature_map([photo])[0]
+def test_shape_dtype_and_unit_norm(describer, photo_fmap):
+    fmap = photo_fmap
     boxes = np.array([[0, 0, 600, 400], [100, 50, 300, 250], [10.5, 20.25, 40.75, 33.0]])
     vectors = describer.describe(fmap, boxes)
     assert vectors.shape == (3, describer.dim) and vectors.dtype == np.float32
@@ -85,8 +90,8 @@ def test_shape_dtype_and_unit_norm(describer, photo):
     assert float(vectors[1] @ vectors[2]) < 0.999
 
 
-def test_describe_query_reproduces_the_indexed_vector(describer, photo):
-    fmap = describer.feature_map([photo])[0]
+def test_describe_query_reproduces_the_indexed_vector(describer, photo, photo_fmap):
+    fmap = photo_fmap
     boxes = np.array([[100, 50, 300, 250], [420.0, 300.0, 600.0, 400.0]])
     indexed = describer.describe(fmap, boxes)
     for box, vector in zip(boxes, indexed):
@@ -122,22 +127,22 @@ def test_batching_equals_one_at_a_time(describer, photo):
         ([-50, -40, -1, -2], "outside"),
     ],
 )
-def test_invalid_boxes_raise(describer, photo, box, message):
-    fmap = describer.feature_map([photo])[0]
+def test_invalid_boxes_raise(describer, photo, photo_fmap, box, message):
+    fmap = photo_fmap
     with pytest.raises(ValueError, match=message):
         describer.describe(fmap, np.array([[0, 0, 10, 10], box], dtype=np.float64))
     with pytest.raises(ValueError, match=message):
         describer.describe_query(photo, box)
 
 
-def test_box_shape_is_checked(describer, photo):
-    fmap = describer.feature_map([photo])[0]
+def test_box_shape_is_checked(describer, photo_fmap):
+    fmap = photo_fmap
     with pytest.raises(ValueError, match=r"\(N, 4\)"):
         describer.describe(fmap, np.zeros((2, 3)))
 
 
-def test_box_partly_outside_is_clipped_and_tiny_box_works(describer, photo):
-    fmap = describer.feature_map([photo])[0]
+def test_box_partly_outside_is_clipped_and_tiny_box_works(describer, photo_fmap):
+    fmap = photo_fmap
     outside, inside = describer.describe(fmap, np.array([[-50, -30, 100, 120], [0, 0, 100, 120]]))
     np.testing.assert_array_equal(outside, inside)
     # Smaller than a pixel and far below one 32-px feature cell: interpolated samples still describe it.
