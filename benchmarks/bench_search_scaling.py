@@ -1,11 +1,11 @@
 """Query latency and recall of the vector store as the collection grows (issue 3, Benchmark: speed).
 
-    .venv/bin/python benchmarks/bench_search_scaling.py [--sizes 10k,100k,1M,10M] [--dim 256]
+    .venv/bin/python benchmarks/bench_search_scaling.py [--sizes 10k,100k,1M,10M] [--dim 432]
         [--data hierarchical,clustered,random] [--queries 300]
 
 For each data kind and size it builds a ``VectorStore`` with ``index_type="auto"``
 (vectors generated and added in chunks of 1M, so the full collection exists
-only inside the index; ~13 GB of RSS at 10M x 256), then reports:
+only inside the index; ~5 GB of RSS at 10M x 432 as SQ8), then reports:
 
 - build time (s) and the index's resident memory (RSS growth, and the store's estimate);
 - single-query latency p50 / p95 (ms) over ``--queries`` queries, k = 10;
@@ -187,7 +187,7 @@ COLUMNS = [("data", "{:>12}"), ("n", "{:>10,}"), ("kind", "{:>5}"), ("nlist", "{
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10k,100k,1M,10M")
-    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--dim", type=int, default=432, help="the default descriptor's (efficientnet_lite0 s16+s32)")
     parser.add_argument("--data", default="hierarchical,clustered,random")
     parser.add_argument("--queries", type=int, default=300, help="single queries timed per size")
     parser.add_argument("--restricted-queries", type=int, default=100)

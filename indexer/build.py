@@ -7,6 +7,11 @@ vectors without a catalog row are dropped, and images whose regions have no
 vector are described again, so a resumed build never duplicates a region.
 A re-run only touches new or changed files (size and mtime, then content
 hash) and drops the ones that disappeared.
+
+With whitening (``WhiteningSettings``), the first build holds its first
+``sample`` vectors back, learns the PCA-whitening from them, saves it, and from
+then on stores whitened vectors; later builds reuse the saved whitening, so
+every vector of an index lives in the same space as the queries.
 """
 from __future__ import annotations
 
@@ -20,15 +25,39 @@ from typing import Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from .catalog import Catalog, ImageRecord, NewRegion
+from .catalog import Catalog, ImageRecord, IncompatibleIndexError, NewRegion
 from .descriptors import RegionDescriber
-from .layout import catalog_url, vectors_path
+from .layout import catalog_url, vectors_path, whitening_path
 from .regions import ImageRegions, RegionSource
 from .vectors import VectorStore
+from .whitening import PCAWhitening
 
 
 class IncompatibleSourceError(RuntimeError):
     """The index was built from another region source."""
+
+
+class WhiteningError(ValueError):
+    """The collection's vectors cannot give the requested whitening."""
+
+
+@dataclass(frozen=True)
+class WhiteningSettings:
+    """PCA-whitening learned from the collection at its first build (:mod:`indexer.whitening`).
+
+    Attributes:
+        dim: output dimension of the stored vectors; ``None`` keeps the
+            descriptor's. The vectors it is learned from must span at least
+            this many dimensions (about ``dim`` regions or more).
+        shrinkage: eigenvalue shrinkage, 0 = full whitening .. 1 = plain PCA.
+        sample: how many of the first build's vectors it is learned from
+            (all of them when the build has fewer); they become searchable
+            once it is learned.
+    """
+
+    dim: int | None = None
+    shrinkage: float = 0.8
+    sample: int = 50_000
 
 
 @dataclass
@@ -57,7 +86,9 @@ class _FileState:
     mtime: float
 
 
-def index_config(describer: RegionDescriber, source: RegionSource) -> dict:
+def index_config(
+    describer: RegionDescriber, source: RegionSource, whitening: WhiteningSettings | None = None
+) -> dict:
     """The configuration an index records: what a query must match to be comparable."""
     backbone = describer.backbone
     return {
@@ -68,6 +99,8 @@ def index_config(describer: RegionDescriber, source: RegionSource) -> dict:
         "descriptor_dim": describer.dim,
         "descriptor_settings": asdict(describer.settings),
         "region_source": source.identity,
+        "whitening": None if whitening is None else {
+            "dim": whitening.dim or describer.dim, "shrinkage": whitening.shrinkage},
     }
 
 
@@ -81,8 +114,13 @@ def build_index(
     save_every: int = 100,
     show_progress: bool = True,
     timings: dict[str, float] | None = None,
+    whitening: WhiteningSettings | None = None,
 ) -> BuildSummary:
     """Index every file of ``paths`` into ``index_dir``; see the module docstring for the guarantees.
+
+    ``whitening``: learn a PCA-whitening at the first build; ``None`` keeps
+    what the index already has (none for a new index). Asking an existing
+    index for another whitening raises :class:`IncompatibleIndexError`.
 
     ``timings``, when given, receives the seconds spent waiting for regions
     ("regions"), describing them ("describe") and writing catalog and vectors
@@ -94,10 +132,17 @@ def build_index(
     index_dir.mkdir(parents=True, exist_ok=True)
     summary = BuildSummary()
     with Catalog(catalog_url(index_dir, db_url)) as catalog:
-        config = index_config(describer, source)
+        learned = PCAWhitening.load(whitening_path(index_dir)) if whitening_path(index_dir).exists() else None
+        whitening = _resolve_whitening(whitening, learned)
+        config = index_config(describer, source, whitening)
         _check_config(catalog, config)
-        store = _open_vectors(index_dir, describer.dim, index_type)
+        dim = describer.dim if whitening is None else config["whitening"]["dim"]
+        store = _open_vectors(index_dir, dim, index_type)
+        if whitening is not None and learned is None and len(store):
+            raise IncompatibleIndexError("this index already holds vectors without whitening; "
+                                         "build into a new --index directory to whiten")
         _reconcile(catalog, store)
+        sink = _VectorSink(store, whitening, learned, whitening_path(index_dir))
 
         states = [_file_state(p) for p in paths]
         current = {s.path for s in states}
@@ -129,11 +174,12 @@ def build_index(
                     catalog.record_error(result.path, content_hash, state.size, state.mtime, result.error)
                     summary.errors.append((result.path, result.error))
                 else:
-                    summary.regions += _store_image(catalog, store, describer, result, state, content_hash, timings)
+                    summary.regions += _store_image(catalog, sink, describer, result, state, content_hash, timings)
                 store.remove(old)
                 bar.update()
                 if done % save_every == 0:
                     store.save(vectors_path(index_dir))
+        sink.flush()
         if catalog.get_config() is None:
             catalog.set_config(config)
         store.save(vectors_path(index_dir))
@@ -153,11 +199,75 @@ def _check_config(catalog: Catalog, config: dict) -> None:
         )
 
 
+def _resolve_whitening(requested: WhiteningSettings | None, learned: PCAWhitening | None) -> WhiteningSettings | None:
+    """The whitening this build uses: the index's own when one was learned (a request must match it)."""
+    if learned is None:
+        return requested
+    if requested is not None and (
+        (requested.dim is not None and requested.dim != learned.dim_out) or requested.shrinkage != learned.shrinkage
+    ):
+        raise IncompatibleIndexError(
+            f"this index was whitened to {learned.dim_out} dimensions with shrinkage {learned.shrinkage}; "
+            "build into a new --index directory to change that"
+        )
+    return WhiteningSettings(dim=learned.dim_out, shrinkage=learned.shrinkage)
+
+
 def _open_vectors(index_dir: Path, dim: int, index_type: str) -> VectorStore:
     path = vectors_path(index_dir)
     if path.exists():
-        return VectorStore.load(path)
+        store = VectorStore.load(path)
+        if store.dim == dim or len(store):  # an empty store of another size is a killed first build's
+            return store
     return VectorStore.create(dim, index_type)
+
+
+class _VectorSink:
+    """Where described vectors go: into the store, whitened when the index has a whitening.
+
+    Until the whitening is learned (first build with whitening), vectors are
+    held back; once ``sample`` of them have arrived, or at :meth:`flush`, it
+    is learned from them, saved, and they are stored. Held vectors' images are
+    already in the catalog: if the build dies first, the next build finds
+    those regions without vectors and describes the images again.
+    """
+
+    def __init__(self, store: VectorStore, settings: WhiteningSettings | None, learned: PCAWhitening | None,
+                 path: Path):
+        self.store, self.settings, self.learned, self.path = store, settings, learned, path
+        self.held: list[tuple[np.ndarray, np.ndarray]] = []
+        self.held_count = 0
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        if self.settings is None:
+            self.store.add(ids, vectors)
+        elif self.learned is not None:
+            self.store.add(ids, self.learned.transform(vectors))
+        else:
+            self.held.append((ids, vectors))
+            self.held_count += len(ids)
+            if self.held_count >= self.settings.sample:
+                self.flush()
+
+    def flush(self) -> None:
+        """Learn the whitening from the held vectors (if it is still to be learned) and store them."""
+        if not self.held:
+            return
+        ids = np.concatenate([i for i, _ in self.held])
+        vectors = np.concatenate([v for _, v in self.held])
+        dim = self.store.dim
+        try:
+            learned = PCAWhitening.fit(vectors, dim_out=dim, shrinkage=self.settings.shrinkage)
+        except ValueError as exc:
+            raise WhiteningError(f"cannot learn the whitening: {exc}") from None
+        if learned.dim_out < dim:
+            raise WhiteningError(
+                f"the {len(vectors)} region vectors seen span only {learned.dim_out} dimensions, fewer than the "
+                f"{dim} asked for: whiten to fewer dimensions (--whiten-dim) or index more images"
+            )
+        learned.save(self.path)
+        self.learned, self.held, self.held_count = learned, [], 0
+        self.store.add(ids, learned.transform(vectors))
 
 
 def _reconcile(catalog: Catalog, store: VectorStore) -> None:
@@ -196,7 +306,7 @@ def _unchanged(
 
 def _store_image(
     catalog: Catalog,
-    store: VectorStore,
+    sink: _VectorSink,
     describer: RegionDescriber,
     result: ImageRegions,
     state: _FileState,
@@ -217,7 +327,7 @@ def _store_image(
     timings["describe"] = timings.get("describe", 0.0) + described - start
     new = [NewRegion(r.box, r.score, r.level, r.area, r.mask_rle, r.parent if r.parent >= 0 else None) for r in regions]
     ids = catalog.replace_image(record, new)
-    store.add(np.asarray(ids, dtype=np.int64), vectors)
+    sink.add(np.asarray(ids, dtype=np.int64), vectors)
     timings["store"] = timings.get("store", 0.0) + time.perf_counter() - described
     return len(ids)
 

@@ -44,7 +44,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 FORMAT_VERSION = 1
 """Version of the catalog schema and config layout; bumped on incompatible changes."""
 
-COMPATIBILITY_KEYS = ("backbone", "weights", "descriptor", "descriptor_version", "descriptor_dim")
+COMPATIBILITY_KEYS = ("backbone", "weights", "descriptor", "descriptor_version", "descriptor_dim", "whitening")
 """Config keys that must match for descriptors of a query to be comparable with the index."""
 
 LEVEL_NAMES = ("whole", "part", "subpart")

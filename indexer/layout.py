@@ -3,6 +3,7 @@
 ``DIR/vectors.faiss``   FAISS vectors keyed by region id (indexer.vectors)
 ``DIR/catalog.sqlite``  the catalog, unless ``--db URL`` put it elsewhere
 ``DIR/index.json``      ``{"catalog": URL}`` when the catalog lives elsewhere
+``DIR/whitening.npz``   the PCA-whitening of the vectors, when built with one (indexer.whitening)
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from .vectors import VectorStore
 VECTORS_FILE = "vectors.faiss"
 CATALOG_FILE = "catalog.sqlite"
 POINTER_FILE = "index.json"
+WHITENING_FILE = "whitening.npz"
 
 
 class IndexNotFoundError(FileNotFoundError):
@@ -36,6 +38,10 @@ def catalog_url(index_dir: Path, db_url: str | None = None) -> str:
 
 def vectors_path(index_dir: Path) -> Path:
     return Path(index_dir) / VECTORS_FILE
+
+
+def whitening_path(index_dir: Path) -> Path:
+    return Path(index_dir) / WHITENING_FILE
 
 
 def open_existing(index_dir: Path) -> tuple[Catalog, VectorStore]:

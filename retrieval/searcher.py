@@ -26,8 +26,9 @@ from hassod.features import Backbone, build_backbone
 from hassod.images import DEFAULT_MAX_PIXELS, load_rgb
 from indexer.catalog import LEVEL_NAMES, IncompatibleIndexError
 from indexer.descriptors import DescriptorSettings, RegionDescriber
-from indexer.layout import open_existing
+from indexer.layout import IndexNotFoundError, open_existing, whitening_path
 from indexer.regions import DiscoveryRegions
+from indexer.whitening import PCAWhitening
 
 # Region candidates fetched per wanted image on the first try; doubled until
 # k distinct images are found or the (allowed) regions are exhausted.
@@ -88,6 +89,12 @@ class Searcher:
             raise IncompatibleIndexError(
                 f"index descriptor {self.config['descriptor']} cannot be rebuilt here (got {self.describer.name})"
             )
+        self.whitening = None
+        if self.config.get("whitening"):
+            path = whitening_path(Path(index_dir))
+            if not path.exists():
+                raise IndexNotFoundError(f"the index at {index_dir} is whitened but {path.name} is missing")
+            self.whitening = PCAWhitening.load(path)
         self._filters: dict[int, object] = {}
 
     def close(self) -> None:
@@ -105,7 +112,7 @@ class Searcher:
         level_id = _level_id(level)
         if box is not None:
             query = self.describer.describe_query(pixels, check_box(box, pixels.shape[:2]))
-            return self._rank(query[None], level_id, k)
+            return self._rank(self._project(query[None]), level_id, k)
         return self._rank(self._image_regions(pixels), level_id, k)
 
     def search_region(self, region_id: int, level: str | int | None = None, k: int = 10) -> list[Match]:
@@ -119,7 +126,11 @@ class Searcher:
         found = DiscoveryRegions(self.describer.backbone).regions_of_image(pixels)
         fmap = self.describer.feature_map([pixels])[0]
         boxes = np.asarray([fmap.whole_box] + [r.box for r in found], dtype=np.float64)
-        return self.describer.describe(fmap, boxes)
+        return self._project(self.describer.describe(fmap, boxes))
+
+    def _project(self, vectors: np.ndarray) -> np.ndarray:
+        """(Q, descriptor dim) → (Q, index dim): the index's whitening, if it has one."""
+        return vectors if self.whitening is None else self.whitening.transform(vectors)
 
     def _allowed(self, level: int | None):
         if level is None:

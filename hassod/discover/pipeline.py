@@ -98,8 +98,9 @@ def discover_masks(
     features: (h, w, C) patch features of that image.
     original_size: (H, W) in pixels; masks are returned at this size.
     settings: must have ``thresholds`` set (see ``with_default_thresholds``).
-    timings: if given, seconds spent per stage ("merge", "crf_filters",
-        "levels") are added to it (for benchmarks).
+    timings: if given, CPU seconds of the calling thread spent per stage
+        ("merge", "crf_filters", "levels") are added to it (for benchmarks:
+        per-core cost, not inflated by other processes on the machine).
     """
     if not settings.thresholds:
         raise ValueError("discover_masks needs settings.thresholds; use settings.with_default_thresholds()")
@@ -130,15 +131,15 @@ def discover_masks(
 
 
 class _StageClock:
-    """Adds the seconds since the previous lap to ``timings[stage]`` (no-op without a dict)."""
+    """Adds the thread CPU seconds since the previous lap to ``timings[stage]`` (no-op without a dict)."""
 
     def __init__(self, timings: dict[str, float] | None):
         self.timings = timings
-        self.last = time.perf_counter()
+        self.last = time.thread_time()
 
     def lap(self, stage: str) -> None:
         if self.timings is None:
             return
-        now = time.perf_counter()
+        now = time.thread_time()
         self.timings[stage] = self.timings.get(stage, 0.0) + now - self.last
         self.last = now

@@ -77,7 +77,8 @@ class Backbone(nn.Module):
         for image in images:
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ValueError(f"expected an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
-            pixels = torch.from_numpy(np.ascontiguousarray(image)).to(device)
+            # torch refuses to wrap read-only arrays (e.g. PIL-backed ones) without a warning: copy those.
+            pixels = torch.from_numpy(np.require(image, requirements=["C", "W"])).to(device)
             pixels = pixels.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
             # Antialiasing matters when shrinking large photos to 480 px: without
             # it the patch features see aliased high frequencies.

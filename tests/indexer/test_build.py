@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.build import build_index
-from indexer.catalog import Catalog
+from indexer.build import WhiteningError, WhiteningSettings, build_index
+from indexer.catalog import Catalog, IncompatibleIndexError
 from indexer.descriptors import RegionDescriber
 from indexer.layout import catalog_url
 from indexer.regions import CocoRegions, DiscoveryRegions
+from indexer.whitening import PCAWhitening
 from retrieval.searcher import Searcher
 
 
@@ -206,3 +207,45 @@ def test_discovery_regions_round_trip(tmp_path, instance_folder, instance_scenes
             truth = scenes[top_index].boxes[scenes[top_index].objects.index(obj)] if top_index in holders else None
             hits += truth is not None and box_iou(top.box, truth) >= 0.5
     assert hits >= 0.75 * sum(len(s.objects) for s in scenes)
+
+
+def test_whitened_index_round_trip_and_reuse(tmp_path, instance_folder, instance_scenes, offline_backbone):
+    folder, truth = instance_folder
+    paths = sorted(folder.glob("*.png"))
+    describer = RegionDescriber(offline_backbone)
+    # Learned from the first ~20 vectors only, so the later ones are whitened as they stream in.
+    settings = WhiteningSettings(dim=16, sample=20)
+    build_index(paths[:6], tmp_path / "index", CocoRegions(truth), describer, show_progress=False, whitening=settings)
+    learned = PCAWhitening.load(tmp_path / "index" / "whitening.npz")
+    assert (learned.dim_in, learned.dim_out) == (describer.dim, 16)
+    # A re-run without a whitening request keeps the index's own: the new image's vectors are whitened too.
+    summary = build_index(paths, tmp_path / "index", CocoRegions(truth), describer, show_progress=False)
+    assert summary.added == 2
+    searcher = Searcher(tmp_path / "index", backbone=offline_backbone)
+    assert searcher.store.dim == 16 and searcher.config["whitening"] == {"dim": 16, "shrinkage": 0.8}
+    last = searcher.catalog.region_ids_by_image()[str(paths[-1].resolve())]
+    regions = searcher.catalog.regions(last.tolist())
+    image = np.asarray(Image.open(paths[-1]).convert("RGB"))
+    raw = describer.describe(describer.feature_map([image])[0], np.asarray([r.box for r in regions]),
+                             masks=[r.mask_rle for r in regions])
+    np.testing.assert_allclose(searcher.store.reconstruct(last), learned.transform(raw), atol=1e-5)
+    # A crop of an indexed region still finds that region first, in the whitened space.
+    first = searcher.search(folder / "scene_00.png", box=instance_scenes[0].boxes[0], k=1)[0]
+    assert first.path.endswith("scene_00.png") and first.score == pytest.approx(1.0, abs=1e-4)
+    searcher.close()
+
+    with pytest.raises(IncompatibleIndexError, match="whitened to 16 dimensions"):
+        build_index(paths, tmp_path / "index", CocoRegions(truth), describer, show_progress=False,
+                    whitening=WhiteningSettings(dim=8))
+
+
+def test_whitening_needs_enough_vectors(tmp_path, instance_folder, offline_backbone):
+    folder, truth = instance_folder
+    paths = sorted(folder.glob("*.png"))[:2]
+    with pytest.raises(WhiteningError, match="span only"):
+        build_index(paths, tmp_path / "index", CocoRegions(truth), RegionDescriber(offline_backbone),
+                    show_progress=False, whitening=WhiteningSettings(dim=200))
+    # Nothing was stored unwhitened: a smaller dimension then works on the same directory.
+    build_index(paths, tmp_path / "index", CocoRegions(truth), RegionDescriber(offline_backbone),
+                show_progress=False, whitening=WhiteningSettings(dim=4))
+    assert Searcher(tmp_path / "index", backbone=offline_backbone).store.dim == 4

@@ -16,6 +16,8 @@ PATCH = 8
 SIZE = 240
 GRID = SIZE // PATCH
 RED, BLUE, YELLOW = (200, 60, 40), (40, 120, 200), (250, 250, 0)
+# At the image's own size: these tests check the CRF's decisions pixel by pixel.
+FULL = CRFSettings(work_size=None)
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -49,7 +51,7 @@ def disk_scene():
 
 
 def test_partition_agreeing_with_image_is_kept_whole():
-    result = refine_partition(halves_image(), halves_labels())
+    result = refine_partition(halves_image(), halves_labels(), FULL)
     assert result.label_ids.tolist() == [0, 1]
     assert np.all(result.ious > 0.99)
     left = np.zeros((SIZE, SIZE), bool)
@@ -61,13 +63,13 @@ def test_partition_agreeing_with_image_is_kept_whole():
 def test_region_without_image_support_is_dropped():
     labels = halves_labels()
     labels[8:10, 5:7] = 2  # a 16 x 16 px region inside the uniform red half
-    unsupported = refine_partition(halves_image(), labels)
+    unsupported = refine_partition(halves_image(), labels, FULL)
     assert unsupported.label_ids.tolist() == [0, 1]
 
     # The same partition on an image that has a yellow square there keeps it.
     image = halves_image()
     image[64:80, 40:56] = YELLOW
-    supported = refine_partition(image, labels)
+    supported = refine_partition(image, labels, FULL)
     assert supported.label_ids.tolist() == [0, 1, 2]
     square = np.zeros((SIZE, SIZE), bool)
     square[64:80, 40:56] = True
@@ -77,7 +79,7 @@ def test_region_without_image_support_is_dropped():
 def test_crf_snaps_blocky_boundary_to_colour_edge():
     image, labels, disk = disk_scene()
     pre = (_upsampled_argmax(*_upsampled_one_hot(labels, (SIZE, SIZE)), 2) == 1).reshape(SIZE, SIZE)
-    result = refine_partition(image, labels)
+    result = refine_partition(image, labels, FULL)
     assert result.label_ids.tolist() == [0, 1]
     before, after = iou(pre, disk), iou(result.masks[1], disk)
     assert before < 0.96
@@ -95,7 +97,7 @@ def test_working_size_variant_stays_close_at_its_own_size():
 
 def test_single_region_is_kept_without_crf():
     labels = np.full((GRID, GRID), 5, np.int32)
-    result = refine_partition(halves_image(), labels)
+    result = refine_partition(halves_image(), labels, FULL)
     assert result.label_ids.tolist() == [5]
     assert result.masks.shape == (1, SIZE, SIZE) and result.masks.all()
     assert result.ious.tolist() == [1.0]
@@ -104,7 +106,7 @@ def test_single_region_is_kept_without_crf():
 def test_output_types_shapes_and_original_label_ids():
     labels = np.where(halves_labels() == 0, 7, 3)
     image = np.ascontiguousarray(halves_image()[:160])  # non-square: 160 x 240 px
-    result = refine_partition(image, labels[:20])
+    result = refine_partition(image, labels[:20], FULL)
     assert result.masks.dtype == bool and result.masks.shape == (2, 160, SIZE)
     assert result.label_ids.dtype == np.int64 and result.label_ids.tolist() == [3, 7]
     assert result.ious.dtype == np.float32
@@ -115,7 +117,7 @@ def test_output_types_shapes_and_original_label_ids():
 def test_read_only_image_is_accepted():
     image = halves_image()
     image.setflags(write=False)
-    assert refine_partition(image, halves_labels()).label_ids.tolist() == [0, 1]
+    assert refine_partition(image, halves_labels(), FULL).label_ids.tolist() == [0, 1]
 
 
 def test_rejects_bad_shapes():

@@ -27,7 +27,7 @@ def test_hand_made_features_recover_the_exact_hierarchy(seed, settings, min_iou)
     features = scene_features(scene, seed=seed)
     found = discover_masks(scene.image, features, scene.image.shape[:2], settings)
     iou, index = _best_match(scene.masks, found.masks)
-    # The CRF at its default 240 px working size blurs the edges of small subparts a little.
+    # The CRF at its default 160 px working size blurs the edges of small subparts a little.
     assert iou.min() >= min_iou
     np.testing.assert_array_equal(found.levels[index], scene.levels)
     # Parents of the matched masks are the matches of the true parents.
