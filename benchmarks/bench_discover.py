@@ -19,7 +19,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 

@@ -1,29 +1,15 @@
 """The ``hassod`` command line (click). Each command is a thin layer over the library."""
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import click
 
+from .console import fail, report
+from .detect_cli import detect, evaluate_command
 from .images import DEFAULT_MAX_PIXELS
-
-
-def fail(message: str) -> None:
-    """Print a one-line error and exit with status 2 (bad input, not a crash)."""
-    click.echo(f"error: {message}", err=True)
-    sys.exit(2)
-
-
-def report(summary, problems: list[tuple[str, str]], verb: str, as_json: bool) -> None:
-    """Print a run's summary: one JSON object, or each problem file on stderr then the one-line summary."""
-    if as_json:
-        click.echo(json.dumps(summary.__dict__))
-        return
-    for path, reason in problems:
-        click.echo(f"{verb} {path}: {reason}", err=True)
-    click.echo(summary.line())
+from .model.convert import convert
+from .train.cli import train
 
 
 def _thresholds(value: str | None) -> tuple[float, ...] | None:
@@ -86,6 +72,9 @@ def discover(images, out, backbone, weights, thresholds, device, workers, batch_
         fail(str(exc))
     report(summary, summary.skipped, "skipped", as_json)
 
+
+for _command in (train, detect, evaluate_command, convert):
+    main.add_command(_command)
 
 if __name__ == "__main__":
     main()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from hassod.cli import fail, report
+from hassod.console import fail, report
 from hassod.images import DEFAULT_MAX_PIXELS
 
 
@@ -50,7 +50,13 @@ def build(images, index_dir, detector, regions_json, db_url, backbone, weights, 
     try:
         model = build_backbone(backbone, weights=weights, device=resolve_device(device))
         if detector:
-            source = detector_regions(detector)
+            from hassod.model import CheckpointError
+
+            try:
+                # --batch-size is discovery's: detector batches hold full-size mask stacks, so keep its own default.
+                source = detector_regions(detector, device=device, max_pixels=max_pixels)
+            except CheckpointError as exc:
+                fail(f"--detector {detector}: {exc}")
         elif regions_json:
             source = CocoRegions(regions_json, max_pixels=max_pixels)
         else:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from hassod.cli import fail, main
+from hassod.cli import main
+from hassod.console import fail
 from indexer.cli import index
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from ..features import Backbone

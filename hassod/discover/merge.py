@@ -167,8 +167,11 @@ def _add_rows(old, extra, out, inv_old):
     """out = old + extra, rounded to the arrays' dtype (out may be old itself).
 
     Returns (1 / |out| or 0, |out / |out| - old * inv_old|): the new inverse
-    norm and how far the unit vector moved. The sum is formed twice so that
-    ``old`` is still intact while the movement is measured.
+    norm and how far the unit vector moved. The sum is formed three times so
+    that ``old`` is still intact while the movement is measured, and so that
+    the two reductions have no store: ``out`` usually *is* ``old``, and a
+    store in a reduction loop makes LLVM fall back (runtime alias check) to a
+    scalar loop with a serial float64 sum (630 -> 290 ns per call at C=472).
     """
     sq = 0.0
     for k in range(out.shape[0]):
@@ -177,10 +180,10 @@ def _add_rows(old, extra, out, inv_old):
     inv_new = 1.0 / np.sqrt(sq) if sq > 0.0 else 0.0
     moved = 0.0
     for k in range(out.shape[0]):
-        value = old[k] + extra[k]
-        step = np.float64(value) * inv_new - np.float64(old[k]) * inv_old
+        step = np.float64(old[k] + extra[k]) * inv_new - np.float64(old[k]) * inv_old
         moved += step * step
-        out[k] = value
+    for k in range(out.shape[0]):
+        out[k] = old[k] + extra[k]
     return inv_new, np.sqrt(moved)
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-from pathlib import Path
 
 import huggingface_hub.constants
 import pytest

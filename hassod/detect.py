@@ -1,0 +1,417 @@
+"""Stage-2 inference: a trained detector checkpoint → detections with masks, levels and their hierarchy.
+
+This is the one inference path of the project: ``hassod detect``, ``hassod
+eval --checkpoint`` and the index's detector region source all call
+:class:`Detector`.
+
+Per image the detector returns boxes, scores, levels (predicted by the level
+head: 0 whole, 1 part, 2 subpart) and mask probabilities. Here they are
+filtered (score threshold, levels to keep, at most ``max_detections`` by
+score), the masks are binarised at 0.5, and the hierarchy *among the returned
+detections* is computed by the coverage rule of stage 1 (τ = 0.9, see
+:mod:`hassod.discover.levels`): a detection's parent is the smallest returned
+detection whose mask covers at least τ of its mask without being covered back.
+The predicted level and the coverage parent are independent outputs: a part
+whose whole was filtered out has no parent.
+
+COCO results written by :func:`detect_collection` are a JSON *list* (what
+``pycocotools.COCO.loadRes`` reads); each detection's ``id`` is its 1-based
+position in that list, which is also the id ``loadRes`` assigns, and
+``parent_id`` is the ``id`` of its parent (``None`` for roots). The images
+those ``image_id`` values refer to are written beside it, to
+``<out stem>.images.json``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .device import resolve_device
+from .discover.coco import LEVEL_NAMES, ImageRecord, ProgressLog, common_root, write_json_atomic
+from .discover.levels import find_parents
+from .discover.masks import masks_to_rle
+from .discover.viz import save_overlay
+from .images import DEFAULT_MAX_PIXELS, ImageError, load_rgb
+
+MASK_THRESHOLD = 0.5
+# Coverage threshold of the hierarchy among detections: stage 1's value.
+HIERARCHY_TAU = 0.9
+# Bound on the float32 band of masks made per product in _intersections (elements, 1 GB).
+_PRODUCT_ELEMENTS = 1 << 28
+# Height of the bands the pairwise intersections are counted over (see _intersections).
+_BAND_ROWS = 32
+
+
+@dataclass(frozen=True)
+class DetectOptions:
+    """What to keep of the detector's output.
+
+    Attributes:
+        levels: predicted levels to keep (0 whole, 1 part, 2 subpart).
+        score_thresh: detections scoring below this are dropped (the model's
+            own ``settings.score_thresh`` applies before).
+        max_detections: at most this many per image, highest scores first,
+            counted after the level filter.
+    """
+
+    levels: tuple[int, ...] = (0, 1, 2)
+    score_thresh: float = 0.0
+    max_detections: int = 1000
+
+    def __post_init__(self) -> None:
+        if not self.levels or any(level not in (0, 1, 2) for level in self.levels):
+            raise ValueError(f"levels must be a non-empty subset of (0, 1, 2), got {self.levels}")
+        if self.max_detections < 1:
+            raise ValueError(f"max_detections must be at least 1, got {self.max_detections}")
+        object.__setattr__(self, "levels", tuple(sorted(set(int(v) for v in self.levels))))
+
+    def key(self) -> str:
+        """Short text naming these options, part of an index's region-source identity."""
+        levels = ",".join(LEVEL_NAMES[v] for v in self.levels)
+        return f"{levels}:s{self.score_thresh:g}:n{self.max_detections}"
+
+
+@dataclass
+class Detections:
+    """The detections of one image, sorted by decreasing score; N may be 0.
+
+    boxes: (N, 4) float32 xyxy in original image pixels. scores: (N,) float32
+    in [0, 1]. levels: (N,) int64 predicted level. masks: (N, H, W) bool at
+    the original image size. parents: (N,) int64 index of the parent
+    detection in this list, -1 for roots.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    levels: np.ndarray
+    masks: np.ndarray
+    parents: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def annotations(self) -> list[dict[str, Any]]:
+        """Per detection: ``bbox`` (xywh pixels, from the box head), ``segmentation`` (RLE, str counts),
+        ``area`` (mask pixels), ``score``, ``hier_level`` and ``parent`` (index in this list, -1 for roots)."""
+        rles = masks_to_rle(self.masks)
+        areas = self.masks.reshape(len(self), -1).sum(axis=1) if len(self) else np.zeros(0, np.int64)
+        out = []
+        for i in range(len(self)):
+            x0, y0, x1, y1 = (float(v) for v in self.boxes[i])
+            out.append({
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "segmentation": rles[i],
+                "area": int(areas[i]),
+                "score": float(self.scores[i]),
+                "hier_level": int(self.levels[i]),
+                "parent": int(self.parents[i]),
+            })
+        return out
+
+
+def detection_parents(masks: np.ndarray, tau: float = HIERARCHY_TAU) -> np.ndarray:
+    """(N, H, W) bool masks → (N,) int64 parent indices (-1 for roots) by the coverage rule.
+
+    All pairwise intersections come from one matrix product (:func:`_intersections`),
+    not a loop over pairs; the rule itself is :func:`hassod.discover.levels.find_parents`.
+    """
+    return find_parents(_intersections(torch.from_numpy(np.ascontiguousarray(masks, dtype=bool))), tau)
+
+
+def postprocess(output: dict[str, torch.Tensor], options: DetectOptions, tau: float = HIERARCHY_TAU) -> Detections:
+    """One image's raw model output → filtered, binarised :class:`Detections` with parent links.
+
+    output: the model's inference dict for one image: ``boxes`` (N, 4) xyxy
+    pixels, ``scores`` (N,), ``levels`` (N,) int, ``masks`` (N, 1, H, W)
+    probabilities at the input image size (any device or float dtype).
+    """
+    scores = output["scores"].detach().float()
+    levels = output["levels"].detach().long()
+    keep = scores >= options.score_thresh
+    keep &= torch.isin(levels, torch.tensor(options.levels, device=levels.device))
+    index = torch.nonzero(keep).flatten()
+    # stable sort: equal scores keep the model's order, so results are reproducible.
+    order = torch.sort(scores[index], descending=True, stable=True).indices
+    index = index[order][: options.max_detections]
+    # Threshold, then gather: gathering the float probabilities first would copy 4x the bytes.
+    binary = (output["masks"].detach()[:, 0] >= MASK_THRESHOLD)[index]
+    return Detections(
+        boxes=output["boxes"].detach()[index].float().cpu().numpy(),
+        scores=scores[index].cpu().numpy(),
+        levels=levels[index].cpu().numpy(),
+        masks=binary.cpu().numpy(),
+        parents=find_parents(_intersections(binary), tau),
+    )
+
+
+def _intersections(masks: torch.Tensor) -> np.ndarray:
+    """(N, H, W) bool tensor → (N, N) int64 numpy pairwise intersections in pixels, computed on its device.
+
+    The same counts as :func:`hassod.discover.levels.intersection_matrix`,
+    still matrix products, but taken per band of rows over only the masks
+    present in that band: detections are local, so with masks spanning a
+    fraction f of the height this does about f² of the full product's work
+    (measured 20x less than numpy's full product for 740 masks at 800x1067 on
+    the CPU), and on a GPU the masks need not leave it. float32 sums of 0/1
+    products are exact below 2**24 terms (TF32 too: 0 and 1 are exact in it
+    and it accumulates in float32); bands hold far fewer pixels, and at most
+    ``_PRODUCT_ELEMENTS`` floats are made at once.
+    """
+    count, height, width = masks.shape
+    inter = torch.zeros((count, count), dtype=torch.int64, device=masks.device)
+    if count == 0 or height * width == 0:
+        return inter.cpu().numpy()
+    rows = max(1, min(_BAND_ROWS, (1 << 24) // width, _PRODUCT_ELEMENTS // (count * width)))
+    occupied = masks.any(dim=2)  # (N, H): which masks have pixels on each row
+    for top in range(0, height, rows):
+        present = torch.nonzero(occupied[:, top:top + rows].any(dim=1)).flatten()
+        if len(present) == 0:
+            continue
+        band = masks[present, top:top + rows].reshape(len(present), -1).float()
+        inter[present[:, None], present[None, :]] += torch.round(band @ band.T).long()
+    return inter.cpu().numpy()
+
+
+def _limit_model_output(model: torch.nn.Module, settings: Any, options: DetectOptions) -> None:
+    """Let the model drop what :func:`postprocess` would drop anyway, before its mask head runs.
+
+    Mask prediction and pasting at image size cost per detection, so a cap of
+    100 instead of the model's 1000 saves most of the inference time. The
+    result is unchanged: removing boxes under the threshold before NMS never
+    frees a higher box (only higher-scoring boxes suppress), and NMS output
+    is in score order, so the model's top k are ours. The cap only applies
+    when every level is kept (a level filter needs the full list). The
+    model's threshold is strict (``>``) and may compare in float16, so it is
+    set a little below ours; :func:`postprocess` applies ours exactly.
+    """
+    heads = model.roi_heads
+    heads.score_thresh = max(settings.score_thresh, options.score_thresh - 1e-3)
+    if len(options.levels) == 3:
+        heads.detections_per_img = min(settings.detections_per_img, options.max_detections)
+
+
+def checkpoint_digest(path: str | os.PathLike) -> str:
+    """First 16 hex digits of the SHA-256 of a checkpoint file: names the weights in logs and indexes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+class Detector:
+    """A trained detector checkpoint ready for inference.
+
+    Args:
+        checkpoint: file written by ``hassod train`` (:func:`hassod.model.save_checkpoint`).
+        device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+        options: what to keep of the output (:class:`DetectOptions`).
+        amp: run the model in float16 autocast on CUDA (ignored on CPU, where
+            autocast brings no speed-up for these ops).
+
+    Raises ``hassod.model.CheckpointError`` for a missing or foreign file.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike,
+        device: str | torch.device | None = "auto",
+        options: DetectOptions | None = None,
+        amp: bool = True,
+    ):
+        from .model import load_detector
+
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.model, self.settings = load_detector(str(checkpoint), device=str(self.device))
+        self.options = options or DetectOptions()
+        _limit_model_output(self.model, self.settings, self.options)
+        self.amp = amp and self.device.type == "cuda"
+        self.checkpoint = str(checkpoint)
+        self.digest = checkpoint_digest(checkpoint)
+
+    @property
+    def identity(self) -> str:
+        """Names the weights and the options: two runs with the same identity give the same detections."""
+        return f"detector:{self.digest}:{self.options.key()}"
+
+    def run_settings(self) -> dict[str, Any]:
+        """JSON-ready description of this run (checkpoint hash, model settings, options)."""
+        return {"checkpoint": self.digest, "model": asdict(self.settings), "options": asdict(self.options)}
+
+    @torch.inference_mode()
+    def forward(self, images: Sequence[np.ndarray]) -> list[dict[str, torch.Tensor]]:
+        """The model's raw outputs (see :func:`postprocess`) for (H, W, 3) uint8 RGB images, one batch."""
+        if not images:
+            return []
+        tensors = [
+            torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1).float().div_(255.0)
+            for image in images
+        ]
+        autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
+        with autocast:
+            return self.model(tensors)
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
+        """Detections of (H, W, 3) uint8 RGB images, run as one batch on the device."""
+        return [postprocess(output, self.options) for output in self.forward(images)]
+
+    def detect_paths(
+        self, paths: Sequence[str | os.PathLike], batch_size: int = 2, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> Iterator[tuple[str, np.ndarray | None, Detections | None, str | None]]:
+        """Yield ``(path, image, detections, error)`` per path, ``batch_size`` images per forward.
+
+        Paths come back in input order, except that an unreadable file is
+        reported ahead of the readable rest of its batch.
+
+        ``image`` is the decoded (H, W, 3) uint8 original. Files that cannot be
+        decoded come back with ``image`` and ``detections`` ``None`` and the
+        reason in ``error``; they never stop the run.
+        """
+        paths = [str(p) for p in paths]
+        for start in range(0, len(paths), batch_size):
+            loaded: list[tuple[str, np.ndarray]] = []
+            for path in paths[start:start + batch_size]:
+                try:
+                    loaded.append((path, load_rgb(path, max_pixels)))
+                except ImageError as exc:
+                    yield path, None, None, str(exc)
+            found = self.detect([image for _, image in loaded])
+            for (path, image), detections in zip(loaded, found):
+                yield path, image, detections, None
+
+
+# ---------------------------------------------------------------------------------------------- collection
+
+
+@dataclass
+class DetectSummary:
+    """What a ``hassod detect`` run did: counts per predicted level, skipped files with reasons."""
+
+    images: int = 0
+    resumed: int = 0
+    detections_per_level: list[int] = field(default_factory=lambda: [0, 0, 0])
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    out: str = ""
+    images_file: str = ""
+
+    def line(self) -> str:
+        whole, part, subpart = self.detections_per_level
+        text = (
+            f"{self.images} images, {sum(self.detections_per_level)} detections "
+            f"({whole} whole, {part} part, {subpart} subpart) in {self.seconds:.1f} s"
+        )
+        if self.resumed:
+            text += f" ({self.resumed} resumed from an earlier run)"
+        return text + f"; {len(self.skipped)} skipped → {self.out}"
+
+
+def images_file(out: str | os.PathLike) -> Path:
+    """Where the images list of the results file ``out`` goes: ``det.json`` → ``det.images.json``."""
+    out = Path(out)
+    return out.with_name(out.stem + ".images.json")
+
+
+def detect_collection(
+    paths: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    detector: Detector,
+    batch_size: int = 2,
+    viz_dir: str | os.PathLike | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    show_progress: bool = True,
+) -> DetectSummary:
+    """Detect in every file of ``paths``; write COCO results to ``out`` and the images to :func:`images_file`.
+
+    Finished images go to ``<out>.progress.jsonl`` at once, so an interrupted
+    run resumes where it stopped (with the same checkpoint and options only).
+    Image ids are 1.. in sorted path order over the readable files.
+    """
+    start = time.perf_counter()
+    log = ProgressLog(Path(str(out) + ".progress.jsonl"), detector.run_settings())
+    keys = [str(Path(p).resolve()) for p in paths]
+    todo = [k for k in keys if k not in log.done]
+    summary = DetectSummary(resumed=len(keys) - len(todo), out=str(out), images_file=str(images_file(out)))
+    if viz_dir is not None:
+        Path(viz_dir).mkdir(parents=True, exist_ok=True)
+    with tqdm(total=len(keys), initial=summary.resumed, unit="img", disable=not show_progress) as bar:
+        for path, image, found, error in detector.detect_paths(todo, batch_size, max_pixels):
+            log.append(image_record(path, image, found, error))
+            if found is not None and viz_dir is not None:
+                save_overlay(path, found.masks, found.levels, Path(viz_dir))
+            bar.update()
+    log.close()
+
+    records = [log.done[k] for k in keys]
+    root = common_root(Path(k) for k in keys)
+    results, images, skipped = build_results(records, root)
+    write_json_atomic(results, Path(out))
+    info = {"description": "hassod detect results", "root": str(root), "results": Path(out).name,
+            **detector.run_settings()}
+    write_json_atomic({"info": info, "images": images, "skipped": skipped}, images_file(out))
+    summary.images = len(images)
+    summary.skipped = [(r.path, r.error) for r in records if r.error is not None]
+    for result in results:
+        summary.detections_per_level[result["hier_level"]] += 1
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def image_record(path: str, image: np.ndarray | None, found: Detections | None, error: str | None) -> ImageRecord:
+    """One :meth:`Detector.detect_paths` item as an :class:`ImageRecord` (what the progress log stores)."""
+    if found is None or image is None:
+        return ImageRecord(path=path, error=error or "no detections")
+    height, width = image.shape[:2]
+    return ImageRecord(path=path, width=width, height=height, annotations=found.annotations())
+
+
+def build_results(
+    records: Sequence[ImageRecord], root: Path
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, str]]]:
+    """Per-image records → (COCO results list, images list, skipped list).
+
+    Records are taken in sorted path order; image ids are 1.. over the
+    readable ones; result ``id`` is the 1-based list position and
+    ``parent_id`` the parent's ``id`` (None for roots). ``file_name`` is
+    relative to ``root``.
+    """
+    results: list[dict[str, Any]] = []
+    images: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
+    for record in sorted(records, key=lambda r: r.path):
+        name = _relative(record.path, root)
+        if record.error is not None:
+            skipped.append({"file_name": name, "error": record.error})
+            continue
+        image_id = len(images) + 1
+        images.append({"id": image_id, "file_name": name, "width": record.width, "height": record.height})
+        first_id = len(results) + 1
+        for ann in record.annotations:
+            results.append({
+                "id": len(results) + 1,
+                "image_id": image_id,
+                "category_id": 1,
+                "bbox": ann["bbox"],
+                "score": ann["score"],
+                "segmentation": ann["segmentation"],
+                "area": ann["area"],
+                "hier_level": ann["hier_level"],
+                "parent_id": first_id + ann["parent"] if ann["parent"] >= 0 else None,
+            })
+    return results, images, skipped
+
+
+def _relative(path: str, root: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(root).as_posix()
+    except ValueError:
+        return Path(path).as_posix()

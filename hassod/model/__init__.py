@@ -1,0 +1,13 @@
+"""Stage 2: the hierarchical detector (Cascade Mask R-CNN with a level head), DESIGN.md §5."""
+from hassod.model.checkpoint import CheckpointError, load_detector, read_checkpoint, save_checkpoint
+from hassod.model.detector import DetectorSettings, HierarchicalDetector, build_detector
+
+__all__ = [
+    "CheckpointError",
+    "DetectorSettings",
+    "HierarchicalDetector",
+    "build_detector",
+    "load_detector",
+    "read_checkpoint",
+    "save_checkpoint",
+]
