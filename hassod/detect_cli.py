@@ -110,7 +110,12 @@ def evaluate_command(gt_path, pred_path, checkpoint, images_path, levels, score_
     except GroundTruthError as exc:
         fail(f"{gt_path}: {exc}")
     if pred_path is not None:
-        detections = _read_predictions(pred_path, gt)
+        detections, image_ids = _read_predictions(pred_path, gt)
+        if image_ids is not None:
+            if not image_ids:
+                fail(f"none of the images of {pred_path} is in {gt_path}; do the file names match?")
+            # Evaluate on the images the predictions cover: the others were never looked at.
+            gt = subset_images(gt, image_ids)
     else:
         options = _options(levels, score_thresh, max_detections)
         detector = _load_detector(checkpoint, device, options, amp)
@@ -132,28 +137,40 @@ def _read_json(path: Path) -> Any:
         fail(f"{path}: not a readable JSON file ({exc})")
 
 
-def _read_predictions(path: Path, gt: dict[str, Any]) -> list[dict[str, Any]]:
-    """Detections with the ground truth's image ids.
+def _read_predictions(path: Path, gt: dict[str, Any]) -> tuple[list[dict[str, Any]], set[int] | None]:
+    """Detections with the ground truth's image ids, and the ground-truth ids of the images they cover.
 
     A results list keeps its ids unless ``<name>.images.json`` (written by
     `hassod detect`) lies beside it; a COCO dataset dict brings its own images.
-    Either way images are then matched to the ground truth by file name.
+    Either way images are then matched to the ground truth by file name, and
+    the covered images are those listed (an image with no detection counts).
+    A bare results list lists no images: covered is then None (all of them).
     """
     from .detect import images_file
-    from .evaluation import match_image_ids
 
     data = _read_json(path)
     if isinstance(data, dict) and isinstance(data.get("annotations"), list):
         detections = [{"score": 1.0, **ann} for ann in data["annotations"]]  # pseudo-labels may lack scores
-        return match_image_ids(detections, data.get("images", []), gt)
+        return _matched(detections, data.get("images", []), gt)
     if not isinstance(data, list):
         fail(f"{path}: expected a COCO results list or a COCO dataset with 'annotations'")
     if any(not isinstance(d, dict) or "image_id" not in d or "score" not in d or "bbox" not in d for d in data):
         fail(f"{path}: every detection needs 'image_id', 'bbox' and 'score'")
     sidecar = images_file(path)
     if sidecar.exists():
-        return match_image_ids(data, _read_json(sidecar).get("images", []), gt)
-    return data
+        return _matched(data, _read_json(sidecar).get("images", []), gt)
+    return data, None
+
+
+def _matched(
+    detections: list[dict[str, Any]], images: list[dict[str, Any]], gt: dict[str, Any]
+) -> tuple[list[dict[str, Any]], set[int]]:
+    """``detections`` with the ground truth's image ids, and the ground-truth ids of ``images``."""
+    from .evaluation import match_image_ids
+
+    placeholders = [{"image_id": image["id"]} for image in images]
+    covered = {d["image_id"] for d in match_image_ids(placeholders, images, gt)} - {None}
+    return match_image_ids(detections, images, gt), covered
 
 
 def _detect_for_gt(
@@ -165,7 +182,6 @@ def _detect_for_gt(
     ground-truth images that were found and readable.
     """
     from .detect import build_results, image_record
-    from .evaluation import match_image_ids
     from .images import list_images
 
     root = Path(images_path).resolve() if Path(images_path).is_dir() else Path(images_path).resolve().parent
@@ -180,9 +196,7 @@ def _detect_for_gt(
         if record.error is not None:
             click.echo(f"skipped {record.path}: {record.error}", err=True)
     results, images, _ = build_results(records, root)
-    placeholders = [{"image_id": image["id"]} for image in images]  # every readable image, detections or not
-    found = {d["image_id"] for d in match_image_ids(placeholders, images, gt)} - {None}
-    return match_image_ids(results, images, gt), found
+    return _matched(results, images, gt)  # every readable image is covered, detections or not
 
 
 def _relative_name(path: Path, root: Path) -> str:

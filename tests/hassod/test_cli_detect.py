@@ -74,6 +74,15 @@ def test_detect_then_eval(tmp_path, tiny_checkpoint, scene_folder):
                                         "--max-detections", "50", "--device", "cpu", "--json"])
     assert direct.exit_code == 0, direct.output
     assert json.loads(direct.stdout) == report
+    # Ground truth of more images than were detected on: only the covered ones count.
+    larger = json.loads(truth.read_text())
+    larger["images"].append({"id": 77, "file_name": "not_detected.png", "width": 128, "height": 96})
+    larger["annotations"].append({**larger["annotations"][0], "id": 10_000, "image_id": 77})
+    larger_path = tmp_path / "larger_truth.json"
+    larger_path.write_text(json.dumps(larger))
+    covered = _invoke(evaluate_command, ["--gt", larger_path, "--pred", out, "--json"])
+    assert covered.exit_code == 0, covered.output
+    assert json.loads(covered.stdout) == report
     # The table names every group and level.
     table = _invoke(evaluate_command, ["--gt", truth, "--pred", out]).stdout.splitlines()
     assert [row.split()[0] for row in table[1:9]] == ["all", "all", "whole", "whole", "part", "part", "subpart",
@@ -127,6 +136,10 @@ def test_bad_inputs_are_one_line_errors(tmp_path, scene_folder):
     unmatched = _invoke(evaluate_command, ["--gt", truth, "--pred", elsewhere, "--json"])
     assert unmatched.exit_code == 0 and "do the file names match" in unmatched.stderr
     assert json.loads(unmatched.stdout)["ignored_detections"] == 1
+    foreign = tmp_path / "foreign_pseudo.json"
+    foreign.write_text(json.dumps({"images": [{"id": 1, "file_name": "other.png"}], "annotations": []}))
+    no_overlap = _invoke(evaluate_command, ["--gt", truth, "--pred", foreign])
+    assert no_overlap.exit_code == 2 and "none of the images" in no_overlap.stderr
 
 
 def test_eval_with_checkpoint_on_real_photos_uses_only_the_images_found(tmp_path, tiny_checkpoint, shared_data,
