@@ -22,6 +22,10 @@ from ..console import fail
 @click.option("--backbone-weights", type=click.Path(exists=True, dir_okay=False),
               help="Backbone initialisation (a DINO ResNet-50 checkpoint for resnet50).")
 @click.option("--random-init", is_flag=True, help="Initialise the backbone randomly.")
+@click.option("--sizes", help="Shortest edges (px) drawn per image in training, e.g. 240,320,480 "
+                              "[the paper's 240..1024; smaller is much faster on a CPU].")
+@click.option("--test-size", type=click.IntRange(min=32), help="Shortest edge (px) at inference [800].")
+@click.option("--max-size", type=click.IntRange(min=32), help="Longest edge cap (px), training and inference [1333].")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1),
               help="Images per iteration over all GPUs (paper: 16).")
 @click.option("--iterations", default=40_000, show_default=True, type=click.IntRange(min=1),
@@ -46,8 +50,8 @@ from ..console import fail
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0),
               help="Data-loading processes (0: in the main process).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def train(pseudo, images_dir, out, backbone, backbone_weights, random_init, batch_size, iterations, lr,
-          warmup_iters, lr_decay, checkpoint_period, eval_gt, eval_images, eval_period, device, no_amp, resume,
+def train(pseudo, images_dir, out, backbone, backbone_weights, random_init, sizes, test_size, max_size,
+          batch_size, iterations, lr, warmup_iters, lr_decay, checkpoint_period, eval_gt, eval_images, eval_period, device, no_amp, resume,
           seed, workers, as_json):
     """Stage 2: train the hierarchical detector on stage-1 pseudo-labels (SGD, warm-up, copy-paste, flip).
 
@@ -66,6 +70,7 @@ def train(pseudo, images_dir, out, backbone, backbone_weights, random_init, batc
         fail(str(exc))
     detector = DetectorSettings.tiny() if backbone == "tiny" else dataclasses.replace(DetectorSettings(),
                                                                                         backbone=backbone)
+    detector = dataclasses.replace(detector, **_image_sizes(sizes, test_size, max_size))
     settings = TrainSettings(batch_size=batch_size, iterations=iterations, lr=lr, warmup_iters=warmup_iters,
                              lr_decay=lr_decay, checkpoint_period=checkpoint_period, eval_period=eval_period,
                              device=device, amp=not no_amp, seed=seed, workers=workers)
@@ -93,3 +98,20 @@ def train(pseudo, images_dir, out, backbone, backbone_weights, random_init, batc
         ev = result.evaluations[-1]
         line += f"; box AR@100 {ev.get('AR@100', float('nan')):.3f} AP {ev.get('AP', float('nan')):.3f}"
     click.echo(line)
+
+
+def _image_sizes(sizes: str | None, test_size: int | None, max_size: int | None) -> dict[str, object]:
+    """The DetectorSettings fields the size options override (pixels)."""
+    fields: dict[str, object] = {}
+    if sizes:
+        try:
+            fields["min_size_train"] = tuple(int(v) for v in sizes.split(","))
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated pixel sizes, got {sizes!r}", param_hint="--sizes")
+        if min(fields["min_size_train"]) < 32:
+            raise click.BadParameter("sizes are shortest edges in pixels, at least 32", param_hint="--sizes")
+    if test_size:
+        fields["min_size_test"] = test_size
+    if max_size:
+        fields["max_size"] = max_size
+    return fields

@@ -103,3 +103,16 @@ def test_cli_trains_and_reports(pseudo, tmp_path):
     missing = runner.invoke(train_command, ["--pseudo", str(tmp_path / "nope.json"), "--out", str(tmp_path / "x"),
                                             "--backbone", "tiny", "--device", "cpu"])
     assert missing.exit_code == 2 and "no such pseudo-label file" in missing.output
+
+
+def test_cli_image_sizes_reach_the_saved_model(pseudo, tmp_path):
+    out = tmp_path / "sized"
+    args = ["--pseudo", str(pseudo), "--out", str(out), "--backbone", "tiny", "--batch-size", "2", "--iterations", "1",
+            "--warmup", "0", "--device", "cpu", "--workers", "0", "--json",
+            "--sizes", "96,112", "--test-size", "100", "--max-size", "160"]
+    result = CliRunner().invoke(train_command, args)
+    assert result.exit_code == 0, result.output
+    settings = read_checkpoint(out / "model_final.pth")["settings"]
+    assert (tuple(settings["min_size_train"]), settings["min_size_test"], settings["max_size"]) == ((96, 112), 100, 160)
+    bad = CliRunner().invoke(train_command, [*args[:-6], "--sizes", "96,big"])
+    assert bad.exit_code == 2 and "--sizes" in bad.output
