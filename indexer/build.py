@@ -99,6 +99,7 @@ def index_config(
         "descriptor_dim": describer.dim,
         "descriptor_settings": asdict(describer.settings),
         "region_source": source.identity,
+        "query_regions": source.query_settings,
         "whitening": None if whitening is None else {
             "dim": whitening.dim or describer.dim, "shrinkage": whitening.shrinkage},
     }

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
@@ -56,6 +56,8 @@ class ImageRegions:
 
 class RegionSource(Protocol):
     identity: str  # recorded in the index configuration, e.g. "discovery:efficientnet_lite0:0.6,0.5,0.4"
+    # JSON-ready: how a whole-image query finds its own regions the same way (see query_regions).
+    query_settings: dict[str, Any]
 
     def regions(self, paths: Sequence[str]) -> Iterator[ImageRegions]:
         """Regions of every path, yielded as each image finishes (any order)."""
@@ -78,6 +80,7 @@ class DiscoveryRegions:
         self.workers, self.batch_size, self.max_pixels = workers, batch_size, max_pixels
         thresholds = ",".join(f"{t:g}" for t in self.settings.thresholds)
         self.identity = f"discovery:{backbone.name}:{backbone.weights_id}:{thresholds}"
+        self.query_settings = {"kind": "discovery", "thresholds": list(self.settings.thresholds)}
 
     def regions(self, paths: Sequence[str]) -> Iterator[ImageRegions]:
         records = discover_records(
@@ -133,6 +136,8 @@ class CocoRegions:
         self.max_pixels = max_pixels
         self.source = path
         self.identity = f"coco:{hashlib.sha256(raw).hexdigest()[:16]}"
+        # A query image is not in the file: discover its regions (the backbone's default thresholds).
+        self.query_settings = {"kind": "discovery", "thresholds": None}
 
     def regions(self, paths: Sequence[str]) -> Iterator[ImageRegions]:
         for path in paths:
@@ -189,6 +194,8 @@ class DetectorRegions:
         self.detector = Detector(checkpoint, device=device, options=options)
         self.batch_size, self.max_pixels = batch_size, max_pixels
         self.identity = self.detector.identity
+        self.query_settings = {"kind": "detector", "checkpoint": str(Path(checkpoint).resolve()),
+                               "digest": self.detector.digest, "options": asdict(self.detector.options)}
 
     def regions(self, paths: Sequence[str]) -> Iterator[ImageRegions]:
         for path, image, found, error in self.detector.detect_paths(paths, self.batch_size, self.max_pixels):
@@ -213,3 +220,34 @@ def detector_regions(
     Raises ``hassod.model.CheckpointError`` for a file that is not a detector checkpoint.
     """
     return DetectorRegions(checkpoint, device=device, batch_size=batch_size, max_pixels=max_pixels)
+
+
+class QuerySourceError(ValueError):
+    """The regions of a whole-image query cannot be found the way the index found its own; ``str()`` says why."""
+
+
+def query_regions(
+    settings: dict[str, Any] | None, backbone: Backbone, detector: str | Path | None = None, device: str | None = None
+) -> DiscoveryRegions | DetectorRegions:
+    """The region source that finds a query image's regions the way the index's were found.
+
+    settings: the index's ``query_regions`` configuration (a source's
+    ``query_settings``); None (indexes from before it was recorded) means
+    discovery with the backbone's default thresholds. detector: where the
+    index's detector checkpoint is now, when it has moved since the build;
+    it must be the same file (checked by content hash).
+    """
+    settings = settings or {"kind": "discovery", "thresholds": None}
+    if settings["kind"] == "discovery":
+        thresholds = settings["thresholds"]
+        return DiscoveryRegions(backbone, DiscoverySettings(thresholds=tuple(thresholds) if thresholds else None))
+    path = Path(detector or settings["checkpoint"])
+    if not path.is_file():
+        raise QuerySourceError(
+            f"this index's regions come from the detector checkpoint {settings['checkpoint']}, which is not there; "
+            "pass --detector PATH to where it is now (whole-image queries need it)")
+    source = DetectorRegions(path, device=device, options=DetectOptions(**settings["options"]))
+    if source.detector.digest != settings["digest"]:
+        raise QuerySourceError(
+            f"{path} is not the detector this index was built with (checkpoint {settings['digest']})")
+    return source

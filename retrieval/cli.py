@@ -31,10 +31,12 @@ def _parse_box(value: str | None) -> tuple[float, ...] | None:
 @click.option("--level", type=click.Choice(["whole", "part", "subpart"]), help="Only match regions of this level.")
 @click.option("-k", "k", default=10, show_default=True, type=click.IntRange(min=1), help="Number of images.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Backbone weights, as at build.")
+@click.option("--detector", type=click.Path(exists=True, dir_okay=False),
+              help="The index's detector checkpoint, if moved since the build (whole-image queries).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON lines.")
 @click.option("--html", "html_out", type=click.Path(dir_okay=False, path_type=Path), help="Write a results page.")
-def search(index_dir, query, box, region_id, level, k, weights, device, as_json, html_out):
+def search(index_dir, query, box, region_id, level, k, weights, detector, device, as_json, html_out):
     """Find the images of the index that contain the query region, best first, with the matched box."""
     from hassod.features import WeightsNotFoundError
     from indexer.catalog import IncompatibleIndexError
@@ -46,7 +48,8 @@ def search(index_dir, query, box, region_id, level, k, weights, device, as_json,
     if (query is None) == (region_id is None):
         fail("give either --query IMAGE (optionally with --box) or --region ID")
     try:
-        searcher = Searcher(index_dir, device=None if device == "auto" else device, weights=weights)
+        searcher = Searcher(index_dir, device=None if device == "auto" else device, weights=weights,
+                            detector=detector)
     except (IndexNotFoundError, IncompatibleIndexError, WeightsNotFoundError) as exc:
         fail(str(exc))
     try:

@@ -24,10 +24,11 @@ import numpy as np
 from hassod.device import resolve_device
 from hassod.features import Backbone, build_backbone
 from hassod.images import DEFAULT_MAX_PIXELS, load_rgb
+from hassod.model import CheckpointError
 from indexer.catalog import LEVEL_NAMES, IncompatibleIndexError
 from indexer.descriptors import DescriptorSettings, RegionDescriber
 from indexer.layout import IndexNotFoundError, open_existing, whitening_path
-from indexer.regions import DiscoveryRegions
+from indexer.regions import DetectorRegions, DiscoveryRegions, QuerySourceError, query_regions
 from indexer.whitening import PCAWhitening
 
 # Region candidates fetched per wanted image on the first try; doubled until
@@ -64,6 +65,8 @@ class Searcher:
         weights: backbone weight file, needed when the index was built with an
             explicit ``--weights``; it must be the same file (checked by hash).
         backbone: an already loaded backbone to use instead (checked the same way).
+        detector: where the index's detector checkpoint is now, if it has moved
+            since the build (only whole-image queries need it).
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class Searcher:
         device: str | None = None,
         weights: str | None = None,
         backbone: Backbone | None = None,
+        detector: str | os.PathLike | None = None,
     ):
         self.catalog, self.store = open_existing(Path(index_dir))
         self.config = self.catalog.get_config()
@@ -96,6 +100,8 @@ class Searcher:
                 raise IndexNotFoundError(f"the index at {index_dir} is whitened but {path.name} is missing")
             self.whitening = PCAWhitening.load(path)
         self._filters: dict[int, object] = {}
+        self._device, self._detector = device, detector
+        self._query_source: DiscoveryRegions | DetectorRegions | None = None
 
     def close(self) -> None:
         self.catalog.close()
@@ -122,8 +128,18 @@ class Searcher:
         return self._rank(self.store.reconstruct(np.asarray([region_id], dtype=np.int64)), _level_id(level), k)
 
     def _image_regions(self, pixels: np.ndarray) -> np.ndarray:
-        """(Q, dim) descriptors of the query image's own regions plus the whole image."""
-        found = DiscoveryRegions(self.describer.backbone).regions_of_image(pixels)
+        """(Q, dim) descriptors of the query image's own regions plus the whole image.
+
+        The regions are found as the index's were: the same discovery
+        thresholds, or the same detector checkpoint and options.
+        """
+        if self._query_source is None:
+            try:
+                self._query_source = query_regions(self.config.get("query_regions"), self.describer.backbone,
+                                                   self._detector, self._device)
+            except (QuerySourceError, CheckpointError) as exc:
+                raise QueryError(str(exc)) from None
+        found = self._query_source.regions_of_image(pixels)
         fmap = self.describer.feature_map([pixels])[0]
         boxes = np.asarray([fmap.whole_box] + [r.box for r in found], dtype=np.float64)
         return self._project(self.describer.describe(fmap, boxes))

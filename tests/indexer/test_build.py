@@ -209,6 +209,31 @@ def test_discovery_regions_round_trip(tmp_path, instance_folder, instance_scenes
     assert hits >= 0.75 * sum(len(s.objects) for s in scenes)
 
 
+def test_whole_image_query_finds_its_regions_as_the_build_did(tmp_path, instance_folder, offline_backbone):
+    from hassod.discover.pipeline import DiscoverySettings
+    from hassod.images import load_rgb
+
+    folder, _ = instance_folder
+    paths = sorted(folder.glob("*.png"))[:3]
+    source = DiscoveryRegions(offline_backbone, DiscoverySettings(thresholds=(0.7, 0.5)))
+    assert source.settings.thresholds != offline_backbone.default_thresholds
+    build_index(paths, tmp_path / "index", source, RegionDescriber(offline_backbone), show_progress=False)
+    searcher = Searcher(tmp_path / "index", backbone=offline_backbone)
+    try:
+        matches = searcher.search(paths[0], k=3)
+        query_source = searcher._query_source
+    finally:
+        searcher.close()
+    assert matches[0].path == str(paths[0].resolve())
+    assert query_source.settings.thresholds == (0.7, 0.5)
+    with Catalog(catalog_url(tmp_path / "index")) as catalog:
+        image_id = next(image.id for image in catalog.images() if image.path == str(paths[0].resolve()))
+        stored = [r.box for r in catalog.regions(catalog.region_ids().tolist()) if r.image_id == image_id]
+    found = [r.box for r in query_source.regions_of_image(load_rgb(paths[0]))]
+    assert len(found) == len(stored) > 0
+    assert np.allclose(sorted(found), sorted(stored), atol=1e-3)
+
+
 def test_whitened_index_round_trip_and_reuse(tmp_path, instance_folder, instance_scenes, offline_backbone):
     folder, truth = instance_folder
     paths = sorted(folder.glob("*.png"))

@@ -76,6 +76,37 @@ def test_index_regions_are_the_detections_and_search_finds_them(tmp_path, scenes
     assert len(matches) == 2 and matches[0].path == first_path and matches[0].score == pytest.approx(1.0, abs=1e-3)
 
 
+def test_whole_image_queries_use_the_index_detector(tmp_path, scenes_folder, offline_backbone):
+    checkpoint = _checkpoint(tmp_path / "a.pt", seed=0)
+    index_dir = tmp_path / "index"
+    paths = sorted(scenes_folder.glob("*.png"))
+    build_index(paths, index_dir, DetectorRegions(checkpoint, device="cpu"), RegionDescriber(offline_backbone),
+                show_progress=False)
+    first = str(paths[0].resolve())
+    searcher = Searcher(index_dir, backbone=offline_backbone, device="cpu")
+    try:
+        matches = searcher.search(first, k=3)
+        assert isinstance(searcher._query_source, DetectorRegions)
+        assert searcher._query_source.detector.digest == Detector(checkpoint, device="cpu").digest
+    finally:
+        searcher.close()
+    # Its own image first: every query region (the same detections) finds itself at similarity 1; only the
+    # whole-image row, not an indexed region, scores less (0.9975 measured, a mean over 1 + detections rows).
+    assert matches[0].path == first and matches[0].score >= 0.99
+
+    moved = checkpoint.rename(tmp_path / "moved.pt")
+    lost = CliRunner().invoke(app, ["search", "--index", str(index_dir), "--query", first, "--device", "cpu"])
+    assert lost.exit_code == 2 and "pass --detector" in lost.stderr and len(lost.stderr.splitlines()) == 1
+    found = CliRunner().invoke(app, ["search", "--index", str(index_dir), "--query", first, "--device", "cpu",
+                                     "--detector", str(moved), "--json"])
+    assert found.exit_code == 0, found.output
+    assert json.loads(found.stdout.splitlines()[0])["path"] == first
+    other = _checkpoint(tmp_path / "other.pt", seed=1)
+    wrong = CliRunner().invoke(app, ["search", "--index", str(index_dir), "--query", first, "--device", "cpu",
+                                     "--detector", str(other)])
+    assert wrong.exit_code == 2 and "not the detector this index was built with" in wrong.stderr
+
+
 def test_index_refuses_another_checkpoint(tmp_path, scenes_folder, offline_backbone):
     first, second = _checkpoint(tmp_path / "a.pt", seed=0), _checkpoint(tmp_path / "b.pt", seed=1)
     one, other = DetectorRegions(first, device="cpu"), DetectorRegions(second, device="cpu")
