@@ -3,9 +3,11 @@
 Images are COCO128 photos (../shared/data) resized so that their shortest
 edge is 800 px, the detector's test size, so neither the model's own resize
 nor the mask pasting works at another resolution. Per image it prints the
-time of the model forward (backbone, RPN, cascade, masks pasted at image
-size), of :func:`hassod.detect.postprocess` (filters, 0.5 binarisation,
-coverage hierarchy) and of the RLE encoding, plus detections per image.
+time of the model forward (backbone, RPN, cascade, 28×28 mask probabilities
+per box), of :func:`hassod.detect.postprocess` (filters, pasting the kept
+masks at image size binarised at 0.5, coverage hierarchy) and of the RLE
+encoding, plus detections per image and the peak memory (the process's
+resident set on the CPU, allocated tensors on CUDA).
 
 Without ``--checkpoint`` a randomly initialised model of the default
 settings (ResNet-50 FPN cascade) is timed: the network cost is the same as a
@@ -18,6 +20,7 @@ Run: .venv/bin/python benchmarks/bench_detect.py [--checkpoint ckpt] [--images 8
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import tempfile
 import time
@@ -72,7 +75,7 @@ def _time_device(detector: Detector, warmup: list[np.ndarray], images: list[np.n
         output = detector.forward([image])[0]
         _sync(device)
         forwarded = time.perf_counter()
-        found = postprocess(output, detector.options)
+        found = postprocess(output, detector.options, image_size=image.shape[:2])
         processed = time.perf_counter()
         found.annotations()
         encoded = time.perf_counter()
@@ -83,7 +86,15 @@ def _time_device(detector: Detector, warmup: list[np.ndarray], images: list[np.n
     out = {name: 1000 * value / len(images) for name, value in stages.items()}
     out["total"] = sum(out.values())
     out["detections"] = detections / len(images)
+    out["peak_mb"] = _peak_mb(device)
     return out
+
+
+def _peak_mb(device: torch.device) -> float:
+    """Peak memory so far in MB: CUDA tensors on a GPU, the process's resident set (Linux: KiB) on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
@@ -111,7 +122,8 @@ def main() -> None:
               f"{len(images) - args.warmup} images of {images[0].shape[1]}x{images[0].shape[0]} px and similar "
               f"(shortest edge {args.edge}), {args.warmup} warm-up; torch {torch.__version__}, "
               f"{torch.get_num_threads()} CPU threads")
-        header = f"{'device':38s}{'forward':>10s}{'postproc':>10s}{'rle':>8s}{'total':>9s}{'dets/img':>10s}"
+        header = (f"{'device':38s}{'forward':>10s}{'postproc':>10s}{'rle':>8s}{'total':>9s}{'dets/img':>10s}"
+                  f"{'peak MB':>9s}")
         print(header)
         for name in args.devices.split(","):
             if name.startswith("cuda") and not torch.cuda.is_available():
@@ -122,7 +134,7 @@ def main() -> None:
             label = "CPU fp32" if on_cpu else f"{torch.cuda.get_device_name(detector.device)} AMP"
             result = _time_device(detector, images[: args.warmup], images[args.warmup:])
             print(f"{label:38s}{result['forward']:10.1f}{result['postprocess']:10.1f}{result['rle']:8.1f}"
-                  f"{result['total']:9.1f}{result['detections']:10.0f}   (ms per image)")
+                  f"{result['total']:9.1f}{result['detections']:10.0f}{result['peak_mb']:9.0f}   (ms per image)")
 
 
 if __name__ == "__main__":

@@ -5,11 +5,12 @@ eval --checkpoint`` and the index's detector region source all call
 :class:`Detector`.
 
 Per image the detector returns boxes, scores, levels (predicted by the level
-head: 0 whole, 1 part, 2 subpart) and mask probabilities. Here they are
-filtered (score threshold, levels to keep, at most ``max_detections`` by
-score), the masks are binarised at 0.5, and the hierarchy *among the returned
-detections* is computed by the coverage rule of stage 1 (τ = 0.9, see
-:mod:`hassod.discover.levels`): a detection's parent is the smallest returned
+head: 0 whole, 1 part, 2 subpart) and 28×28 mask probabilities over each box.
+Here they are filtered (score threshold, levels to keep, at most
+``max_detections`` by score), only the kept masks are pasted at image size
+and binarised at 0.5 (:func:`hassod.model.masks.paste_masks`, 1 byte per
+pixel), and the hierarchy *among the returned detections* is computed by the
+coverage rule of stage 1 (τ = 0.9, see :mod:`hassod.discover.levels`): a detection's parent is the smallest returned
 detection whose mask covers at least τ of its mask without being covered back.
 The predicted level and the coverage parent are independent outputs: a part
 whose whole was filtered out has no parent.
@@ -127,12 +128,20 @@ def detection_parents(masks: np.ndarray, tau: float = HIERARCHY_TAU) -> np.ndarr
     return find_parents(_intersections(torch.from_numpy(np.ascontiguousarray(masks, dtype=bool))), tau)
 
 
-def postprocess(output: dict[str, torch.Tensor], options: DetectOptions, tau: float = HIERARCHY_TAU) -> Detections:
+def postprocess(
+    output: dict[str, torch.Tensor], options: DetectOptions, tau: float = HIERARCHY_TAU,
+    image_size: tuple[int, int] | None = None,
+) -> Detections:
     """One image's raw model output → filtered, binarised :class:`Detections` with parent links.
 
-    output: the model's inference dict for one image: ``boxes`` (N, 4) xyxy
-    pixels, ``scores`` (N,), ``levels`` (N,) int, ``masks`` (N, 1, H, W)
-    probabilities at the input image size (any device or float dtype).
+    output: an inference dict for one image (any device): ``boxes`` (N, 4)
+    xyxy input-image pixels, ``scores`` (N,), ``levels`` (N,) int, ``masks``
+    probabilities (any float dtype), in one of two forms:
+
+    - with ``image_size`` (H, W): the model's own (N, 1, M, M) box-relative
+      masks; only the kept detections' are pasted, straight to bool;
+    - without: (N, 1, H, W) masks already at the image size (torchvision's
+      pasted form; bool is accepted too).
     """
     scores = output["scores"].detach().float()
     levels = output["levels"].detach().long()
@@ -142,8 +151,7 @@ def postprocess(output: dict[str, torch.Tensor], options: DetectOptions, tau: fl
     # stable sort: equal scores keep the model's order, so results are reproducible.
     order = torch.sort(scores[index], descending=True, stable=True).indices
     index = index[order][: options.max_detections]
-    # Threshold, then gather: gathering the float probabilities first would copy 4x the bytes.
-    binary = (output["masks"].detach()[:, 0] >= MASK_THRESHOLD)[index]
+    binary = _binary_masks(output, index, image_size)
     return Detections(
         boxes=output["boxes"].detach()[index].float().cpu().numpy(),
         scores=scores[index].cpu().numpy(),
@@ -151,6 +159,17 @@ def postprocess(output: dict[str, torch.Tensor], options: DetectOptions, tau: fl
         masks=binary.cpu().numpy(),
         parents=find_parents(_intersections(binary), tau),
     )
+
+
+def _binary_masks(output: dict[str, torch.Tensor], index: torch.Tensor, image_size: tuple[int, int] | None) -> torch.Tensor:
+    """(K, H, W) bool masks of the detections ``index`` selects (see :func:`postprocess` for the two forms)."""
+    masks = output["masks"].detach()
+    if image_size is None:
+        # Threshold, then gather: gathering the float probabilities first would copy 4x the bytes.
+        return (masks[:, 0] >= MASK_THRESHOLD)[index]
+    from .model.masks import paste_masks  # lazy, as the model: keeps `import hassod.detect` light
+
+    return paste_masks(masks[index], output["boxes"].detach()[index], image_size, MASK_THRESHOLD)
 
 
 def _intersections(masks: torch.Tensor) -> np.ndarray:
@@ -184,8 +203,8 @@ def _intersections(masks: torch.Tensor) -> np.ndarray:
 def _limit_model_output(model: torch.nn.Module, settings: Any, options: DetectOptions) -> None:
     """Let the model drop what :func:`postprocess` would drop anyway, before its mask head runs.
 
-    Mask prediction and pasting at image size cost per detection, so a cap of
-    100 instead of the model's 1000 saves most of the inference time. The
+    The mask head runs per detection the model returns, so a cap of 100
+    instead of the model's 1000 saves inference time. The
     result is unchanged: removing boxes under the threshold before NMS never
     frees a higher box (only higher-scoring boxes suppress), and NMS output
     is in score order, so the model's top k are ours. The cap only applies
@@ -249,7 +268,7 @@ class Detector:
 
     @torch.inference_mode()
     def forward(self, images: Sequence[np.ndarray]) -> list[dict[str, torch.Tensor]]:
-        """The model's raw outputs (see :func:`postprocess`) for (H, W, 3) uint8 RGB images, one batch."""
+        """The model's raw outputs for (H, W, 3) uint8 RGB images, one batch; masks box-relative (see :func:`postprocess`)."""
         if not images:
             return []
         tensors = [
@@ -262,7 +281,8 @@ class Detector:
 
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
         """Detections of (H, W, 3) uint8 RGB images, run as one batch on the device."""
-        return [postprocess(output, self.options) for output in self.forward(images)]
+        return [postprocess(output, self.options, image_size=image.shape[:2])
+                for output, image in zip(self.forward(images), images)]
 
     def detect_paths(
         self, paths: Sequence[str | os.PathLike], batch_size: int = 2, max_pixels: int = DEFAULT_MAX_PIXELS

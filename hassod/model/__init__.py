@@ -1,6 +1,7 @@
 """Stage 2: the hierarchical detector (Cascade Mask R-CNN with a level head), DESIGN.md §5."""
 from hassod.model.checkpoint import CheckpointError, load_detector, read_checkpoint, save_checkpoint
 from hassod.model.detector import DetectorSettings, HierarchicalDetector, build_detector
+from hassod.model.masks import paste_masks
 
 __all__ = [
     "CheckpointError",
@@ -8,6 +9,7 @@ __all__ = [
     "HierarchicalDetector",
     "build_detector",
     "load_detector",
+    "paste_masks",
     "read_checkpoint",
     "save_checkpoint",
 ]

@@ -190,7 +190,8 @@ class CascadeRoIHeads(nn.Module):
     ``(detections, losses)``: in training ``([], losses)``; in eval a list of
     dicts with ``boxes`` (N, 4), ``scores`` (N,), ``labels`` (N,) ones,
     ``levels`` (N,), ``level_scores`` (N, L), ``masks`` (N, 1, 28, 28)
-    probabilities (pasted into the image by the model's transform).
+    float32 probabilities over each box (the model returns them so; see
+    :func:`hassod.model.masks.paste_masks`).
     """
 
     def __init__(

@@ -3,8 +3,9 @@
 Input images are (3, H, W) float32 RGB in [0, 1]; the model's transform
 normalises them, resizes the shortest edge (a random choice of
 ``min_size_train`` in training, ``min_size_test`` at inference, longest edge
-≤ ``max_size``) and pads the batch to a multiple of 32. Outputs are mapped
-back to the input image's pixel coordinates.
+≤ ``max_size``) and pads the batch to a multiple of 32. Output boxes are
+mapped back to the input image's pixel coordinates; masks stay relative to
+their boxes (:func:`hassod.model.masks.paste_masks` puts them at image size).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 
 from hassod.model.backbone import BACKBONES, backbone_normalisation, build_backbone
 from hassod.model.cascade import AlignedMultiScaleRoIAlign, CascadeRoIHeads, CascadeStage
@@ -118,7 +119,7 @@ class DetectorSettings:
 
 
 class DetectorTransform(GeneralizedRCNNTransform):
-    """torchvision's transform with a separate inference size.
+    """torchvision's transform with a separate inference size, and no mask pasting at inference.
 
     torchvision uses the last of ``min_size`` at inference; here training
     draws from ``min_size_train`` and evaluation uses ``min_size_test``.
@@ -134,6 +135,23 @@ class DetectorTransform(GeneralizedRCNNTransform):
         self.min_size = self.min_size_train if mode else (self.min_size_test,)
         return self
 
+    def postprocess(
+        self, result: list[dict[str, Tensor]], image_shapes: list[tuple[int, int]],
+        original_image_sizes: list[tuple[int, int]],
+    ) -> list[dict[str, Tensor]]:
+        """Eval outputs: boxes back to input-image pixels; masks left as the head's box-relative probabilities.
+
+        torchvision would also paste every mask here as a float32 image
+        (4 bytes per pixel per detection, plus a stacked copy), although
+        callers threshold them and often keep a few; they paste what they
+        keep with :func:`hassod.model.masks.paste_masks` instead.
+        """
+        if self.training:
+            return result
+        for pred, resized, original in zip(result, image_shapes, original_image_sizes):
+            pred["boxes"] = resize_boxes(pred["boxes"], resized, original)
+        return result
+
 
 class HierarchicalDetector(GeneralizedRCNN):
     """Cascade Mask R-CNN with a level head; ``settings`` records how it was built.
@@ -142,7 +160,10 @@ class HierarchicalDetector(GeneralizedRCNN):
     Inference (eval mode): ``model(images)`` → per image ``boxes`` (N, 4) xyxy
     input pixels, ``scores`` (N,), ``labels`` (N,) ones, ``levels`` (N,)
     0/1/2 = whole/part/subpart, ``level_scores`` (N, 3), ``masks``
-    (N, 1, H, W) probabilities at the input image size.
+    (N, 1, 28, 28) float32 probabilities over each box (not pasted:
+    ``paste_masks(out["masks"], out["boxes"], (H, W))`` from
+    :mod:`hassod.model.masks` gives the (N, H, W) bool masks at the input
+    image size, the same as torchvision's pasting thresholded at 0.5).
     """
 
     def __init__(self, backbone: nn.Module, rpn: RegionProposalNetwork, roi_heads: CascadeRoIHeads,

@@ -182,6 +182,22 @@ def test_detector_output_structure(tiny_checkpoint, scenes):
     assert np.array_equal(first.masks, found[0].masks[:5]) and np.array_equal(first.levels, found[0].levels[:5])
 
 
+def test_detector_pastes_kept_masks_as_torchvision_does(tiny_checkpoint, scenes):
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    image = _image(scenes[0])
+    detector = Detector(tiny_checkpoint, device="cpu", options=DetectOptions(levels=(0, 2), max_detections=30))
+    raw = detector.forward([image])[0]
+    assert raw["masks"].shape[1:] == (1, 28, 28)  # box-relative: only the kept ones get pasted
+    found = postprocess(raw, detector.options, image_size=image.shape[:2])
+    # The same output in torchvision's form (every mask pasted as float32 at image size), thresholded at 0.5.
+    pasted = dict(raw, masks=paste_masks_in_image(raw["masks"], raw["boxes"], image.shape[:2]))
+    expected = postprocess(pasted, detector.options)
+    assert 0 < len(found) <= 30 and np.array_equal(found.scores, expected.scores)
+    assert np.array_equal(found.masks, expected.masks) and np.array_equal(found.parents, expected.parents)
+    assert np.array_equal(detector.detect([image])[0].masks, found.masks)
+
+
 def test_detect_collection_writes_results_skips_bad_files_and_resumes(tmp_path, tiny_checkpoint, scenes):
     from PIL import Image
 

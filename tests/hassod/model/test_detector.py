@@ -7,8 +7,9 @@ import math
 
 import pytest
 import torch
+from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from hassod.model import DetectorSettings, HierarchicalDetector, build_detector
+from hassod.model import DetectorSettings, HierarchicalDetector, build_detector, paste_masks
 
 from .conftest import empty_sample, scene_sample
 
@@ -84,11 +85,59 @@ def test_inference_outputs(tiny_model, tiny_settings):
         assert out["level_scores"].shape == (n, 3) and out["level_scores"].dtype == torch.float32
         assert torch.allclose(out["level_scores"].sum(dim=1), torch.ones(n), atol=1e-5)
         assert torch.equal(out["levels"], out["level_scores"].argmax(dim=1))
-        assert out["masks"].shape == (n, 1, height, width) and out["masks"].dtype == torch.float32
+        # Masks stay box-relative; pasted, they are torchvision's pasted masks thresholded at 0.5.
+        assert out["masks"].shape == (n, 1, 28, 28) and out["masks"].dtype == torch.float32
         assert out["masks"].min() >= 0.0 and out["masks"].max() <= 1.0
+        pasted = paste_masks(out["masks"], out["boxes"], (height, width))
+        assert pasted.shape == (n, height, width) and pasted.dtype == torch.bool
+        assert torch.equal(pasted, paste_masks_in_image(out["masks"], out["boxes"], (height, width))[:, 0] >= 0.5)
         # Boxes are in the input image's pixels.
         assert out["boxes"][:, [0, 2]].max() <= width + 1e-3 and out["boxes"][:, [1, 3]].max() <= height + 1e-3
         assert out["boxes"].min() >= 0.0
+
+
+def _random_boxes(generator: torch.Generator, count: int, height: int, width: int) -> torch.Tensor:
+    """(count, 4) xyxy boxes that meet the image (as the model's, clipped to it), many past its borders, a quarter tiny."""
+    size = torch.tensor([width, height], dtype=torch.float32)
+    start = torch.rand((count, 2), generator=generator) * 1.3 * size - 0.15 * size
+    extent = torch.rand((count, 2), generator=generator) ** 3 * 1.3 * size
+    extent[: count // 4] = torch.rand((count // 4, 2), generator=generator) * 2  # under 2 px, down to 0
+    start = torch.minimum(start, size - 1)
+    return torch.cat([start, torch.maximum(start + extent, start).clamp(min=1)], dim=1)
+
+
+def test_paste_masks_equals_torchvision_paste_thresholded():
+    generator = torch.Generator().manual_seed(0)
+    differing = true_pixels = 0
+    for height, width in [(1, 1), (7, 300), (300, 5), (64, 64), (97, 131), (240, 320)]:
+        probs = torch.rand((40, 1, 28, 28), generator=generator)
+        boxes = _random_boxes(generator, 40, height, width)
+        # Boxes on the edges and over every border; one the size of the image.
+        boxes[:4] = torch.tensor([[0, 0, width, height], [0.0, 0, 3, 3], [width - 2, height - 2, width, height],
+                                  [-5.0, -5, width + 5, height + 5]])
+        expected = paste_masks_in_image(probs, boxes, (height, width))[:, 0] >= 0.5
+        pasted = paste_masks(probs, boxes, (height, width))
+        assert pasted.shape == expected.shape and pasted.dtype == torch.bool
+        differing += int((pasted != expected).sum())
+        true_pixels += int(expected.sum())
+    # The same float32 operations as torchvision's: measured 0 differing pixels of ~150 000 True ones.
+    assert true_pixels > 50_000 and differing <= 5
+    # Probabilities exactly at the threshold are inside, as with ``>= 0.5``.
+    half, box = torch.full((1, 1, 28, 28), 0.5), torch.tensor([[10.0, 10, 40, 40]])
+    pasted = paste_masks(half, box, (50, 50))
+    assert pasted.any() and torch.equal(pasted, paste_masks_in_image(half, box, (50, 50))[:, 0] >= 0.5)
+    assert paste_masks(torch.zeros((0, 1, 28, 28)), torch.zeros((0, 4)), (5, 6)).shape == (0, 5, 6)
+    with pytest.raises(ValueError, match="threshold"):
+        paste_masks(probs, boxes, (height, width), threshold=0.0)
+
+
+def test_transform_scales_boxes_leaves_masks_and_training_outputs_alone(tiny_model):
+    result = [{"boxes": torch.tensor([[1.0, 2, 30, 40]]), "masks": torch.rand(1, 1, 28, 28)}]
+    tiny_model.eval()
+    scaled = tiny_model.transform.postprocess([dict(result[0])], [(64, 64)], [(128, 128)])
+    assert torch.equal(scaled[0]["boxes"], result[0]["boxes"] * 2) and scaled[0]["masks"] is result[0]["masks"]
+    tiny_model.train()
+    assert tiny_model.transform.postprocess(result, [(64, 64)], [(128, 128)]) is result
 
 
 def test_detections_per_image_caps_the_output():
