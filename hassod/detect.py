@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from .device import resolve_device
 from .discover.coco import LEVEL_NAMES, ImageRecord, ProgressLog, common_root, write_json_atomic
+from .discover.collection import run_line
 from .discover.levels import find_parents
 from .discover.masks import masks_to_rle
 from .discover.viz import save_overlay
@@ -325,14 +326,8 @@ class DetectSummary:
     images_file: str = ""
 
     def line(self) -> str:
-        whole, part, subpart = self.detections_per_level
-        text = (
-            f"{self.images} images, {sum(self.detections_per_level)} detections "
-            f"({whole} whole, {part} part, {subpart} subpart) in {self.seconds:.1f} s"
-        )
-        if self.resumed:
-            text += f" ({self.resumed} resumed from an earlier run)"
-        return text + f"; {len(self.skipped)} skipped → {self.out}"
+        return run_line(self.images, self.resumed, self.detections_per_level, "detections", self.seconds,
+                        len(self.skipped), self.out)
 
 
 def images_file(out: str | os.PathLike) -> Path:

@@ -36,15 +36,18 @@ class DiscoverySummary:
     out: str = ""
 
     def line(self) -> str:
-        whole, part, subpart = self.masks_per_level
-        text = (
-            f"{self.images} images, {sum(self.masks_per_level)} masks "
-            f"({whole} whole, {part} part, {subpart} subpart) in {self.seconds:.1f} s"
-        )
-        if self.resumed:
-            text += f" ({self.resumed} resumed from an earlier run)"
-        text += f"; {len(self.skipped)} skipped"
-        return text + f" → {self.out}"
+        return run_line(self.images, self.resumed, self.masks_per_level, "masks", self.seconds,
+                        len(self.skipped), self.out)
+
+
+def run_line(images: int, resumed: int, per_level: list[int], noun: str, seconds: float, skipped: int,
+             out: str) -> str:
+    """The one-line summary of a run over images that found ``noun`` at each level (whole, part, subpart)."""
+    whole, part, subpart = per_level
+    text = f"{images} images, {sum(per_level)} {noun} ({whole} whole, {part} part, {subpart} subpart) in {seconds:.1f} s"
+    if resumed:
+        text += f" ({resumed} resumed from an earlier run)"
+    return text + f"; {skipped} skipped → {out}"
 
 
 def discover_collection(
