@@ -45,6 +45,10 @@ without one are scored. The surviving heap is the one with more neighbours
 Cost: O((n + R) log n) heap operations and O((n + R) C) arithmetic for n
 patches and R re-scorings; R is ~3 per merge on photo features and up to ~30
 per merge when big regions grow into isotropic noise (benchmarks/bench_merge.py).
+Implementation notes (speed only, no effect on results): the compiled loop
+indexes its 2-d arrays directly instead of slicing rows, and runs on unowned
+aliases of its arrays (``_unowned``), because numba's atomic reference
+counting of array views and arguments took ~40% of its time.
 """
 from __future__ import annotations
 
@@ -53,6 +57,8 @@ from typing import Sequence
 
 import numba
 import numpy as np
+from numba.extending import intrinsic
+from numba.np.arrayobj import make_array, populate_array
 
 # Similarities are compared as integers: round(similarity * SIMILARITY_SCALE).
 SIMILARITY_SCALE = float(2**32)
@@ -130,6 +136,37 @@ def _scratch(n: int, c: int, dtype: np.dtype) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------
+# Reference counting. Every array that a compiled function receives as an
+# argument or assigns to a variable gets atomic reference-count updates
+# (NRT_incref / NRT_decref), and refcount pruning cannot remove them around
+# loops: with ~25 of them per re-scored pair they took ~40% of the merge
+# loop. The loop therefore works on *unowned* aliases of its arrays (no
+# meminfo: the updates become a null test), while the owning variables stay
+# live until the loop's end.
+
+
+@intrinsic
+def _unowned(typingctx, array):
+    """An alias of ``array`` that does not own (or count references to) its
+    memory. The caller must keep ``array`` alive while the alias is in use."""
+
+    def codegen(context, builder, signature, args):
+        source = make_array(signature.args[0])(context, builder, value=args[0])
+        alias = make_array(signature.return_type)(context, builder)
+        populate_array(
+            alias,
+            data=source.data,
+            shape=source.shape,
+            strides=source.strides,
+            itemsize=source.itemsize,
+            meminfo=None,
+        )
+        return alias._getvalue()
+
+    return array(array), codegen
+
+
+# --------------------------------------------------------------------------
 # Vector arithmetic. A region's vector is its patch feature row (``flat``)
 # until it first merges, then its row of ``sums`` (same dtype); ``inv`` holds
 # 1 / its norm (0 for a zero vector). Products and sums of products are
@@ -138,28 +175,23 @@ def _scratch(n: int, c: int, dtype: np.dtype) -> np.ndarray:
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _squared_norm(row):
-    sq = 0.0
-    for k in range(row.shape[0]):
-        value = np.float64(row[k])
-        sq += value * value
-    return sq
-
-
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _dot(first, second):
+def _dot_rows(first, i, second, j):
+    """first[i] . second[j] in float64, indexing the 2-d arrays directly (a
+    row view costs two atomic reference-count updates)."""
     acc = 0.0
-    for k in range(first.shape[0]):
-        acc += np.float64(first[k]) * np.float64(second[k])
+    for k in range(first.shape[1]):
+        acc += np.float64(first[i, k]) * np.float64(second[j, k])
     return acc
 
 
 @numba.njit(cache=True, nogil=True)
 def _score(flat, sums, summed, inv, a, b):
     """round(2**32 * cosine(a, b)) as int64."""
-    first = sums[a] if summed[a] else flat[a]
-    second = sums[b] if summed[b] else flat[b]
-    return np.int64(np.floor(_dot(first, second) * inv[a] * inv[b] * 4294967296.0 + 0.5))
+    if summed[a]:
+        dot = _dot_rows(sums, a, sums, b) if summed[b] else _dot_rows(sums, a, flat, b)
+    else:
+        dot = _dot_rows(flat, a, sums, b) if summed[b] else _dot_rows(flat, a, flat, b)
+    return np.int64(np.floor(dot * inv[a] * inv[b] * 4294967296.0 + 0.5))
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
@@ -208,18 +240,17 @@ def _drift_units(moved):
 
 
 # --------------------------------------------------------------------------
-# Binary heaps over rows of a (capacity, 4) int64 array view
+# Binary heaps over rows of a (capacity, 4) int64 array. A heap is the rows
+# ``o .. o + size - 1`` of its array; functions take the offset ``o`` and index
+# the array directly: slicing it would create a view, and every view costs two
+# atomic reference-count updates (the merge loop spent ~40% of its time in
+# them).
 
 
 @numba.njit(cache=True, nogil=True)
 def _before(heap, i, j):
+    """Whether absolute row i comes before row j."""
     return heap[i, _KEY] > heap[j, _KEY] or (heap[i, _KEY] == heap[j, _KEY] and heap[i, _CODE] < heap[j, _CODE])
-
-
-@numba.njit(cache=True, nogil=True)
-def _swap(heap, i, j):
-    for col in range(4):
-        heap[i, col], heap[j, col] = heap[j, col], heap[i, col]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -228,42 +259,68 @@ def _set_row(heap, row, key, code, a, b):
 
 
 @numba.njit(cache=True, nogil=True)
-def _sift_up(heap, pos):
+def _copy_row(heap, dst, src):
+    heap[dst, _KEY], heap[dst, _CODE], heap[dst, _A], heap[dst, _B] = (
+        heap[src, _KEY],
+        heap[src, _CODE],
+        heap[src, _A],
+        heap[src, _B],
+    )
+
+
+@numba.njit(cache=True, nogil=True)
+def _place_up(heap, o, pos, key, code, a, b):
+    """Put the row (key, code, a, b) into the hole at ``pos``, moving it up."""
     while pos > 0:
         up = (pos - 1) >> 1
-        if not _before(heap, pos, up):
+        if not (key > heap[o + up, _KEY] or (key == heap[o + up, _KEY] and code < heap[o + up, _CODE])):
             break
-        _swap(heap, pos, up)
+        _copy_row(heap, o + pos, o + up)
         pos = up
+    _set_row(heap, o + pos, key, code, a, b)
 
 
 @numba.njit(cache=True, nogil=True)
-def _sift_down(heap, pos, size):
+def _place_down(heap, o, pos, size, key, code, a, b):
+    """Put the row (key, code, a, b) into the hole at ``pos``, moving it down."""
     while True:
-        best, child = pos, 2 * pos + 1
-        if child < size and _before(heap, child, best):
-            best = child
-        if child + 1 < size and _before(heap, child + 1, best):
-            best = child + 1
-        if best == pos:
-            return
-        _swap(heap, pos, best)
-        pos = best
+        child = 2 * pos + 1
+        if child >= size:
+            break
+        if child + 1 < size and _before(heap, o + child + 1, o + child):
+            child += 1
+        if not (heap[o + child, _KEY] > key or (heap[o + child, _KEY] == key and heap[o + child, _CODE] < code)):
+            break
+        _copy_row(heap, o + pos, o + child)
+        pos = child
+    _set_row(heap, o + pos, key, code, a, b)
 
 
 @numba.njit(cache=True, nogil=True)
-def _pop(heap, size):
+def _sift_down(heap, o, pos, size):
+    _place_down(heap, o, pos, size, heap[o + pos, _KEY], heap[o + pos, _CODE], heap[o + pos, _A], heap[o + pos, _B])
+
+
+@numba.njit(cache=True, nogil=True)
+def _replace_top(heap, o, size, key, code, a, b):
+    """Replace the top row by (key, code, a, b) and restore heap order."""
+    _place_down(heap, o, 0, size, key, code, a, b)
+
+
+@numba.njit(cache=True, nogil=True)
+def _pop(heap, o, size):
     """Remove the top row; returns the new size."""
     size -= 1
     if size > 0:
-        _swap(heap, 0, size)
-        _sift_down(heap, 0, size)
+        last = o + size
+        _place_down(heap, o, 0, size, heap[last, _KEY], heap[last, _CODE], heap[last, _A], heap[last, _B])
     return size
 
 
 @numba.njit(cache=True, nogil=True)
 def _rival(heap, size):
-    """Index of the better child of the root, or 0 if the root has none."""
+    """Index of the better child of the root, or 0 if the root has none
+    (the global heap, offset 0)."""
     if size < 2:
         return 0
     if size > 2 and _before(heap, 2, 1):
@@ -283,56 +340,64 @@ def _grown(array, rows):
 
 
 @numba.njit(cache=True, nogil=True)
-def _reserve(arena, end, start, length, cap, region, extra):
-    """Make room for ``extra`` more rows in a region's arena segment (moving it
-    to the end of the arena if needed); returns (arena, end)."""
+def _room(arena, end, start, length, cap, region, extra):
+    """Make room for ``extra`` more rows in a region's arena segment, moving it
+    to the end of the arena if needed. Returns (new end, 0), or (end, rows)
+    when the arena must first grow to that many rows (then call again)."""
     need = length[region] + extra
     if need <= cap[region]:
-        return arena, end
+        return end, 0
     new_cap = max(2 * cap[region], need)
     if end + new_cap > arena.shape[0]:
-        arena = _grown(arena, max(2 * arena.shape[0], end + new_cap))
+        return end, max(2 * arena.shape[0], end + new_cap)
     first = start[region]
-    arena[end : end + length[region]] = arena[first : first + length[region]]
+    for row in range(length[region]):
+        for col in range(arena.shape[1]):
+            arena[end + row, col] = arena[first + row, col]
     start[region], cap[region] = end, new_cap
-    return arena, end + new_cap
+    return end + new_cap, 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _keep_alive(*arrays):
+    """Uses its arguments, so that their owners outlive the unowned aliases."""
+    return len(arrays)
 
 
 @numba.njit(cache=True, nogil=True)
 def _local_push(local, start, length, region, key, code, other, other_version, own_version):
-    base = start[region]
-    _set_row(local, base + length[region], key, code, other, (other_version << 32) | own_version)
-    _sift_up(local[base:], length[region])
+    _place_up(local, start[region], length[region], key, code, other, (other_version << 32) | own_version)
     length[region] += 1
 
 
 @numba.njit(cache=True, nogil=True)
-def _valid(row, alive, version):
+def _valid(heap, row, alive, version):
     """Whether a local entry's other region is unchanged since the push."""
-    return alive[row[_A]] and version[row[_A]] == row[_B] >> 32
+    other = heap[row, _A]
+    return alive[other] and version[other] == heap[row, _B] >> 32
 
 
 @numba.njit(cache=True, nogil=True)
 def _clean_top(local, start, length, region, alive, version):
     """Drop entries at the top of a local heap whose other region has changed."""
-    heap = local[start[region] :]
-    while length[region] > 0 and not _valid(heap[0], alive, version):
-        length[region] = _pop(heap, length[region])
+    o = start[region]
+    while length[region] > 0 and not _valid(local, o, alive, version):
+        length[region] = _pop(local, o, length[region])
 
 
 @numba.njit(cache=True, nogil=True)
 def _compact(local, start, length, region, alive, version):
     """Keep only the valid entries of a local heap and restore heap order."""
-    heap = local[start[region] :]
+    o = start[region]
     kept = 0
     for i in range(length[region]):
-        if _valid(heap[i], alive, version):
+        if _valid(local, o + i, alive, version):
             if kept != i:
-                heap[kept] = heap[i]
+                _copy_row(local, o + kept, o + i)
             kept += 1
     length[region] = kept
     for pos in range(kept // 2 - 1, -1, -1):
-        _sift_down(heap, pos, kept)
+        _sift_down(local, o, pos, kept)
 
 
 # --------------------------------------------------------------------------
@@ -348,8 +413,8 @@ def _find(parent, r):
 
 
 @numba.njit(cache=True, nogil=True)
-def _label_map(parent, out_row):
-    """Write raster-order consecutive labels of the current partition."""
+def _label_map(parent, out, t):
+    """Write raster-order consecutive labels of the current partition to out[t]."""
     n = parent.shape[0]
     relabel = np.full(n, -1, np.int32)
     count = 0
@@ -358,7 +423,7 @@ def _label_map(parent, out_row):
         if relabel[r] < 0:
             relabel[r] = count
             count += 1
-        out_row[i] = relabel[r]
+        out[t, i] = relabel[r]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -401,25 +466,51 @@ def _merge_grid(flat, h, w, min_scores, sums):
     version = np.zeros(n, np.int64)  # global tick of the region's last change
     drift = np.zeros(n, np.int64)
     token = np.zeros(n, np.int64)  # current global-heap entry of each region
-    tick = 0
-
     # Neighbour lists: (neighbour, its version when our local heap last got a
-    # valid entry for it, or -1). Local heaps: rows as described above.
+    # valid entry for it, or -1). Local heaps: rows as described above. Both
+    # are arenas of per-region segments, 4 rows each to start with.
     nbrs = np.empty((4 * n, 2), np.int64)
     nb_start, nb_len, nb_cap = np.arange(n) * 4, np.zeros(n, np.int64), np.full(n, 4, np.int64)
-    nb_end = 4 * n
     local = np.empty((4 * n, 4), np.int64)
     lo_start, lo_len, lo_cap = np.arange(n) * 4, np.zeros(n, np.int64), np.full(n, 4, np.int64)
-    lo_end = 4 * n
     glob = np.empty((n, 4), np.int64)  # at most one entry per region
+    seen = np.full(n, -1, np.int64)
+    slot = np.empty(n, np.int64)
+    merged = np.empty((n, 2), np.int64)
+    finite = _merge_loop(
+        _unowned(flat), w, min_scores, _unowned(sums), _unowned(out), _unowned(inv), _unowned(summed),
+        _unowned(parent), _unowned(alive), _unowned(ident), _unowned(version), _unowned(drift), _unowned(token),
+        _unowned(nbrs), _unowned(nb_start), _unowned(nb_len), _unowned(nb_cap),
+        _unowned(local), _unowned(lo_start), _unowned(lo_len), _unowned(lo_cap),
+        _unowned(glob), _unowned(seen), _unowned(slot), _unowned(merged),
+    )  # fmt: skip
+    _keep_alive(inv, summed, parent, alive, ident, version, drift, token, nbrs, nb_start, nb_len, nb_cap)
+    _keep_alive(local, lo_start, lo_len, lo_cap, glob, seen, slot, merged)
+    return out, finite
+
+
+@numba.njit(cache=True, nogil=True)
+def _merge_loop(
+    flat, w, min_scores, sums, out, inv, summed, parent, alive, ident, version, drift, token,
+    nbrs, nb_start, nb_len, nb_cap, local, lo_start, lo_len, lo_cap, glob, seen, slot, merged,
+):  # fmt: skip
+    """The merge proper, on unowned arrays (see _merge_grid). Returns whether
+    all features are finite."""
+    n = flat.shape[0]
+    tick = 0
+    nb_end = 4 * n
+    lo_end = 4 * n
     g_len = 0
+    # Owners of the arenas once they have grown.
+    nbrs_owner = np.empty((0, 2), np.int64)
+    local_owner = np.empty((0, 4), np.int64)
 
     # One pass over the features in raster order: each patch's norm, then its
     # pairs with the left and upper neighbours (still in cache).
     for j in range(n):
-        sq = _squared_norm(flat[j])
+        sq = _dot_rows(flat, j, flat, j)
         if not np.isfinite(sq):  # outside fastmath code, where it could be folded away
-            return out, False
+            return False
         inv[j] = 1.0 / np.sqrt(sq) if sq > 0.0 else 0.0
         for i in (j - w if j >= w else -1, j - 1 if j % w != 0 else -1):
             if i < 0:
@@ -432,19 +523,15 @@ def _merge_grid(flat, h, w, min_scores, sums):
                 _local_push(local, lo_start, lo_len, a, score, i * n + j, b, 0, 0)
     for r in range(n):
         if lo_len[r] > 0:
-            top = local[lo_start[r]]
-            _set_row(glob, g_len, 2 * top[_KEY], top[_CODE], r, 0)
-            _sift_up(glob, g_len)
+            o = lo_start[r]
+            _place_up(glob, 0, g_len, 2 * local[o, _KEY], local[o, _CODE], r, 0)
             g_len += 1
 
-    seen = np.full(n, -1, np.int64)
-    slot = np.empty(n, np.int64)
-    merged = np.empty((n, 2), np.int64)
     for t in range(min_scores.shape[0]):
         while g_len > 0:
             r = glob[0, _A]
             if not alive[r] or glob[0, _B] != token[r]:
-                g_len = _pop(glob, g_len)
+                g_len = _pop(glob, 0, g_len)
                 continue
             # The root's children bound every other region's best pair; r's
             # inexact tops are re-scored while they could still beat that.
@@ -453,34 +540,35 @@ def _merge_grid(flat, h, w, min_scores, sums):
                 _clean_top(local, lo_start, lo_len, r, alive, version)
                 if lo_len[r] == 0:
                     break
-                top = local[lo_start[r]]
-                if (top[_B] & _LOW32) == version[r] or (
-                    rival > 0 and 2 * (top[_KEY] + drift[r]) + 1 < glob[rival, _KEY]
+                o = lo_start[r]
+                if (local[o, _B] & _LOW32) == version[r] or (
+                    rival > 0 and 2 * (local[o, _KEY] + drift[r]) + 1 < glob[rival, _KEY]
                 ):
                     break
-                other = top[_A]
-                lo_len[r] = _pop(local[lo_start[r] :], lo_len[r])
+                # Re-score the top and put it back in place of itself.
+                other = local[o, _A]
                 score = _score(flat, sums, summed, inv, r, other)
                 code = min(ident[r], ident[other]) * n + max(ident[r], ident[other])
-                _local_push(local, lo_start, lo_len, r, score - drift[r], code, other, version[other], version[r])
+                _replace_top(local, o, lo_len[r], score - drift[r], code, other, (version[other] << 32) | version[r])
             if lo_len[r] == 0:
                 token[r] += 1
-                g_len = _pop(glob, g_len)
+                g_len = _pop(glob, 0, g_len)
                 continue
-            top = local[lo_start[r]]
-            exact = (top[_B] & _LOW32) == version[r]
-            _set_row(glob, 0, 2 * (top[_KEY] + drift[r]) + (0 if exact else 1), top[_CODE], r, token[r])
+            o = lo_start[r]
+            exact = (local[o, _B] & _LOW32) == version[r]
+            top_key = local[o, _KEY] + drift[r]
+            other = local[o, _A]
+            _set_row(glob, 0, 2 * top_key + (0 if exact else 1), local[o, _CODE], r, token[r])
             if not exact or (rival > 0 and _before(glob, rival, 0)):
-                _sift_down(glob, 0, g_len)
+                _sift_down(glob, 0, 0, g_len)
                 continue
-            if top[_KEY] + drift[r] < min_scores[t]:
+            if top_key < min_scores[t]:
                 break
 
             # Certified maximum: merge r with its partner. The region with the
             # longer neighbour list keeps its slot, so that its local heap
             # entries stay usable and only the other's pairs are re-scored.
-            other = top[_A]
-            lo_len[r] = _pop(local[lo_start[r] :], lo_len[r])
+            lo_len[r] = _pop(local, o, lo_len[r])
             keep, gone = (r, other) if nb_len[r] >= nb_len[other] else (other, r)
             tick += 1
             parent[gone] = keep
@@ -490,7 +578,12 @@ def _merge_grid(flat, h, w, min_scores, sums):
             version[keep] = tick
 
             count = _union_neighbours(nbrs, nb_start, nb_len, keep, gone, parent, version, tick, seen, slot, merged)
-            local, lo_end = _reserve(local, lo_end, lo_start, lo_len, lo_cap, keep, count)
+            while True:
+                lo_end, grow = _room(local, lo_end, lo_start, lo_len, lo_cap, keep, count)
+                if grow == 0:
+                    break
+                local_owner = _grown(local, grow)
+                local = _unowned(local_owner)
             for e in range(count):
                 nb = merged[e, 0]
                 if merged[e, 1] < 0:
@@ -501,19 +594,27 @@ def _merge_grid(flat, h, w, min_scores, sums):
             if lo_len[keep] > 2 * count + 16:
                 _compact(local, lo_start, lo_len, keep, alive, version)
             nb_len[keep] = 0
-            nbrs, nb_end = _reserve(nbrs, nb_end, nb_start, nb_len, nb_cap, keep, count)
-            nbrs[nb_start[keep] : nb_start[keep] + count] = merged[:count]
+            while True:
+                nb_end, grow = _room(nbrs, nb_end, nb_start, nb_len, nb_cap, keep, count)
+                if grow == 0:
+                    break
+                nbrs_owner = _grown(nbrs, grow)
+                nbrs = _unowned(nbrs_owner)
+            ko = nb_start[keep]
+            for e in range(count):
+                nbrs[ko + e, 0] = merged[e, 0]
+                nbrs[ko + e, 1] = merged[e, 1]
             nb_len[keep] = count
 
             # The root was r's entry: replace it by keep's current best bound.
             _clean_top(local, lo_start, lo_len, keep, alive, version)
             token[keep] += 1
             if lo_len[keep] == 0:
-                g_len = _pop(glob, g_len)
+                g_len = _pop(glob, 0, g_len)
             else:
-                top = local[lo_start[keep]]
-                inexact = np.int64((top[_B] & _LOW32) != version[keep])
-                _set_row(glob, 0, 2 * (top[_KEY] + drift[keep]) + inexact, top[_CODE], keep, token[keep])
-                _sift_down(glob, 0, g_len)
-        _label_map(parent, out[t])
-    return out, True
+                o = lo_start[keep]
+                inexact = np.int64((local[o, _B] & _LOW32) != version[keep])
+                _replace_top(glob, 0, g_len, 2 * (local[o, _KEY] + drift[keep]) + inexact, local[o, _CODE], keep, token[keep])
+        _label_map(parent, out, t)
+    _keep_alive(nbrs_owner, local_owner)
+    return True
