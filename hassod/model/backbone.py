@@ -74,7 +74,8 @@ def build_resnet50_fpn(
     if weights is None and not random_init:
         raise ValueError(
             "the resnet50 backbone needs DINO ResNet-50 weights: pass --backbone-weights PATH "
-            "(e.g. dino_resnet50_pretrain.pth), or ask for random initialisation explicitly"
+            "(e.g. dino_resnet50_pretrain.pth), use --backbone efficientnet_lite0 (offline ImageNet weights), "
+            "or start from scratch with --random-init"
         )
     body = torchvision.models.resnet50(weights=None, norm_layer=nn.BatchNorm2d)
     if weights is not None:
