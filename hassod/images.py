@@ -94,6 +94,12 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
 
 def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     """(H, W, 3) uint8 → (size, size, 3) uint8, bilinear with antialiasing; aspect not kept."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
-    resized = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return resize_image(image, (size, size))
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8 → (*size, 3) uint8 (size = (height, width) pixels), bilinear with antialiasing,
+    so colours stay true on downscaling."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.uint8)).permute(2, 0, 1)[None].float()
+    resized = F.interpolate(tensor, size=size, mode="bilinear", antialias=True, align_corners=False)
     return resized[0].round().clamp(0, 255).byte().permute(1, 2, 0).numpy()

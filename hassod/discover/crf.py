@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pydensecrf.densecrf as dcrf
-import torch
-import torch.nn.functional as F
+
+from ..images import resize_image
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def refine_partition(image: np.ndarray, labels: np.ndarray, settings: CRFSetting
     full_side = max(image.shape[:2])
     if settings.work_size is not None and settings.work_size < full_side:
         scale = settings.work_size / full_side
-        image = _resize_image(image, (max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale))))
+        image = resize_image(image, (max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale))))
     else:
         scale = 1.0
     size = (int(image.shape[0]), int(image.shape[1]))
@@ -201,13 +201,6 @@ def _crf_labels(
     # The marginals come back as a column-major (K, N) Eigen matrix: argmax
     # over its rows needs no copy.
     return np.asarray(crf.inference(settings.iterations)).argmax(axis=0)
-
-
-def _resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(H, W, 3) uint8 -> (*size, 3) uint8 with antialiasing, so colours stay true on downscaling."""
-    tensor = torch.from_numpy(np.array(image, dtype=np.uint8, order="C")).permute(2, 0, 1)[None].float()
-    small = F.interpolate(tensor, size=size, mode="bilinear", align_corners=False, antialias=True)
-    return small[0].permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8).numpy()
 
 
 def _region_ious(pre: np.ndarray, post: np.ndarray, num: int) -> np.ndarray:
