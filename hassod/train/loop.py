@@ -24,7 +24,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +68,8 @@ class TrainSettings:
         learning test a clip of 1.0 halved the AR reached in 200 iterations.
     amp: mixed precision with a GradScaler; CUDA only, CPU always runs fp32.
     seed: every random choice (init, order, augmentation, RoI sampling) derives from it.
-    flip_prob, copy_paste_prob, paste_scale, max_pasted, min_visible: see
-        :class:`~hassod.train.data.Augmentation`.
+    augmentation: flip and copy-paste, see :class:`~hassod.train.data.Augmentation`;
+        its ``max_size`` is replaced by the detector's.
     checkpoint_period: write ``last.pth`` every this many iterations.
     eval_period: evaluate on the held-out set every this many iterations
         (0: only at the end); needs ``eval_gt``.
@@ -90,11 +90,7 @@ class TrainSettings:
     clip_norm: float = 10.0
     amp: bool = True
     seed: int = 0
-    flip_prob: float = 0.5
-    copy_paste_prob: float = 0.5
-    paste_scale: tuple[float, float] = (0.5, 1.0)
-    max_pasted: int = 3
-    min_visible: float = 0.2
+    augmentation: Augmentation = field(default_factory=Augmentation)
     checkpoint_period: int = 1000
     eval_period: int = 0
     device: str = "auto"
@@ -104,11 +100,6 @@ class TrainSettings:
     def base_lr(self) -> float:
         """The learning rate after warm-up: ``lr`` or the linearly scaled reference."""
         return self.lr if self.lr is not None else scaled_lr(self.batch_size)
-
-    def augmentation(self, max_size: int) -> Augmentation:
-        return Augmentation(flip_prob=self.flip_prob, copy_paste_prob=self.copy_paste_prob,
-                            paste_scale=tuple(self.paste_scale), max_pasted=self.max_pasted,
-                            min_visible=self.min_visible, max_size=max_size)
 
 
 # Settings that only say how a run is carried out, not what it computes: they may change on resume.
@@ -307,9 +298,9 @@ def train(
         raise TrainError(f"{out} already holds a run ({LAST}); pass --resume to continue it or choose another --out")
     ckpt = _load_resume(out, settings, detector_settings) if resume else None
     max_size = detector_settings.max_size
+    augmentation = replace(settings.augmentation, max_size=max_size)
     try:
-        dataset = PseudoLabelDataset(pseudo_json, images_dir, settings.augmentation(max_size), settings.seed,
-                                     settings.max_pixels)
+        dataset = PseudoLabelDataset(pseudo_json, images_dir, augmentation, settings.seed, settings.max_pixels)
     except ValueError as exc:
         raise TrainError(str(exc)) from None
     gt = _read_gt(Path(eval_gt)) if eval_gt is not None else None

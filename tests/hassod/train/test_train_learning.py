@@ -16,6 +16,7 @@ import torch
 from torchvision.ops import box_iou
 
 from hassod.model import DetectorSettings, load_detector
+from hassod.train.data import Augmentation
 from hassod.train.loop import TrainSettings, train
 from tests.hassod.train.train_helpers import boxes_xyxy, one_thread, write_scenes
 
@@ -50,7 +51,7 @@ def _one_thread():
 def test_tiny_detector_learns_boxes_and_levels(tmp_path):
     pseudo, scenes = write_scenes(tmp_path, SCENES, size=SIZE)
     settings = TrainSettings(batch_size=2, iterations=ITERATIONS, lr=0.03, warmup_iters=30, device="cpu",
-                             workers=0, copy_paste_prob=0.0, checkpoint_period=ITERATIONS)
+                             workers=0, augmentation=Augmentation(copy_paste_prob=0.0), checkpoint_period=ITERATIONS)
     result = train(settings, DetectorSettings.tiny(), pseudo, None, tmp_path / "run", eval_gt=pseudo,
                    random_init=True, progress=False)
     assert result.finished and result.skipped == {}

@@ -12,11 +12,12 @@ from click.testing import CliRunner
 
 from hassod.model import DetectorSettings, read_checkpoint
 from hassod.train.cli import train as train_command
+from hassod.train.data import Augmentation
 from hassod.train.loop import TrainError, TrainSettings, train
 from tests.hassod.train.train_helpers import one_thread, write_scenes
 
 SETTINGS = TrainSettings(batch_size=2, iterations=8, warmup_iters=2, checkpoint_period=3, device="cpu",
-                         workers=0, lr=0.01, copy_paste_prob=0.5, eval_period=4)
+                         workers=0, lr=0.01, augmentation=Augmentation(copy_paste_prob=0.5), eval_period=4)
 
 
 @pytest.fixture(scope="module")
