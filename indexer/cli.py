@@ -53,7 +53,8 @@ def build(images, index_dir, detector, regions_json, db_url, backbone, weights, 
             from hassod.model import CheckpointError
 
             try:
-                # --batch-size is discovery's: detector batches hold full-size mask stacks, so keep its own default.
+                # --batch-size is discovery's: a detected image holds its masks at full size, so the detector
+                # keeps its own (smaller) default.
                 source = detector_regions(detector, device=device, max_pixels=max_pixels)
             except CheckpointError as exc:
                 fail(f"--detector {detector}: {exc}")

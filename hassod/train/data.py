@@ -27,10 +27,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
-from ..images import DEFAULT_MAX_PIXELS, ImageError, load_rgb
+from ..images import DEFAULT_MAX_PIXELS, ImageError, load_rgb, resize_image
 
 Key = tuple[int, int, int]  # (step, slot in the global batch, dataset index)
 
@@ -192,13 +191,6 @@ def resize_nearest(array: np.ndarray, height: int, width: int) -> np.ndarray:
     return array[rows][:, cols]
 
 
-def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """(H, W, 3) uint8 -> (height, width, 3) uint8, bilinear with antialiasing."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
-    out = F.interpolate(tensor, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
-    return out[0].round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-
-
 def _descendants(parents: np.ndarray, root: int) -> list[int]:
     """``root`` and every element whose parent chain reaches it, in index order."""
     group = {root}
@@ -330,7 +322,7 @@ class PseudoLabelDataset(torch.utils.data.Dataset):
         if longest > self.augmentation.max_size:
             factor = self.augmentation.max_size / longest
             height, width = max(1, round(entry.height * factor)), max(1, round(entry.width * factor))
-            image = resize_image(image, height, width)
+            image = resize_image(image, (height, width))
             masks = resize_nearest(masks.transpose(1, 2, 0), height, width).transpose(2, 0, 1)
         objects = ObjectSet(image, np.ascontiguousarray(masks), levels, parents, masks.sum(axis=(1, 2)))
         # Drop masks emptied by downscaling: the model refuses zero-size boxes.

@@ -34,9 +34,9 @@ from tqdm import tqdm
 
 from ..device import resolve_device
 from ..evaluation import evaluate
-from ..images import DEFAULT_MAX_PIXELS, ImageError, load_rgb
+from ..images import DEFAULT_MAX_PIXELS, ImageError, load_rgb, resize_image
 from ..model import CheckpointError, DetectorSettings, build_detector, read_checkpoint, save_checkpoint
-from .data import Augmentation, IndexStream, PseudoLabelDataset, collate, resize_image
+from .data import Augmentation, IndexStream, PseudoLabelDataset, collate
 from .solver import WarmupSchedule, build_optimizer, build_scheduler, clip_gradients, scaled_lr
 
 LAST = "last.pth"
@@ -226,7 +226,7 @@ def predict_coco(model: torch.nn.Module, gt: dict[str, Any], images_dir: Path, d
             height, width = image.shape[:2]
             factor = min(1.0, max_size / max(height, width))
             if factor < 1.0:
-                image = resize_image(image, max(1, round(height * factor)), max(1, round(width * factor)))
+                image = resize_image(image, (max(1, round(height * factor)), max(1, round(width * factor))))
             tensor = torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0).to(device)
             out = model([tensor])[0]
             boxes = out["boxes"].float().cpu().numpy() / factor
