@@ -34,21 +34,36 @@ Cauchy-Schwarz, every similarity to it moves by at most ``delta``; adding
 ``delta`` (rounded up) to a per-region drift counter raises the bounds of all
 its local entries at once without touching them. A global heap holds each
 region's best bound. An entry that reaches the top while inexact is re-scored
-(one dot product) and pushed back; the top is merged only when it is exact,
-and because inexact bounds are strictly above their true score it is then the
-true maximum, tie-break included. Entries whose other region has changed are
-dropped lazily (version ticks); neighbour lists remember whether the local
-heap still holds a valid entry per neighbour, so after a merge only pairs
-without one are scored. The surviving heap is the one with more neighbours
-(the tie-break id is tracked separately, so this changes no decision).
+(one dot product) and put back, together with up to 3 inexact entries just
+below it that could also beat the best other region (they are usually next:
+one pass then reads the region's row once and streams four rows at a time);
+the top is merged only when it is exact, and because inexact bounds are
+strictly above their true score it is then the true maximum, tie-break
+included. Entries whose other region has changed are dropped lazily (version
+ticks); neighbour lists remember whether the local heap still holds a valid
+entry per neighbour, so after a merge only pairs without one are scored (also
+four at a time). The surviving heap is the one with more neighbours (the
+tie-break id is tracked separately, so this changes no decision).
 
 Cost: O((n + R) log n) heap operations and O((n + R) C) arithmetic for n
 patches and R re-scorings; R is ~3 per merge on photo features and up to ~30
 per merge when big regions grow into isotropic noise (benchmarks/bench_merge.py).
+Those ~30 are not slack from summing per-merge moves: a re-scored entry is
+usually re-scored again a few merges later, when the drift is close to the
+true movement. Cauchy-Schwarz itself is the slack: a noise-like move of u
+changes a given similarity by ~delta / sqrt(C), not delta, and no bound built
+from the region's vectors alone (e.g. the exact distance to a snapshot of u:
+tried, 10% fewer re-scorings, slower overall) can know which neighbours it
+spares. Per-pair bounds from int16 sketches of unit vectors (~1e-4 error) did
+cut exact re-scorings 35-fold, but a sketch product cost ~60% of a score and a
+sketch ~3 scores, so they lost on photo features and won little on noise.
+
 Implementation notes (speed only, no effect on results): the compiled loop
 indexes its 2-d arrays directly instead of slicing rows, and runs on unowned
 aliases of its arrays (``_unowned``), because numba's atomic reference
-counting of array views and arguments took ~40% of its time.
+counting of array views and arguments took ~40% of its time. The start-up
+pass reads each patch row once for its norm and its two pairs; a merge
+updates the sum and measures the move in one pass over the row (_absorb).
 """
 from __future__ import annotations
 
@@ -184,6 +199,27 @@ def _dot_rows(first, i, second, j):
     return acc
 
 
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _row_products(flat, j, up, left):
+    """(flat[j] . flat[j], flat[j] . flat[up], flat[j] . flat[left]): the
+    start-up pass reads and converts each row once for all three."""
+    sq = 0.0
+    dot_up = 0.0
+    dot_left = 0.0
+    for k in range(flat.shape[1]):
+        value = np.float64(flat[j, k])
+        sq += value * value
+        dot_up += value * np.float64(flat[up, k])
+        dot_left += value * np.float64(flat[left, k])
+    return sq, dot_up, dot_left
+
+
+@numba.njit(cache=True, nogil=True)
+def _rounded_score(dot, inv_a, inv_b):
+    """round(2**32 * cosine) as int64, from a dot product and inverse norms."""
+    return np.int64(np.floor(dot * inv_a * inv_b * 4294967296.0 + 0.5))
+
+
 @numba.njit(cache=True, nogil=True)
 def _score(flat, sums, summed, inv, a, b):
     """round(2**32 * cosine(a, b)) as int64."""
@@ -191,43 +227,130 @@ def _score(flat, sums, summed, inv, a, b):
         dot = _dot_rows(sums, a, sums, b) if summed[b] else _dot_rows(sums, a, flat, b)
     else:
         dot = _dot_rows(flat, a, sums, b) if summed[b] else _dot_rows(flat, a, flat, b)
-    return np.int64(np.floor(dot * inv[a] * inv[b] * 4294967296.0 + 0.5))
+    return _rounded_score(dot, inv[a], inv[b])
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _add_rows(old, extra, out, inv_old):
-    """out = old + extra, rounded to the arrays' dtype (out may be old itself).
+def _dots4(u, v0, v1, v2, v3):
+    """(u . v0, u . v1, u . v2, u . v3) in float64, in one pass: u is read
+    and converted once, and four rows stream from memory at the same time
+    (~1.5x faster per product than four calls of _dot_rows)."""
+    d0 = 0.0
+    d1 = 0.0
+    d2 = 0.0
+    d3 = 0.0
+    for k in range(u.shape[0]):
+        x = np.float64(u[k])
+        d0 += x * np.float64(v0[k])
+        d1 += x * np.float64(v1[k])
+        d2 += x * np.float64(v2[k])
+        d3 += x * np.float64(v3[k])
+    return d0, d1, d2, d3
 
-    Returns (1 / |out| or 0, |out / |out| - old * inv_old|): the new inverse
-    norm and how far the unit vector moved. The sum is formed three times so
-    that ``old`` is still intact while the movement is measured, and so that
-    the two reductions have no store: ``out`` usually *is* ``old``, and a
-    store in a reduction loop makes LLVM fall back (runtime alias check) to a
-    scalar loop with a serial float64 sum (630 -> 290 ns per call at C=472).
-    """
-    sq = 0.0
+
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _dots2(u, v0, v1):
+    """(u . v0, u . v1), like _dots4."""
+    d0 = 0.0
+    d1 = 0.0
+    for k in range(u.shape[0]):
+        x = np.float64(u[k])
+        d0 += x * np.float64(v0[k])
+        d1 += x * np.float64(v1[k])
+    return d0, d1
+
+
+@numba.njit(cache=True, nogil=True)
+def _row(flat, sums, summed, r):
+    return sums[r] if summed[r] else flat[r]
+
+
+@numba.njit(cache=True, nogil=True)
+def _score_batch(flat, sums, summed, inv, a, others, scores, count):
+    """scores[e] = _score(..., a, others[e]) for e < count <= 4 (with 3, the
+    last pair is scored twice)."""
+    if count == 1:
+        scores[0] = _score(flat, sums, summed, inv, a, others[0])
+        return
+    u = _row(flat, sums, summed, a)
+    v0 = _row(flat, sums, summed, others[0])
+    if count == 2:
+        d0, d1 = _dots2(u, v0, _row(flat, sums, summed, others[1]))
+        scores[0] = _rounded_score(d0, inv[a], inv[others[0]])
+        scores[1] = _rounded_score(d1, inv[a], inv[others[1]])
+        return
+    v1 = _row(flat, sums, summed, others[min(1, count - 1)])
+    v2 = _row(flat, sums, summed, others[min(2, count - 1)])
+    v3 = _row(flat, sums, summed, others[min(3, count - 1)])
+    d0, d1, d2, d3 = _dots4(u, v0, v1, v2, v3)
+    for e, dot in enumerate((d0, d1, d2, d3)):
+        if e < count:
+            scores[e] = _rounded_score(dot, inv[a], inv[others[e]])
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _add_rows(old, extra, out):
+    """out = old + extra, rounded to the arrays' dtype; ``out`` must not
+    overlap ``old`` (see _add_in_place). Returns the float64 sums
+    (old . old, old . out, out . out)."""
+    before = 0.0
+    cross = 0.0
+    after = 0.0
     for k in range(out.shape[0]):
-        value = np.float64(old[k] + extra[k])
-        sq += value * value
-    inv_new = 1.0 / np.sqrt(sq) if sq > 0.0 else 0.0
-    moved = 0.0
-    for k in range(out.shape[0]):
-        step = np.float64(old[k] + extra[k]) * inv_new - np.float64(old[k]) * inv_old
-        moved += step * step
-    for k in range(out.shape[0]):
-        out[k] = old[k] + extra[k]
-    return inv_new, np.sqrt(moved)
+        value = old[k] + extra[k]
+        out[k] = value
+        b, a = np.float64(old[k]), np.float64(value)
+        before += b * b
+        cross += b * a
+        after += a * a
+    return before, cross, after
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _add_in_place(acc, extra):
+    """_add_rows(acc, extra, acc). A separate loop because with two names for
+    one row LLVM's runtime alias check fails and falls back to a scalar loop
+    with a serial float64 sum (4x slower)."""
+    before = 0.0
+    cross = 0.0
+    after = 0.0
+    for k in range(acc.shape[0]):
+        b = np.float64(acc[k])
+        value = acc[k] + extra[k]
+        acc[k] = value
+        a = np.float64(value)
+        before += b * b
+        cross += b * a
+        after += a * a
+    return before, cross, after
 
 
 @numba.njit(cache=True, nogil=True)
 def _absorb(flat, sums, summed, inv, keep, gone):
-    """Region ``keep`` takes over ``gone``'s patches: update its sum and
-    inverse norm; returns how far its unit vector moved."""
-    old = sums[keep] if summed[keep] else flat[keep]
+    """Region ``keep`` takes over ``gone``'s patches: update its sum (one pass)
+    and inverse norm; returns an upper bound on how far its unit vector moved.
+
+    With u = S * inv_old and u' = S' * inv_new, |u' - u|^2 is expanded into
+    the three sums of the pass (the old code measured it in a second pass and
+    stored in a third: 0.66 -> 0.24 us per merge at C=768). The expansion
+    cancels (its terms are ~1, the result can be ~0), so the bound adds the
+    float64 error of the three sums (in any order, at most (C + 1) 2**-53
+    times the sum of |terms|, ~1, ~1 and ~2 here) and of the expansion itself:
+    at most (4 C + 28) 2**-53 in all, covered by 5 (C + 8) 2**-53. Its square
+    root, ~7e-7 at C=768, loosens the bounds by ~3000 units of 2**-32 per
+    merge, far below typical movements (~1e-3)."""
     extra = sums[gone] if summed[gone] else flat[gone]
-    inv[keep], moved = _add_rows(old, extra, sums[keep], inv[keep])
+    if summed[keep]:
+        before, cross, after = _add_in_place(sums[keep], extra)
+    else:
+        before, cross, after = _add_rows(flat[keep], extra, sums[keep])
     summed[keep] = True
-    return moved
+    inv_old = inv[keep]
+    inv_new = 1.0 / np.sqrt(after) if after > 0.0 else 0.0
+    inv[keep] = inv_new
+    square = inv_old * inv_old * before + inv_new * inv_new * after - 2.0 * inv_old * inv_new * cross
+    error = 5.0 * (flat.shape[1] + 8) * 2.0**-53
+    return np.sqrt(max(square + error, 0.0))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -400,6 +523,27 @@ def _compact(local, start, length, region, alive, version):
         _sift_down(local, o, pos, kept)
 
 
+@numba.njit(cache=True, nogil=True)
+def _pick_batch(local, o, size, r, alive, version, drift, glob, rival, where):
+    """Heap positions to re-score together: the top (0), then up to 3 of the
+    next 6 positions whose entries are valid, inexact and could beat the
+    rival. Returns their count; positions increase."""
+    where[0] = 0
+    count = 1
+    for pos in range(1, min(7, size)):
+        row = o + pos
+        if (
+            (local[row, _B] & _LOW32) != version[r]
+            and _valid(local, row, alive, version)
+            and (rival == 0 or 2 * (local[row, _KEY] + drift[r]) + 1 >= glob[rival, _KEY])
+        ):
+            where[count] = pos
+            count += 1
+            if count == 4:
+                break
+    return count
+
+
 # --------------------------------------------------------------------------
 # The merge loop
 
@@ -501,21 +645,28 @@ def _merge_loop(
     nb_end = 4 * n
     lo_end = 4 * n
     g_len = 0
+    # Batches of up to 4 pairs scored together (_score_batch): the other
+    # regions, their heap positions or merged rows, and the scores.
+    batch = np.empty(4, np.int64)
+    where = np.empty(4, np.int64)
+    scores = np.empty(4, np.int64)
     # Owners of the arenas once they have grown.
     nbrs_owner = np.empty((0, 2), np.int64)
     local_owner = np.empty((0, 4), np.int64)
 
-    # One pass over the features in raster order: each patch's norm, then its
-    # pairs with the left and upper neighbours (still in cache).
+    # One pass over the features in raster order: each patch's norm and its
+    # products with the upper and left neighbours (still in cache), read once.
     for j in range(n):
-        sq = _dot_rows(flat, j, flat, j)
+        up = j - w if j >= w else -1
+        left = j - 1 if j % w != 0 else -1
+        sq, dot_up, dot_left = _row_products(flat, j, max(up, 0), max(left, 0))
         if not np.isfinite(sq):  # outside fastmath code, where it could be folded away
             return False
         inv[j] = 1.0 / np.sqrt(sq) if sq > 0.0 else 0.0
-        for i in (j - w if j >= w else -1, j - 1 if j % w != 0 else -1):
+        for i, dot in ((up, dot_up), (left, dot_left)):
             if i < 0:
                 continue
-            score = _score(flat, sums, summed, inv, i, j)
+            score = _rounded_score(dot, inv[i], inv[j])
             for a, b in ((i, j), (j, i)):
                 nbrs[nb_start[a] + nb_len[a], 0] = b
                 nbrs[nb_start[a] + nb_len[a], 1] = 0
@@ -545,11 +696,18 @@ def _merge_loop(
                     rival > 0 and 2 * (local[o, _KEY] + drift[r]) + 1 < glob[rival, _KEY]
                 ):
                     break
-                # Re-score the top and put it back in place of itself.
-                other = local[o, _A]
-                score = _score(flat, sums, summed, inv, r, other)
-                code = min(ident[r], ident[other]) * n + max(ident[r], ident[other])
-                _replace_top(local, o, lo_len[r], score - drift[r], code, other, (version[other] << 32) | version[r])
+                # Re-score the top, and with it up to 3 entries just below it
+                # that could also beat the rival (likely needed next), and put
+                # each back in place of itself, deepest first.
+                count = _pick_batch(local, o, lo_len[r], r, alive, version, drift, glob, rival, where)
+                for q in range(count):
+                    batch[q] = local[o + where[q], _A]
+                _score_batch(flat, sums, summed, inv, r, batch, scores, count)
+                for q in range(count - 1, -1, -1):
+                    other = batch[q]
+                    code = min(ident[r], ident[other]) * n + max(ident[r], ident[other])
+                    tags = (version[other] << 32) | version[r]
+                    _place_down(local, o, where[q], lo_len[r], scores[q] - drift[r], code, other, tags)
             if lo_len[r] == 0:
                 token[r] += 1
                 g_len = _pop(glob, 0, g_len)
@@ -584,13 +742,21 @@ def _merge_loop(
                     break
                 local_owner = _grown(local, grow)
                 local = _unowned(local_owner)
-            for e in range(count):
-                nb = merged[e, 0]
-                if merged[e, 1] < 0:
-                    score = _score(flat, sums, summed, inv, keep, nb)
-                    code = min(ident[keep], ident[nb]) * n + max(ident[keep], ident[nb])
-                    _local_push(local, lo_start, lo_len, keep, score - drift[keep], code, nb, version[nb], tick)
-                    merged[e, 1] = version[nb]
+            # Score the pairs that have no valid entry, 4 at a time.
+            pending = 0
+            for e in range(count + 1):
+                if e < count and merged[e, 1] < 0:
+                    batch[pending] = merged[e, 0]
+                    where[pending] = e
+                    pending += 1
+                if pending == 4 or (e == count and pending > 0):
+                    _score_batch(flat, sums, summed, inv, keep, batch, scores, pending)
+                    for q in range(pending):
+                        nb = batch[q]
+                        code = min(ident[keep], ident[nb]) * n + max(ident[keep], ident[nb])
+                        _local_push(local, lo_start, lo_len, keep, scores[q] - drift[keep], code, nb, version[nb], tick)
+                        merged[where[q], 1] = version[nb]
+                    pending = 0
             if lo_len[keep] > 2 * count + 16:
                 _compact(local, lo_start, lo_len, keep, alive, version)
             nb_len[keep] = 0
