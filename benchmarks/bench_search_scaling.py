@@ -1,11 +1,14 @@
 """Query latency and recall of the vector store as the collection grows (issue 3, Benchmark: speed).
 
     .venv/bin/python benchmarks/bench_search_scaling.py [--sizes 10k,100k,1M,10M] [--dim 432]
-        [--data hierarchical,clustered,random] [--queries 300]
+        [--data hierarchical,clustered,random] [--queries 300] [--index-type auto]
+        [--pqfs-m M] [--max-k-factor F]
 
-For each data kind and size it builds a ``VectorStore`` with ``index_type="auto"``
-(vectors generated and added in chunks of 1M, so the full collection exists
-only inside the index; ~5 GB of RSS at 10M x 432 as SQ8), then reports:
+For each data kind and size it builds a ``VectorStore`` with ``--index-type``
+(default ``auto``; ``pqfs`` is the kind for data without neighbourhood
+structure, e.g. ``--data random --index-type pqfs --sizes 100k,1M``; vectors
+generated and added in chunks of 1M, so the full collection exists only
+inside the index; ~5 GB of RSS at 10M x 432 as SQ8), then reports:
 
 - build time (s) and the index's resident memory (RSS growth, and the store's estimate);
 - single-query latency p50 / p95 (ms) over ``--queries`` queries, k = 10;
@@ -33,8 +36,9 @@ Queries are fresh draws from the same distribution, never stored vectors.
 A 10M row takes about an hour per data kind on two shared cores (IVF training
 and list assignment dominate); run big sizes in the background.
 Timings are single-threaded per query (the store never runs more OpenMP threads
-than queries); other processes on the machine make them noisy: the load
-average is printed with each row.
+than queries), except pqfs scans of many lists, which use every core; other
+processes on the machine make them noisy: the load average is printed with
+each row.
 """
 from __future__ import annotations
 
@@ -48,7 +52,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from indexer.vectors import VectorStore, ExactTopK  # noqa: E402
+from indexer.vectors import ExactTopK, VectorStore, VectorStoreSettings  # noqa: E402
 
 CHUNK = 1_000_000
 K = 10
@@ -124,11 +128,12 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([np.intersect1d(f[f >= 0], t).size / t.size for f, t in zip(found, truth)]))
 
 
-def run(kind: str, n: int, dim: int, n_queries: int, n_restricted: int) -> dict:
+def run(kind: str, n: int, dim: int, n_queries: int, n_restricted: int, index_type: str = "auto",
+        settings: VectorStoreSettings | None = None) -> dict:
     data = Collection(kind, n, dim)
     rss0 = rss_bytes()
     t0 = time.perf_counter()
-    store = VectorStore.create(dim, "auto", expected_size=n)
+    store = VectorStore.create(dim, index_type, expected_size=n, settings=settings)
     for ids, vectors, _ in data.chunks():
         store.add(ids, vectors)
         del vectors
@@ -157,7 +162,8 @@ def run(kind: str, n: int, dim: int, n_queries: int, n_restricted: int) -> dict:
     info = store.info()
     row = {
         "data": kind, "n": n, "kind": info["kind"], "nlist": info["nlist"],
-        "nprobe": info.get("nprobe", info.get("ef_search", "-")), "build_s": build_s,
+        "nprobe": info.get("nprobe", info.get("ef_search", "-")), "kf": info.get("k_factor", "-"),
+        "build_s": build_s,
         "rss_gb": index_bytes / 2**30, "est_gb": (info["bytes_estimate"] or 0) / 2**30,
         "p50": 1e3 * np.median(times), "p95": 1e3 * np.percentile(times, 95),
         "recall": recall(found, truth.ids), "load": os.getloadavg()[0],
@@ -177,6 +183,7 @@ def run(kind: str, n: int, dim: int, n_queries: int, n_restricted: int) -> dict:
 
 
 COLUMNS = [("data", "{:>12}"), ("n", "{:>10,}"), ("kind", "{:>5}"), ("nlist", "{:>6}"), ("nprobe", "{:>6}"),
+           ("kf", "{:>4}"),
            ("build_s", "{:>8.1f}"), ("rss_gb", "{:>6.2f}"), ("est_gb", "{:>6.2f}"),
            ("p50", "{:>7.2f}"), ("p95", "{:>7.2f}"), ("recall", "{:>6.3f}"),
            ("r_p50", "{:>7.2f}"), ("r_p95", "{:>7.2f}"), ("r_recall", "{:>8.3f}"), ("r_all_k", "{!s:>7}"),
@@ -191,14 +198,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", default="hierarchical,clustered,random")
     parser.add_argument("--queries", type=int, default=300, help="single queries timed per size")
     parser.add_argument("--restricted-queries", type=int, default=100)
+    parser.add_argument("--index-type", default="auto", help="auto, flat, ivf, ivfsq, ivfpq, hnsw, pqfs")
+    parser.add_argument("--pqfs-m", type=int, default=None, help="4-bit sub-quantizers of pqfs [dim/2]")
+    parser.add_argument("--max-k-factor", type=int, default=None, help="largest k_factor pqfs may calibrate to")
     args = parser.parse_args(argv)
-    print("columns: ms = single-query latency, k = 10; recall@10 vs exact brute force; r_* = restricted to a "
-          "random third of the ids, c_* = to a third of the clusters; all_k = every row got k results; "
+    overrides = {"pqfs_m": args.pqfs_m, "pqfs_max_k_factor": args.max_k_factor}
+    settings = VectorStoreSettings(**{key: value for key, value in overrides.items() if value is not None})
+    print("columns: ms = single-query latency, k = 10; recall@10 vs exact brute force; kf = pqfs k_factor; "
+          "r_* = restricted to a random third of the ids, c_* = to a third of the clusters; "
+          "all_k = every row got k results; "
           "rss_gb = RSS growth while building; filter_ms = make_filter time; load = 1-min load average")
     print(" ".join(f"{name:>{len(fmt.format(_sample(name)))}}" for name, fmt in COLUMNS))
     for size in (parse_size(s) for s in args.sizes.split(",")):
         for kind in args.data.split(","):
-            row = run(kind, size, args.dim, args.queries, min(args.restricted_queries, args.queries))
+            row = run(kind, size, args.dim, args.queries, min(args.restricted_queries, args.queries),
+                      args.index_type, settings)
             print(" ".join(_cell(fmt, row[name]) for name, fmt in COLUMNS), flush=True)
 
 
@@ -210,7 +224,7 @@ def _cell(fmt: str, value) -> str:
 
 def _sample(name: str):
     """A representative value, only to size the header to the column."""
-    return {"data": "x", "n": 0, "kind": "x", "nlist": 0, "nprobe": 0, "r_all_k": True}.get(name, 0.0)
+    return {"data": "x", "n": 0, "kind": "x", "nlist": 0, "nprobe": 0, "kf": 0, "r_all_k": True}.get(name, 0.0)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ def index() -> None:
 @click.option("--db", "db_url", help="SQLAlchemy URL of the catalog [sqlite file inside the index].")
 @click.option("--backbone", default="efficientnet_lite0", show_default=True)
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Backbone weight file.")
-@click.option("--index-type", default="auto", show_default=True, help="auto, flat, ivf, ivfsq, ivfpq, hnsw.")
+@click.option("--index-type", default="auto", show_default=True,
+              help="auto, flat, ivf, ivfsq, ivfpq, hnsw, pqfs (descriptors without neighbourhood structure).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--workers", default=None, type=click.IntRange(min=1), help="Discovery processes [CPU count].")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))

@@ -15,6 +15,8 @@ kind       FAISS index                                      bytes / vector
 ``ivfsq``  ``IVF{nlist},SQ8``                               d + 8
 ``ivfpq``  ``IVF{nlist},PQ{m}`` (m = d/4 bytes by default)  m + 8
 ``hnsw``   ``IndexIDMap2(HNSW{M},Flat)``                    4·d + 8·M + 16
+``pqfs``   ``IVF{nlist},PQ{m}x4fs`` + fp16 re-rank          2·d + m/2 + 56
+           (m = d/2 sub-quantizers by default)
 (string)   any factory string describing an ``IndexIVF``,
            e.g. ``"IVF4096,PQ64x4fs"``, used as given
 ========== ================================================ ==================
@@ -35,7 +37,49 @@ ground truth, taking the smallest value with recall@10 ≥ ``target_recall`` +
 ``calibration_margin``; the values and the measured recall are saved with the
 index (``info()``). On data without neighbourhood structure (uniform random
 vectors) no approximate index can reach the target cheaply and calibration
-ends near an exhaustive scan — correct, but slow.
+ends near an exhaustive scan — correct, but slow (1M random vectors: IVF-Flat
+~1.3 s p50); such a calibration logs a hint to use ``pqfs``.
+
+``pqfs`` is the kind for such collections: when the true neighbours are barely
+nearer than everything else, every vector must be looked at, so it makes
+looking cheap. An IVF with few lists (``pqfs_lists_per_sqrt_n`` · √n) holds
+4-bit product-quantizer codes of the vectors (``pqfs_m`` sub-quantizers,
+default d/2, i.e. d/4 bytes, fast-scan SIMD layout); the scan proposes
+k · ``k_factor`` candidates, and an fp16 copy of every vector (an
+``IndexIDMap2(IndexScalarQuantizer fp16)`` addressed by region id) re-ranks
+them by inner product (error ≤ ~1e-3, scores are these fp16 products).
+Calibration picks the pair (nprobe, k_factor) reaching the recall target at
+the least modelled cost (``_pqfs_cost``: codes scanned, lists probed,
+candidates re-ranked). Between retrainings the k_factor in use grows in
+proportion to the collection (it is calibrated as a share of it), and a
+store first built on fewer than ``calibration_queries`` vectors is retrained
+each time it doubles. Both faiss indexes live in one ``IndexRefine``
+container (one faiss file); its own add/search are never used. Restricted
+searches put the selector in the scan and widen nprobe and k_factor together
+(re-ranking longer prefixes of one deep scan); ``reconstruct`` returns the
+fp16 copies; removal deletes from both (and re-encodes the lists it touched,
+see ``_index_remove`` for the faiss fast-scan bug this avoids).
+
+Measured with ``benchmarks/bench_search_scaling.py --index-type pqfs`` (432-d,
+2-core machine): 1M random vectors, PQ216x4fs, nlist 1000 all probed,
+k_factor 24: p50 8.5 ms, p95 9.9 ms, recall@10 0.969 with a single query's
+lists split over both cores (one core: 14.8-17.8 ms over four runs at load
+1.4-2.8); restricted to a random third 22 ms / 0.999; RSS 0.99 GB; 100k
+random: 1.1 ms / 0.976 (ivf, all 1265 lists probed: 13.3 ms). PQ108x4fs
+needed k_factor 1024 (one core: p50 20.7 ms, recall 0.982), PQ144x4fs
+k_factor 192 (14.4 ms, 0.970, restricted 30 ms). 1M hierarchical vectors:
+nprobe 6, k_factor 4, p50 0.64 ms, recall 0.964. 10M random vectors are out
+of reach of any scan on two cores: the codes alone are 1.08 GB, ~130 ms of
+memory reads at the 8.3 GB/s one core streams here, and shorter codes need a
+k_factor (hence re-rank work) growing with n.
+
+``"auto"`` never picks ``pqfs``; choose it explicitly (``--index-type pqfs``).
+On data with neighbourhood structure the kinds "auto" picks are as fast with
+more recall (1M hierarchical, ivf: 0.60 ms, recall 0.983) and, from ~7M
+vectors on, with less than half the memory (ivfsq d + 8 bytes against
+pqfs's 2·d + d/4 + 56: 4.4 GB against 10.3 GB at 10M); and telling that a
+collection has no structure takes a built and calibrated IVF index, whose
+calibration then logs the hint.
 
 Restricted search (``allowed_ids``, e.g. one hierarchy level) goes through a
 FAISS ``IDSelector`` inside the search rather than filtering k results
@@ -68,6 +112,8 @@ source of truth.
 Single queries run on one OpenMP thread: faiss parallelises over queries below
 20 of them, and a second thread only added barrier waits (exact search of 1M
 vectors: 105 ms with one thread, 500 ms with two, on the shared 2-core machine).
+The exception is a ``pqfs`` scan probing many lists, which faiss can split per
+query (``_pqfs_scan``).
 """
 from __future__ import annotations
 
@@ -87,8 +133,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-NAMED_KINDS = ("flat", "ivf", "ivfsq", "ivfpq", "hnsw")
-_IVF_KINDS = ("ivf", "ivfsq", "ivfpq", "factory")
+NAMED_KINDS = ("flat", "ivf", "ivfsq", "ivfpq", "hnsw", "pqfs")
+_IVF_KINDS = ("ivf", "ivfsq", "ivfpq", "pqfs", "factory")
 _GROWTH_ORDER = ("flat", "ivf", "ivfsq", "ivfpq")  # the order "auto" moves through as n grows
 _MAGIC = b"HASSODVS"
 _FORMAT_VERSION = 1
@@ -101,6 +147,20 @@ _WIDEN_FACTOR = 4
 # threads only add barrier cost: with 2 threads a single exact query at 1M
 # vectors took 500 ms instead of 105 ms on the (shared) 2-core machine.
 _FAISS_BLAS_THRESHOLD = 20
+# Cost model ranking pqfs (nprobe, k_factor) pairs (_pqfs_cost), one thread on the loaded
+# 2-core machine, 432 dims: an exhaustive scan of 1M random vectors took 9.5 ms with
+# 54-byte codes and 15 ms with 108-byte codes; each probed list ~0.6 µs of setup; each
+# candidate ~0.7 µs (scan heap, id lookup, code copy, fp16 inner product).
+_PQFS_SCAN_NS_PER_VECTOR = 4.0
+_PQFS_SCAN_NS_PER_BYTE = 0.1
+_PQFS_NS_PER_LIST = 600.0
+_PQFS_NS_PER_CANDIDATE = 700.0
+# A single pqfs query probing at least this many lists is split over all cores by
+# faiss's fast-scan implementation 14 (parallel over a query's lists); below it the
+# split costs more in thread wake-ups than it saves.
+_PQFS_SPLIT_MIN_LISTS = 64
+_PQFS_SPLIT_IMPLEM = 14
+_MAX_THREADS = faiss.omp_get_max_threads()  # before any _omp_threads lowers it
 
 Chunks = Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]
 
@@ -121,6 +181,14 @@ class VectorStoreSettings:
             HNSW graph over the centroids instead of a flat scan (adding 10M vectors
             to 12k lists by flat scan is ~65 TFLOP, ~20 min on two cores).
         pq_bytes: bytes per vector of the ``ivfpq`` kind; ``None`` = dim // 4.
+        pqfs_m: 4-bit sub-quantizers of the ``pqfs`` scan (m/2 code bytes per
+            vector); ``None`` = dim // 2. Rounded down to a divisor of dim.
+        pqfs_max_k_factor: largest ``pqfs`` k_factor (k·k_factor candidates are
+            re-ranked) that calibration may choose and restricted searches widen to.
+        pqfs_lists_per_sqrt_n: ``lists_per_sqrt_n`` of the ``pqfs`` kind. Fewer lists
+            than IVF's: each probed list costs ~0.6 µs of fast-scan setup, and on
+            the data pqfs is for nearly all lists are probed (100k random vectors,
+            exhaustive scan: 1.1 ms with 1265 lists, 0.48 ms with 256).
         hnsw_m: graph degree of the ``hnsw`` kind.
         hnsw_ef_construction: beam width while building the ``hnsw`` kind.
         calibration_queries: stored vectors used as leave-one-out queries to tune
@@ -144,6 +212,9 @@ class VectorStoreSettings:
     kmeans_iters: int = 10
     hnsw_quantizer_min_lists: int = 8192
     pq_bytes: int | None = None
+    pqfs_m: int | None = None
+    pqfs_max_k_factor: int = 1024
+    pqfs_lists_per_sqrt_n: float = 1.0
     hnsw_m: int = 32
     hnsw_ef_construction: int = 64
     calibration_queries: int = 200
@@ -242,11 +313,23 @@ def bytes_per_vector(kind: str, dim: int, settings: VectorStoreSettings) -> int:
         return _pq_bytes(dim, settings) + 8
     if kind == "hnsw":
         return 4 * dim + 8 * settings.hnsw_m + 16
+    if kind == "pqfs":
+        # 4-bit codes + id in an IVF list; fp16 copy + IndexIDMap2 id map and reverse hash entry
+        return _pqfs_m(dim, settings) // 2 + 8 + 2 * dim + 48
     raise ValueError(f"no memory model for index kind {kind!r}")
 
 
 def _pq_bytes(dim: int, settings: VectorStoreSettings) -> int:
-    target = settings.pq_bytes or max(1, dim // 4)
+    return _largest_divisor(dim, settings.pq_bytes or max(1, dim // 4))
+
+
+def _pqfs_m(dim: int, settings: VectorStoreSettings) -> int:
+    # d/2 rather than d/4: at 1M random 432-d vectors PQ108x4fs needed k_factor 1024
+    # (p50 20.7 ms), PQ216x4fs k_factor 24 (14.8 ms); the codes are small next to the fp16 copy.
+    return _largest_divisor(dim, settings.pqfs_m or max(1, dim // 2))
+
+
+def _largest_divisor(dim: int, target: int) -> int:
     # PQ needs m | dim: take the largest divisor not above the target.
     return max(m for m in range(1, min(target, dim) + 1) if dim % m == 0)
 
@@ -318,6 +401,7 @@ class VectorStore:
         self._tuning: dict[str, float | int | None] = {}
         self._version = 0
         self._gpu_index: faiss.Index | None = None
+        self._rerank: _Rerank | None = None  # pqfs only, rebuilt after each change
         self._use_gpu = settings.use_gpu if settings.use_gpu is not None else faiss.get_num_gpus() > 0
 
     # ------------------------------------------------------------------ creation
@@ -326,7 +410,7 @@ class VectorStore:
                settings: VectorStoreSettings | None = None) -> VectorStore:
         """An empty store for ``dim``-dimensional vectors.
 
-        ``index_type``: ``"auto"``, one of ``flat|ivf|ivfsq|ivfpq|hnsw`` or an IVF
+        ``index_type``: ``"auto"``, one of ``flat|ivf|ivfsq|ivfpq|hnsw|pqfs`` or an IVF
         factory string. ``expected_size`` (vectors) lets ``"auto"`` pick the kind
         and nlist for the final size up front instead of growing into them.
         """
@@ -392,7 +476,7 @@ class VectorStore:
             if self._index is None or plan != self._plan or plan.kind == "hnsw":
                 self._build(plan, lambda: iter([(ids, vectors)]), ids.size)
                 return
-        self._index.add_with_ids(vectors, ids)
+        _index_add(self._index, self.kind, vectors, ids)
         self._ids.add(ids)
         self._changed()
         if self.needs_rebuild():
@@ -408,7 +492,7 @@ class VectorStore:
             # HNSW graphs cannot drop nodes: hide them from search, compact when they pile up.
             self._tombstones = np.union1d(self._tombstones, ids)
         else:
-            removed = self._index.remove_ids(faiss.IDSelectorBatch(ids.size, faiss.swig_ptr(ids)))
+            removed = _index_remove(self._index, self.kind, ids)
             if removed != ids.size:
                 raise RuntimeError(f"faiss removed {removed} of {ids.size} vectors")
         self._ids.remove(ids)
@@ -420,6 +504,7 @@ class VectorStore:
     def _changed(self) -> None:
         self._version += 1
         self._gpu_index = None
+        self._rerank = None  # views faiss memory that an add / remove may reallocate
 
     # ------------------------------------------------------------------ planning
     def _plan_for(self, n: int, n_available: int) -> IndexPlan:
@@ -431,7 +516,10 @@ class VectorStore:
             kind = self.index_type
         else:
             return IndexPlan("factory", 0, self.index_type)
-        nlist = choose_nlist(n_target, n_available, self.settings) if kind in _IVF_KINDS else 0
+        settings = self.settings
+        if kind == "pqfs":
+            settings = dataclasses.replace(settings, lists_per_sqrt_n=settings.pqfs_lists_per_sqrt_n)
+        nlist = choose_nlist(n_target, n_available, settings) if kind in _IVF_KINDS else 0
         return IndexPlan(kind, nlist)
 
     def needs_rebuild(self) -> bool:
@@ -440,6 +528,13 @@ class VectorStore:
             return False
         if self._plan.kind == "hnsw":
             return self._tombstones.size > 0.25 * self._index.ntotal
+        if self._plan.kind == "pqfs":
+            # Built on fewer vectors than the calibration sample: its PQ codebooks and
+            # k_factor fit a handful of vectors (nlist stays 1 up to 78), so retrain each
+            # time the collection doubles until it is calibrated on a full sample.
+            calibrated_on = int(self._tuning.get("calibration_queries") or 0)
+            if calibrated_on < self.settings.calibration_queries and len(self) >= 2 * max(calibrated_on, 1):
+                return True
         wanted = self._plan_for(len(self), len(self))
         # Only ever grow: a collection shrinking back under a threshold keeps its
         # index, so add/remove churn around a threshold cannot trigger rebuild after rebuild.
@@ -479,7 +574,8 @@ class VectorStore:
         if plan.kind == "factory":
             return faiss.index_factory(d, plan.factory, metric)
         coarse = f"IVF{plan.nlist}" + ("_HNSW32" if plan.nlist >= self.settings.hnsw_quantizer_min_lists else "")
-        codec = {"ivf": "Flat", "ivfsq": "SQ8", "ivfpq": f"PQ{_pq_bytes(d, self.settings)}"}[plan.kind]
+        codec = {"ivf": "Flat", "ivfsq": "SQ8", "ivfpq": f"PQ{_pq_bytes(d, self.settings)}",
+                 "pqfs": f"PQ{_pqfs_m(d, self.settings)}x4fs"}[plan.kind]
         index = faiss.index_factory(d, f"{coarse},{codec}", metric)
         ivf = faiss.extract_index_ivf(index)
         if isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW):
@@ -487,6 +583,16 @@ class VectorStore:
             faiss.downcast_index(ivf.quantizer).hnsw.efSearch = 64
         ivf.cp.niter = self.settings.kmeans_iters
         ivf.cp.spherical = True  # unit-norm centroids, so inner-product assignment is not biased by norm
+        if plan.kind == "pqfs":
+            # Codes of the vectors themselves, not of their residuals to the list centroid: one
+            # lookup table per query instead of one per probed list, and on 1M random vectors
+            # (PQ216x4fs) the true top 10 were 90% among the top 100 codes against 76% by residual.
+            ivf.by_residual = False
+            # IndexRefine is only the container (one faiss file, try_extract_index_ivf finds
+            # the scan): its re-rank index is addressed by region id, not by position, so
+            # adds, removals and searches go through _index_add / _index_remove / _refined_search.
+            refine = faiss.IndexIDMap2(faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16, metric))
+            index = faiss.IndexRefine(index, refine)
         return index
 
     def _install(self, index: faiss.Index, plan: IndexPlan, tuning: dict | None = None) -> None:
@@ -516,12 +622,12 @@ class VectorStore:
         truth = ExactTopK(cal_queries, _CALIBRATION_K + 1)  # +1: the query itself is stored
         all_ids = []
         for chunk_ids, chunk in chunks():
-            index.add_with_ids(chunk, chunk_ids)
+            _index_add(index, plan.kind, chunk, chunk_ids)
             if plan.kind != "flat":
                 truth.update(chunk_ids, chunk)
             all_ids.append(chunk_ids)
-        tuning = _calibrate(index, plan.kind, cal_ids, cal_queries, truth.ids,
-                            self._calibration_target()) if plan.kind != "flat" else {}
+        tuning = _calibrate(index, plan.kind, cal_ids, cal_queries, truth.ids, self._calibration_target(),
+                            self.settings) if plan.kind != "flat" else {}
         self._install(index, plan, tuning)
         self._ids = _IdSet(np.concatenate(all_ids))
 
@@ -539,8 +645,17 @@ class VectorStore:
             assigner = faiss.IndexHNSWFlat(self.dim, 32)
         if assigner is not None:
             ivf.clustering_index = assigner
+        # pqfs trains m/2 tiny 16-centroid k-means whose OpenMP regions only add barrier
+        # waits: PQ216x4fs on 15.8k vectors trained in 2.1 s on one thread, 57 s on two.
+        threads = _omp_threads(1) if isinstance(index, faiss.IndexRefine) else contextlib.nullcontext()
+        pq = getattr(faiss.downcast_index(ivf), "pq", None)
+        if pq is not None and 0 < sample.shape[0] < pq.ksub:
+            # faiss k-means wants at least ksub points: a first batch that small is repeated
+            # (the codebooks are retrained when the collection grows, see needs_rebuild)
+            sample = np.resize(sample, (pq.ksub, sample.shape[1]))
         try:
-            index.train(sample)
+            with threads:
+                index.train(sample)
         finally:
             ivf.clustering_index = None
 
@@ -559,7 +674,7 @@ class VectorStore:
         for chunk_ids, chunk in self._stored_chunks():
             truth.update(chunk_ids, chunk)
         self._tuning = _calibrate(self._index, self.kind, cal_ids, cal_queries, truth.ids,
-                                  self._calibration_target())
+                                  self._calibration_target(), self.settings)
         self._changed()
         return self.info()
 
@@ -575,13 +690,18 @@ class VectorStore:
             raise KeyError(f"ids not in the store: {ids[missing][:5].tolist()}")
         if ids.size == 0:
             return np.empty((0, self.dim), dtype=np.float32)
+        if self.kind == "pqfs":
+            return self._rerank_view().decode(ids)
         with self._direct_map():
             return self._index.reconstruct_batch(ids)
 
     @contextlib.contextmanager
     def _direct_map(self) -> Iterator[None]:
-        """IVF lists are unordered: a temporary id → (list, offset) hash table makes ids addressable."""
-        ivf = faiss.try_extract_index_ivf(self._index) if self.kind in _IVF_KINDS else None
+        """IVF lists are unordered: a temporary id → (list, offset) hash table makes ids addressable.
+
+        Not for ``pqfs``: it reconstructs from its fp16 copy, which is addressed by id.
+        """
+        ivf = faiss.try_extract_index_ivf(self._index) if self.kind in _IVF_KINDS and self.kind != "pqfs" else None
         if ivf is None:
             yield
             return
@@ -605,6 +725,11 @@ class VectorStore:
                 yield positions_ids[start:start + chunk], np.array(flat[sel], dtype=np.float32)
             return
         ids = self._ids.array().copy()
+        if self.kind == "pqfs":
+            rerank = self._rerank_view()
+            for start in range(0, ids.size, chunk):
+                yield ids[start:start + chunk], rerank.decode(ids[start:start + chunk])
+            return
         with self._direct_map():
             for start in range(0, ids.size, chunk):
                 part = ids[start:start + chunk]
@@ -689,21 +814,26 @@ class VectorStore:
         limit = self._max_width()
         width = min(limit, math.ceil(self._base_width() * len(self) / (filt.count if filt else len(self))))
         gpu = self._gpu_replica(k) if filt is None and not self._tombstones.size else None
+        approx = self._widening_search(queries, k, filt)
         if gpu is not None:
             scores, ids = gpu.search(queries, k)
         else:
-            scores, ids = self._index.search(queries, k, params=self._approx_params(filt, width))
+            scores, ids = approx(np.arange(len(queries)), width, 1)
         # Unrestricted rows only need widening when short of results. Restricted rows
         # widen until a wider search leaves their top k unchanged: neighbours of an
         # allowed set correlated with the descriptor (a level) can sit far from the
         # query, and no fixed widening finds them (measured on 20k clustered vectors,
         # filter = a third of the clusters: recall@10 0.70 at the calibrated nprobe
-        # / fraction, 0.97 only at 32x the calibrated nprobe).
+        # / fraction, 0.97 only at 32x the calibrated nprobe). pqfs widens its k_factor
+        # too: far neighbours differ by less than a 4-bit code's error (same filter,
+        # pqfs: recall@10 0.78 widening nprobe alone).
         full = (ids >= 0).sum(axis=1) >= need
         active = np.arange(len(queries)) if filt is not None else np.flatnonzero(~full)
-        while active.size and width < limit:
+        boost, max_boost = 1, self._max_boost()
+        while active.size and (width < limit or boost < max_boost):
             width = min(limit, _WIDEN_FACTOR * width)
-            new_scores, new_ids = self._index.search(queries[active], k, params=self._approx_params(filt, width))
+            boost = min(max_boost, _WIDEN_FACTOR * boost)
+            new_scores, new_ids = approx(active, width, boost)
             done = (new_ids >= 0).sum(axis=1) >= need
             if filt is not None:
                 old = ids[active]
@@ -715,6 +845,60 @@ class VectorStore:
             # the widest filtered graph walk still missed some: finish those rows exactly
             scores[active], ids[active] = self._search_subset(queries[active], k, filt.ids)
         return scores, ids
+
+    def _widening_search(self, queries: np.ndarray, k: int,
+                         filt: IdFilter | None) -> Callable[[np.ndarray, int, int], tuple[np.ndarray, np.ndarray]]:
+        """``search(rows, width, boost)``: top k of ``queries[rows]`` probing ``width`` lists / beam,
+        pqfs re-ranking ``boost`` times its calibrated k_factor.
+
+        Restricted pqfs searches scan once per width, deep enough for the largest
+        boost, and widen the k_factor by re-ranking longer prefixes of that scan:
+        on random data the first width is already every list, and rescanning for
+        each boost took 33 ms p50 at 1M vectors against 15 ms unrestricted.
+        """
+        kf = self._k_factor() if self.kind == "pqfs" else 1
+        deepest = _pqfs_depth(k, kf * self._max_boost())
+        if self.kind != "pqfs" or filt is None or len(queries) * deepest > 1 << 22:  # ≤ 32 MiB of candidates
+            return lambda rows, width, boost: self._approx_search(queries[rows], k, self._approx_params(filt, width),
+                                                                  boost)
+        scans: dict[int, np.ndarray] = {}
+
+        def search(rows: np.ndarray, width: int, boost: int) -> tuple[np.ndarray, np.ndarray]:
+            if width not in scans:  # rows only shrink between calls: scan the current ones
+                scans.clear()
+                candidates = np.full((len(queries), deepest), -1, dtype=np.int64)
+                candidates[rows] = _pqfs_scan(self._index, queries[rows], deepest, self._approx_params(filt, width))
+                scans[width] = candidates
+            return _rerank(self._rerank_view(), queries[rows], k, scans[width][rows, :_pqfs_depth(k, kf * boost)])
+        return search
+
+    def _approx_search(self, queries: np.ndarray, k: int, params: faiss.SearchParameters,
+                       boost: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Search with ``params``; pqfs re-ranks ``boost`` times its calibrated k_factor."""
+        if self.kind == "pqfs":
+            return _refined_search(self._index, self._rerank_view(), queries, k, boost * self._k_factor(), params)
+        return self._index.search(queries, k, params=params)
+
+    def _rerank_view(self) -> _Rerank:
+        if self._rerank is None:
+            self._rerank = _Rerank(self._index)
+        return self._rerank
+
+    def _k_factor(self) -> int:
+        """Calibrated pqfs k_factor, scaled up with the growth since calibration: the number of
+        codes that outscore a true neighbour grows with the collection (on random data in
+        proportion), so a fixed candidate count would lose recall as vectors are added."""
+        calibrated = int(self._tuning.get("k_factor") or self._index.k_factor)
+        size = int(self._tuning.get("calibrated_size") or 0)
+        if not size or len(self) <= size:
+            return calibrated
+        return min(math.ceil(calibrated * len(self) / size), max(calibrated, self.settings.pqfs_max_k_factor))
+
+    def _max_boost(self) -> int:
+        """How far a widening search may multiply the k_factor (pqfs; 1 for the other kinds)."""
+        if self.kind != "pqfs":
+            return 1
+        return max(1, self.settings.pqfs_max_k_factor // self._k_factor())
 
     def _base_width(self) -> int:
         """Calibrated nprobe (IVF) or efSearch (HNSW)."""
@@ -753,7 +937,7 @@ class VectorStore:
         return params
 
     def _gpu_replica(self, k: int) -> faiss.Index | None:
-        if not self._use_gpu or self.kind == "hnsw" or k > 2048:  # 2048: faiss GPU k / nprobe limit
+        if not self._use_gpu or self.kind in ("hnsw", "pqfs") or k > 2048:  # 2048: faiss GPU k / nprobe limit
             return None
         if self._gpu_index is None:
             try:
@@ -816,6 +1000,8 @@ class VectorStore:
         """Ids held by the faiss index, tombstones excluded."""
         if self.kind in ("flat", "hnsw"):
             ids = faiss.vector_to_array(self._index.id_map)
+        elif self.kind == "pqfs":
+            ids = faiss.vector_to_array(_refine_parts(self._index)[1].id_map)
         else:
             invlists = faiss.extract_index_ivf(self._index).invlists
             ids = np.concatenate([np.empty(0, dtype=np.int64)] + [
@@ -896,30 +1082,172 @@ def _leave_one_out_recall(found: np.ndarray, truth: np.ndarray, self_ids: np.nda
     return hits / max(len(found), 1)
 
 
+def _refine_parts(index: faiss.IndexRefine) -> tuple[faiss.IndexIVF, faiss.IndexIDMap2]:
+    """The fast-scan IVF and the id-addressed fp16 copy of a ``pqfs`` container."""
+    return faiss.downcast_index(index.base_index), faiss.downcast_index(index.refine_index)
+
+
+def _index_add(index: faiss.Index, kind: str, vectors: np.ndarray, ids: np.ndarray) -> None:
+    if kind != "pqfs":
+        index.add_with_ids(vectors, ids)
+        return
+    scan, refine = _refine_parts(index)
+    scan.add_with_ids(vectors, ids)
+    refine.add_with_ids(vectors, ids)
+    index.ntotal = scan.ntotal
+
+
+def _index_remove(index: faiss.Index, kind: str, ids: np.ndarray) -> int:
+    """Remove stored ``ids`` (unique, sorted) from ``index``; returns how many went."""
+    if kind != "pqfs":
+        return index.remove_ids(faiss.IDSelectorBatch(ids.size, faiss.swig_ptr(ids)))
+    # faiss 1.15.1 fast-scan lists take removals, but a vector added later to a list
+    # that lost entries gets a corrupted code (its own vector then ranked 1468th of
+    # 4901 by the scan): so every list that loses an id is emptied and its remaining
+    # vectors are re-encoded from the fp16 copy (O(list size) per touched list).
+    scan, refine = _refine_parts(index)
+    ivf = faiss.extract_index_ivf(scan)
+    touched = []
+    for list_no in range(ivf.nlist):
+        size = ivf.invlists.list_size(list_no)
+        if size:
+            list_ids = faiss.rev_swig_ptr(ivf.invlists.get_ids(list_no), size)
+            if _sorted_member(ids, list_ids).any():
+                touched.append(list_ids.copy())
+    emptied = np.sort(np.concatenate(touched)) if touched else np.empty(0, dtype=np.int64)
+    keep = emptied[~_sorted_member(ids, emptied)]
+    kept_vectors = _Rerank(index).decode(keep)
+    if scan.remove_ids(faiss.IDSelectorBatch(emptied.size, faiss.swig_ptr(emptied))) != emptied.size:
+        raise RuntimeError("pqfs scan lists changed while being emptied")
+    if keep.size:
+        scan.add_with_ids(kept_vectors, keep)
+    removed = refine.remove_ids(faiss.IDSelectorBatch(ids.size, faiss.swig_ptr(ids)))
+    if removed != emptied.size - keep.size or scan.ntotal != refine.ntotal:
+        raise RuntimeError("pqfs scan and re-rank copies disagree on the stored ids")
+    index.ntotal = scan.ntotal
+    return removed
+
+
+class _Rerank:
+    """Id-addressed fp16 codes of a ``pqfs`` index, read straight from faiss memory.
+
+    faiss would decode one vector per virtual call through the IndexIDMap2 hash
+    (8 µs per candidate on the loaded 2-core machine), and numpy converts fp16 to
+    float32 at ~1 ns per component (2.8 ms for 2560 candidates of 432 dims). So the
+    codes are viewed as a numpy (n, 2·d) uint8 array, ids are found by binary
+    search in a sorted copy of the id map, and a query's candidates are scored by
+    a scratch IndexScalarQuantizer over copies of their codes (SIMD fp16 inner
+    products: 0.37 ms for 2560 candidates, copy included). The view is valid only
+    until the index changes: the store rebuilds this object after every add / remove.
+    """
+
+    def __init__(self, index: faiss.IndexRefine):
+        _, refine = _refine_parts(index)
+        self.storage = faiss.downcast_index(refine.index)
+        n, self.dim = self.storage.ntotal, self.storage.d
+        size = self.storage.code_size
+        self.codes = (faiss.rev_swig_ptr(self.storage.codes.data(), n * size).reshape(n, size)
+                      if n else np.empty((0, size), dtype=np.uint8))
+        position_ids = faiss.vector_to_array(refine.id_map)
+        self.order = np.argsort(position_ids, kind="stable")
+        self.sorted_ids = position_ids[self.order]
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Positions of stored ``ids`` (all must be stored)."""
+        return self.order[np.searchsorted(self.sorted_ids, ids)]
+
+    def decode(self, ids: np.ndarray) -> np.ndarray:
+        return self.storage.sa_decode(self.codes[self.rows(ids)])
+
+    def top_k(self, query: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` best of ``candidates`` (stored ids) by fp16 inner product with ``query`` (d,)."""
+        scratch = faiss.IndexScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+        scratch.add_sa_codes(self.codes[self.rows(candidates)])
+        scores, rows = scratch.search(query[None], min(k, candidates.size))
+        return scores[0], candidates[rows[0]]
+
+
+def _refined_search(index: faiss.IndexRefine, rerank: _Rerank, queries: np.ndarray, k: int, k_factor: int,
+                    params: faiss.SearchParameters | None) -> tuple[np.ndarray, np.ndarray]:
+    """``pqfs`` search: the 4-bit fast scan proposes k·k_factor candidates (selector and
+    nprobe from ``params``), their fp16 copies re-rank them by inner product.
+
+    At least 10·k_factor candidates (the calibrated count) even for k < 10: a
+    4-bit code's score is so rough that a query's own vector can rank 50th.
+    """
+    return _rerank(rerank, queries, k, _pqfs_scan(index, queries, _pqfs_depth(k, k_factor), params))
+
+
+def _pqfs_depth(k: int, k_factor: int) -> int:
+    return max(k, _CALIBRATION_K) * k_factor
+
+
+def _pqfs_scan(index: faiss.IndexRefine, queries: np.ndarray, depth: int,
+               params: faiss.SearchParameters | None) -> np.ndarray:
+    """Ids (q, depth) of the best ``depth`` 4-bit codes per query, -1 padded.
+
+    A few queries probing many lists split each query's lists over all cores
+    (fast-scan implementation 14): 1M random vectors, every list probed, 2 cores:
+    p50 7.4 ms against 14.2 ms for the default, which parallelises over queries.
+    """
+    scan = _refine_parts(index)[0]
+    nprobe = params.nprobe if isinstance(params, faiss.SearchParametersIVF) else scan.nprobe
+    split = len(queries) < _FAISS_BLAS_THRESHOLD and nprobe >= _PQFS_SPLIT_MIN_LISTS and _MAX_THREADS > 1
+    scan.implem = _PQFS_SPLIT_IMPLEM if split else 0
+    previous = faiss.omp_get_max_threads()  # _omp_threads(len(queries)) of the caller
+    if split:
+        faiss.omp_set_num_threads(_MAX_THREADS)
+    try:
+        return scan.search(queries, depth, params=params)[1]
+    finally:
+        faiss.omp_set_num_threads(previous)
+
+
+def _rerank(rerank: _Rerank, queries: np.ndarray, k: int, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top k of each query's ``candidates`` row (ids, -1 = none) by fp16 inner product."""
+    scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    ids = np.full((len(queries), k), -1, dtype=np.int64)
+    with _omp_threads(1):  # one tiny search per query: OpenMP only adds barrier waits (4 ms each when busy)
+        for row, (query, found) in enumerate(zip(queries, candidates)):
+            found = found[found >= 0]
+            if found.size:
+                top_scores, top_ids = rerank.top_k(query, found, k)
+                scores[row, :top_ids.size], ids[row, :top_ids.size] = top_scores, top_ids
+    return scores, ids
+
+
+def _ivf_params(ivf: faiss.IndexIVF) -> Callable[[int], faiss.SearchParameters]:
+    """``nprobe`` → search parameters, with a beam for an HNSW centroid graph when there is one."""
+    hnsw_quantizer = isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW)
+
+    def make(v: int) -> faiss.SearchParameters:
+        params = faiss.SearchParametersIVF(nprobe=v)
+        if hnsw_quantizer:
+            quantizer_params = faiss.SearchParametersHNSW(efSearch=max(2 * v, 64))
+            params.quantizer_params = quantizer_params
+            params.keepalive = quantizer_params  # SWIG holds a raw pointer
+        return params
+    return make
+
+
 def _calibrate(index: faiss.Index, kind: str, cal_ids: np.ndarray, cal_queries: np.ndarray,
-               truth: np.ndarray, target: float) -> dict:
+               truth: np.ndarray, target: float, settings: VectorStoreSettings | None = None) -> dict:
     """Smallest nprobe (IVF) / efSearch (HNSW) reaching ``target`` leave-one-out recall@10.
 
     When the target is out of reach (PQ codes, structureless data) the smallest
     value within 1% of the best recall seen is taken instead of an exhaustive scan.
+    ``pqfs`` tunes nprobe and k_factor together (``_calibrate_pqfs``).
     """
+    if kind == "pqfs":
+        return _calibrate_pqfs(index, cal_ids, cal_queries, truth, target, settings or VectorStoreSettings())
     k = _CALIBRATION_K + 1
     if kind == "hnsw":
         values = [v for v in (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)]
         name, make = "ef_search", lambda v: faiss.SearchParametersHNSW(efSearch=v)
     else:
         ivf = faiss.extract_index_ivf(index)
-        hnsw_quantizer = isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW)
         values = sorted({min(v, ivf.nlist) for v in _geometric(ivf.nlist)})
-        name = "nprobe"
-
-        def make(v: int) -> faiss.SearchParameters:
-            params = faiss.SearchParametersIVF(nprobe=v)
-            if hnsw_quantizer:
-                quantizer_params = faiss.SearchParametersHNSW(efSearch=max(2 * v, 64))
-                params.quantizer_params = quantizer_params
-                params.keepalive = quantizer_params  # SWIG holds a raw pointer
-            return params
+        name, make = "nprobe", _ivf_params(ivf)
     seen: list[tuple[int, float]] = []
     for v in values:
         _, found = index.search(cal_queries, k, params=make(v))
@@ -934,9 +1262,78 @@ def _calibrate(index: faiss.Index, kind: str, cal_ids: np.ndarray, cal_queries: 
                     kind, best, target, name, value)
     if kind != "hnsw":
         ivf.nprobe = value  # saved inside the faiss file too
+        if ivf.nlist >= 64 and 2 * value >= ivf.nlist:
+            log.warning("%s index needs nprobe=%d of %d lists for recall@10 %.3f: these descriptors have "
+                        "little neighbourhood structure, index_type='pqfs' scans them faster", kind, value,
+                        ivf.nlist, recall)
     else:
         faiss.downcast_index(index.index).hnsw.efSearch = value
     return {name: int(value), "calibrated_recall": round(float(recall), 4), "calibration_queries": int(len(cal_ids))}
+
+
+def _calibrate_pqfs(index: faiss.IndexRefine, cal_ids: np.ndarray, cal_queries: np.ndarray,
+                    truth: np.ndarray, target: float, settings: VectorStoreSettings) -> dict:
+    """Cheapest (nprobe, k_factor) of a ``pqfs`` index reaching ``target`` leave-one-out recall@10.
+
+    One scan per nprobe returns the top 10·max_k_factor + 1 candidates; the
+    candidates of a smaller k_factor are a prefix of them, and an exact re-rank
+    keeps every true neighbour among its candidates, so recall at (nprobe, k_factor)
+    is the share of the true top 10 in that prefix. Among pairs reaching the
+    target the cheapest by ``_pqfs_cost`` wins; the winner is then searched
+    for real (fp16 re-rank) and that recall is reported. Out of reach: the
+    cheapest pair within 1% of the best recall seen.
+    """
+    scan, _ = _refine_parts(index)
+    ivf = faiss.extract_index_ivf(scan)
+    make = _ivf_params(ivf)
+    k = _CALIBRATION_K
+    n, code_bytes = scan.ntotal, ivf.code_size
+    max_factor = max(1, min(settings.pqfs_max_k_factor, n // k))  # more candidates than vectors is pointless
+    factors = _geometric(max_factor)
+    # true top k without the query itself, padded with -2 (matches nothing, not even a missing -1)
+    truth_k = np.full((len(cal_ids), k), -2, dtype=np.int64)
+    for row, (t, own) in enumerate(zip(truth, cal_ids)):
+        t = t[(t != own) & (t >= 0)][:k]
+        truth_k[row, :t.size] = t
+    n_true = np.maximum((truth_k >= 0).sum(axis=1), 1)
+    seen: list[tuple[float, int, int, float]] = []  # (cost, nprobe, k_factor, candidate recall)
+    best_cost = math.inf
+    for nprobe in sorted({min(v, ivf.nlist) for v in _geometric(ivf.nlist)}):
+        if _pqfs_cost(n, code_bytes, nprobe, ivf.nlist, k, 1) >= best_cost:
+            break  # scanning alone already costs more than a pair that reaches the target
+        _, found = scan.search(cal_queries, k * factors[-1] + 1, params=make(nprobe))
+        # rank of each true neighbour among the candidates (found.shape[1] when absent)
+        rank = np.full(truth_k.shape, found.shape[1], dtype=np.int64)
+        for j in range(k):
+            match = found == truth_k[:, j:j + 1]
+            present = match.any(axis=1)
+            rank[present, j] = match[present].argmax(axis=1)
+        for f in factors:
+            recall = float(np.mean((rank < k * f + 1).sum(axis=1) / n_true))
+            cost = _pqfs_cost(n, code_bytes, nprobe, ivf.nlist, k, f)
+            seen.append((cost, nprobe, f, recall))
+            if recall >= target:
+                best_cost = min(best_cost, cost)
+                break
+    best = max(r for *_, r in seen)
+    floor = target if best >= target else 0.99 * best
+    _, nprobe, k_factor, _ = min(s for s in seen if s[3] >= floor)
+    ivf.nprobe = nprobe  # saved inside the faiss file too
+    index.k_factor = k_factor
+    _, found = _refined_search(index, _Rerank(index), cal_queries, k + 1, k_factor, make(nprobe))
+    recall = _leave_one_out_recall(found, truth, cal_ids, k)
+    if recall < target:
+        log.warning("pqfs index reaches recall@10 %.3f (target %.2f) with nprobe=%d of %d, k_factor=%d; "
+                    "raise pqfs_m or pqfs_max_k_factor", recall, target, nprobe, ivf.nlist, k_factor)
+    return {"nprobe": int(nprobe), "k_factor": int(k_factor), "calibrated_recall": round(float(recall), 4),
+            "calibration_queries": len(cal_ids), "calibrated_size": int(n)}
+
+
+def _pqfs_cost(n: int, code_bytes: int, nprobe: int, nlist: int, k: int, k_factor: int) -> float:
+    """Model of one ``pqfs`` query's time (ns): codes scanned plus candidates re-ranked."""
+    scanned = n * nprobe / nlist
+    return ((_PQFS_SCAN_NS_PER_VECTOR + _PQFS_SCAN_NS_PER_BYTE * code_bytes) * scanned
+            + _PQFS_NS_PER_LIST * nprobe + _PQFS_NS_PER_CANDIDATE * k * k_factor)
 
 
 def _geometric(limit: int) -> list[int]:

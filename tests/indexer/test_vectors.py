@@ -46,6 +46,14 @@ def ivf_store(clustered):
     return store
 
 
+@pytest.fixture(scope="module")
+def pqfs_store(clustered):
+    ids, vectors, _, _ = clustered
+    store = VectorStore.create(vectors.shape[1], "pqfs")
+    store.add(ids, vectors)
+    return store
+
+
 def test_exact_search_hand_made_vectors():
     # Region ids are large and non-contiguous: they must come back verbatim.
     ids = np.array([9_000_000_000_123, 5, 77_777_777_777, 2**62], dtype=np.int64)
@@ -70,6 +78,14 @@ def test_exact_search_matches_brute_force(clustered, flat_store):
     np.testing.assert_allclose(scores, np.take_along_axis(brute, order, axis=1), atol=1e-5)
 
 
+def test_pqfs_recall_against_flat_on_clustered_data(clustered, flat_store, pqfs_store):
+    _, _, _, queries = clustered
+    info = pqfs_store.info()
+    assert info["kind"] == "pqfs" and info["calibrated_recall"] >= 0.95
+    _, truth = flat_store.search(queries, 10)
+    assert _recall(pqfs_store.search(queries, 10)[1], truth) >= 0.95
+
+
 def test_ivf_recall_against_flat(clustered, flat_store, ivf_store):
     _, _, _, queries = clustered
     assert ivf_store.kind == "ivf"
@@ -81,7 +97,7 @@ def test_ivf_recall_against_flat(clustered, flat_store, ivf_store):
     assert _recall(found, truth) >= 0.95
 
 
-@pytest.mark.parametrize("store_name", ["flat_store", "ivf_store"])
+@pytest.mark.parametrize("store_name", ["flat_store", "ivf_store", "pqfs_store"])
 @pytest.mark.parametrize("filter_name", ["cluster", "random"])
 def test_allowed_ids_returns_k_allowed_results(request, clustered, flat_store, store_name, filter_name):
     ids, _, labels, queries = clustered
@@ -100,7 +116,7 @@ def test_allowed_ids_returns_k_allowed_results(request, clustered, flat_store, s
     assert np.array_equal(store.search(queries, 10, allowed_ids=store.make_filter(allowed))[1], found)
 
 
-@pytest.mark.parametrize("store_name", ["flat_store", "ivf_store"])
+@pytest.mark.parametrize("store_name", ["flat_store", "ivf_store", "pqfs_store"])
 def test_allowed_ids_fewer_than_k(request, clustered, store_name):
     ids, _, _, queries = clustered
     store = request.getfixturevalue(store_name)
@@ -127,7 +143,7 @@ def test_dense_ids_bitmap_filter_equals_hash_filter(clustered):
     assert np.isin(store.search(queries, 10, allowed_ids=bitmap)[1], allowed).all()
 
 
-@pytest.mark.parametrize("index_type", ["flat", "ivf", "hnsw"])
+@pytest.mark.parametrize("index_type", ["flat", "ivf", "hnsw", "pqfs"])
 def test_remove(clustered, index_type):
     ids, vectors, _, queries = clustered
     ids, vectors = ids[:5000], vectors[:5000]
@@ -144,7 +160,7 @@ def test_remove(clustered, index_type):
     assert store.contains(gone[:1]).all()
 
 
-@pytest.mark.parametrize("index_type", ["flat", "ivf", "hnsw"])
+@pytest.mark.parametrize("index_type", ["flat", "ivf", "hnsw", "pqfs"])
 def test_save_load_round_trip(tmp_path, clustered, index_type):
     ids, vectors, labels, queries = clustered
     store = VectorStore.create(vectors.shape[1], index_type)
