@@ -30,28 +30,26 @@ def clustered():
     return ids, vectors, labels, queries
 
 
-@pytest.fixture(scope="module")
-def flat_store(clustered):
-    ids, vectors, _, _ = clustered
-    store = VectorStore.create(vectors.shape[1], "flat")
+def filled_store(kind: str, ids: np.ndarray, vectors: np.ndarray) -> VectorStore:
+    """A new store of ``kind`` holding ``vectors`` under ``ids`` (also used by test_vectors_pqfs)."""
+    store = VectorStore.create(vectors.shape[1], kind)
     store.add(ids, vectors)
     return store
+
+
+@pytest.fixture(scope="module")
+def flat_store(clustered):
+    return filled_store("flat", *clustered[:2])
 
 
 @pytest.fixture(scope="module")
 def ivf_store(clustered):
-    ids, vectors, _, _ = clustered
-    store = VectorStore.create(vectors.shape[1], "ivf")
-    store.add(ids, vectors)
-    return store
+    return filled_store("ivf", *clustered[:2])
 
 
 @pytest.fixture(scope="module")
 def pqfs_store(clustered):
-    ids, vectors, _, _ = clustered
-    store = VectorStore.create(vectors.shape[1], "pqfs")
-    store.add(ids, vectors)
-    return store
+    return filled_store("pqfs", *clustered[:2])
 
 
 def test_exact_search_hand_made_vectors():

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from indexer.vectors import VectorStore, VectorStoreSettings, bytes_per_vector
+from tests.indexer.test_vectors import filled_store
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -33,17 +34,13 @@ def random_data():
 @pytest.fixture(scope="module")
 def exact(random_data):
     ids, vectors, _ = random_data
-    store = VectorStore.create(DIM, "flat")
-    store.add(ids, vectors)
-    return store
+    return filled_store("flat", ids, vectors)
 
 
 @pytest.fixture(scope="module")
 def pqfs(random_data):
     ids, vectors, _ = random_data
-    store = VectorStore.create(DIM, "pqfs")
-    store.add(ids, vectors)
-    return store
+    return filled_store("pqfs", ids, vectors)
 
 
 def test_pqfs_recall_on_random_vectors(random_data, exact, pqfs):
