@@ -5,9 +5,10 @@ edge is 800 px, the detector's test size, so neither the model's own resize
 nor the mask pasting works at another resolution. Per image it prints the
 time of the model forward (backbone, RPN, cascade, 28×28 mask probabilities
 per box), of :func:`hassod.detect.postprocess` (filters, pasting the kept
-masks at image size binarised at 0.5, coverage hierarchy) and of the RLE
-encoding, plus detections per image and the peak memory (the process's
-resident set on the CPU, allocated tensors on CUDA).
+masks at image size binarised at 0.5 a batch at a time, RLE encoding,
+coverage hierarchy from the RLEs) and of building the COCO annotations, plus
+detections per image and the peak memory (the process's resident set on the
+CPU, allocated tensors on CUDA).
 
 Without ``--checkpoint`` a randomly initialised model of the default
 settings (ResNet-50 FPN cascade) is timed: the network cost is the same as a
@@ -67,7 +68,7 @@ def _time_device(detector: Detector, warmup: list[np.ndarray], images: list[np.n
     device = detector.device
     for image in warmup:
         detector.detect([image])
-    stages = {"forward": 0.0, "postprocess": 0.0, "rle": 0.0}
+    stages = {"forward": 0.0, "postprocess": 0.0, "annotations": 0.0}
     detections = 0
     for image in images:
         _sync(device)
@@ -81,7 +82,7 @@ def _time_device(detector: Detector, warmup: list[np.ndarray], images: list[np.n
         encoded = time.perf_counter()
         stages["forward"] += forwarded - start
         stages["postprocess"] += processed - forwarded
-        stages["rle"] += encoded - processed
+        stages["annotations"] += encoded - processed
         detections += len(found)
     out = {name: 1000 * value / len(images) for name, value in stages.items()}
     out["total"] = sum(out.values())
@@ -122,7 +123,7 @@ def main() -> None:
               f"{len(images) - args.warmup} images of {images[0].shape[1]}x{images[0].shape[0]} px and similar "
               f"(shortest edge {args.edge}), {args.warmup} warm-up; torch {torch.__version__}, "
               f"{torch.get_num_threads()} CPU threads")
-        header = (f"{'device':38s}{'forward':>10s}{'postproc':>10s}{'rle':>8s}{'total':>9s}{'dets/img':>10s}"
+        header = (f"{'device':38s}{'forward':>10s}{'postproc':>10s}{'annot':>8s}{'total':>9s}{'dets/img':>10s}"
                   f"{'peak MB':>9s}")
         print(header)
         for name in args.devices.split(","):
@@ -133,7 +134,7 @@ def main() -> None:
             on_cpu = detector.device.type == "cpu"
             label = "CPU fp32" if on_cpu else f"{torch.cuda.get_device_name(detector.device)} AMP"
             result = _time_device(detector, images[: args.warmup], images[args.warmup:])
-            print(f"{label:38s}{result['forward']:10.1f}{result['postprocess']:10.1f}{result['rle']:8.1f}"
+            print(f"{label:38s}{result['forward']:10.1f}{result['postprocess']:10.1f}{result['annotations']:8.1f}"
                   f"{result['total']:9.1f}{result['detections']:10.0f}{result['peak_mb']:9.0f}   (ms per image)")
 
 

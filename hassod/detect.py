@@ -8,10 +8,13 @@ Per image the detector returns boxes, scores, levels (predicted by the level
 head: 0 whole, 1 part, 2 subpart) and 28×28 mask probabilities over each box.
 Here they are filtered (score threshold, levels to keep, at most
 ``max_detections`` by score), only the kept masks are pasted at image size
-and binarised at 0.5 (:func:`hassod.model.masks.paste_masks`, 1 byte per
-pixel), and the hierarchy *among the returned detections* is computed by the
-coverage rule of stage 1 (τ = 0.9, see :mod:`hassod.discover.levels`): a detection's parent is the smallest returned
-detection whose mask covers at least τ of its mask without being covered back.
+and binarised at 0.5 (:func:`hassod.model.masks.paste_masks`), a bounded
+batch at a time, and kept as COCO RLEs: a thousand dense masks of a
+24-megapixel photo would take 24 GB. The hierarchy *among the returned
+detections* is computed from the RLEs by the coverage rule of stage 1 (τ = 0.9,
+see :mod:`hassod.discover.levels`): a detection's parent is the smallest
+returned detection whose mask covers at least τ of its mask without being
+covered back.
 The predicted level and the coverage parent are independent outputs: a part
 whose whole was filtered out has no parent.
 
@@ -39,18 +42,16 @@ from tqdm import tqdm
 from .device import resolve_device
 from .discover.coco import LEVEL_NAMES, ImageRecord, ProgressLog, common_root, write_json_atomic
 from .discover.collection import run_line
-from .discover.levels import find_parents
-from .discover.masks import masks_to_rle
+from .discover.levels import find_parents, rle_intersections
+from .discover.masks import masks_to_rle, rle_to_masks
 from .discover.viz import save_overlay
 from .images import DEFAULT_MAX_PIXELS, ImageError, load_rgb
 
 MASK_THRESHOLD = 0.5
 # Coverage threshold of the hierarchy among detections: stage 1's value.
 HIERARCHY_TAU = 0.9
-# Bound on the float32 band of masks made per product in _intersections (elements, 1 GB).
-_PRODUCT_ELEMENTS = 1 << 28
-# Height of the bands the pairwise intersections are counted over (see _intersections).
-_BAND_ROWS = 32
+# Masks are pasted (1 byte per pixel) at most this many bytes at a time, then run-length encoded.
+_PASTE_BYTES = 1 << 28
 
 
 @dataclass(frozen=True)
@@ -87,32 +88,42 @@ class Detections:
     """The detections of one image, sorted by decreasing score; N may be 0.
 
     boxes: (N, 4) float32 xyxy in original image pixels. scores: (N,) float32
-    in [0, 1]. levels: (N,) int64 predicted level. masks: (N, H, W) bool at
-    the original image size. parents: (N,) int64 index of the parent
+    in [0, 1]. levels: (N,) int64 predicted level. rles: N COCO RLEs (str
+    counts) of the masks at the original image size (H, W) = ``image_size``.
+    areas: (N,) int64 mask pixels. parents: (N,) int64 index of the parent
     detection in this list, -1 for roots.
     """
 
     boxes: np.ndarray
     scores: np.ndarray
     levels: np.ndarray
-    masks: np.ndarray
+    rles: list[dict]
+    areas: np.ndarray
     parents: np.ndarray
+    image_size: tuple[int, int]
 
     def __len__(self) -> int:
         return len(self.scores)
 
+    @property
+    def masks(self) -> np.ndarray:
+        """(N, H, W) bool, decoded on every access: N·H·W bytes (use :meth:`mask` for one)."""
+        return rle_to_masks(self.rles, self.image_size)
+
+    def mask(self, index: int) -> np.ndarray:
+        """(H, W) bool mask of detection ``index``."""
+        return rle_to_masks([self.rles[index]])[0]
+
     def annotations(self) -> list[dict[str, Any]]:
         """Per detection: ``bbox`` (xywh pixels, from the box head), ``segmentation`` (RLE, str counts),
         ``area`` (mask pixels), ``score``, ``hier_level`` and ``parent`` (index in this list, -1 for roots)."""
-        rles = masks_to_rle(self.masks)
-        areas = self.masks.reshape(len(self), -1).sum(axis=1) if len(self) else np.zeros(0, np.int64)
         out = []
         for i in range(len(self)):
             x0, y0, x1, y1 = (float(v) for v in self.boxes[i])
             out.append({
                 "bbox": [x0, y0, x1 - x0, y1 - y0],
-                "segmentation": rles[i],
-                "area": int(areas[i]),
+                "segmentation": self.rles[i],
+                "area": int(self.areas[i]),
                 "score": float(self.scores[i]),
                 "hier_level": int(self.levels[i]),
                 "parent": int(self.parents[i]),
@@ -120,13 +131,23 @@ class Detections:
         return out
 
 
-def detection_parents(masks: np.ndarray, tau: float = HIERARCHY_TAU) -> np.ndarray:
-    """(N, H, W) bool masks → (N,) int64 parent indices (-1 for roots) by the coverage rule.
+class _OneAtATime:
+    """The masks of :class:`Detections` decoded per index, for :func:`draw_hierarchy`."""
 
-    All pairwise intersections come from one matrix product (:func:`_intersections`),
-    not a loop over pairs; the rule itself is :func:`hassod.discover.levels.find_parents`.
-    """
-    return find_parents(_intersections(torch.from_numpy(np.ascontiguousarray(masks, dtype=bool))), tau)
+    def __init__(self, found: Detections):
+        self.found = found
+
+    def __len__(self) -> int:
+        return len(self.found)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.found.mask(int(index))
+
+
+def detection_parents(masks: np.ndarray, tau: float = HIERARCHY_TAU) -> np.ndarray:
+    """(N, H, W) bool masks → (N,) int64 parent indices (-1 for roots) by the coverage rule
+    (:func:`hassod.discover.levels.find_parents`), computed as :func:`postprocess` does: from RLEs."""
+    return find_parents(rle_intersections(masks_to_rle(np.asarray(masks, dtype=bool))), tau)
 
 
 def postprocess(
@@ -152,53 +173,38 @@ def postprocess(
     # stable sort: equal scores keep the model's order, so results are reproducible.
     order = torch.sort(scores[index], descending=True, stable=True).indices
     index = index[order][: options.max_detections]
-    binary = _binary_masks(output, index, image_size)
+    size = tuple(image_size) if image_size is not None else tuple(output["masks"].shape[-2:])
+    rles = _encoded_masks(output, index, image_size, size)
+    inter = rle_intersections(rles)
     return Detections(
         boxes=output["boxes"].detach()[index].float().cpu().numpy(),
         scores=scores[index].cpu().numpy(),
         levels=levels[index].cpu().numpy(),
-        masks=binary.cpu().numpy(),
-        parents=find_parents(_intersections(binary), tau),
+        rles=rles,
+        areas=np.diagonal(inter).astype(np.int64),
+        parents=find_parents(inter, tau),
+        image_size=(int(size[0]), int(size[1])),
     )
+
+
+def _encoded_masks(output: dict[str, torch.Tensor], index: torch.Tensor, image_size: tuple[int, int] | None,
+                   size: tuple[int, ...]) -> list[dict]:
+    """RLEs of the selected detections' binary masks, pasted at most ``_PASTE_BYTES`` at a time."""
+    batch = max(1, _PASTE_BYTES // max(1, int(size[0]) * int(size[1])))
+    rles: list[dict] = []
+    for start in range(0, len(index), batch):
+        rles += masks_to_rle(_binary_masks(output, index[start:start + batch], image_size).cpu().numpy())
+    return rles
 
 
 def _binary_masks(output: dict[str, torch.Tensor], index: torch.Tensor, image_size: tuple[int, int] | None) -> torch.Tensor:
     """(K, H, W) bool masks of the detections ``index`` selects (see :func:`postprocess` for the two forms)."""
     masks = output["masks"].detach()
     if image_size is None:
-        # Threshold, then gather: gathering the float probabilities first would copy 4x the bytes.
-        return (masks[:, 0] >= MASK_THRESHOLD)[index]
+        return masks[index, 0] >= MASK_THRESHOLD
     from .model.masks import paste_masks  # lazy, as the model: keeps `import hassod.detect` light
 
     return paste_masks(masks[index], output["boxes"].detach()[index], image_size, MASK_THRESHOLD)
-
-
-def _intersections(masks: torch.Tensor) -> np.ndarray:
-    """(N, H, W) bool tensor → (N, N) int64 numpy pairwise intersections in pixels, computed on its device.
-
-    The same counts as :func:`hassod.discover.levels.intersection_matrix`,
-    still matrix products, but taken per band of rows over only the masks
-    present in that band: detections are local, so with masks spanning a
-    fraction f of the height this does about f² of the full product's work
-    (measured 20x less than numpy's full product for 740 masks at 800x1067 on
-    the CPU), and on a GPU the masks need not leave it. float32 sums of 0/1
-    products are exact below 2**24 terms (TF32 too: 0 and 1 are exact in it
-    and it accumulates in float32); bands hold far fewer pixels, and at most
-    ``_PRODUCT_ELEMENTS`` floats are made at once.
-    """
-    count, height, width = masks.shape
-    inter = torch.zeros((count, count), dtype=torch.int64, device=masks.device)
-    if count == 0 or height * width == 0:
-        return inter.cpu().numpy()
-    rows = max(1, min(_BAND_ROWS, (1 << 24) // width, _PRODUCT_ELEMENTS // (count * width)))
-    occupied = masks.any(dim=2)  # (N, H): which masks have pixels on each row
-    for top in range(0, height, rows):
-        present = torch.nonzero(occupied[:, top:top + rows].any(dim=1)).flatten()
-        if len(present) == 0:
-            continue
-        band = masks[present, top:top + rows].reshape(len(present), -1).float()
-        inter[present[:, None], present[None, :]] += torch.round(band @ band.T).long()
-    return inter.cpu().numpy()
 
 
 def _limit_model_output(model: torch.nn.Module, settings: Any, options: DetectOptions) -> None:
@@ -362,7 +368,7 @@ def detect_collection(
         for path, image, found, error in detector.detect_paths(todo, batch_size, max_pixels):
             log.append(image_record(path, image, found, error))
             if found is not None and viz_dir is not None:
-                save_overlay(path, found.masks, found.levels, Path(viz_dir))
+                save_overlay(path, _OneAtATime(found), found.levels, Path(viz_dir))
             bar.update()
     log.close()
 

@@ -13,6 +13,7 @@ child, so following parents strictly increases the area and cannot loop.
 from __future__ import annotations
 
 import numpy as np
+from pycocotools import mask as mask_utils
 
 WHOLE, PART, SUBPART = 0, 1, 2
 
@@ -40,6 +41,26 @@ def intersection_matrix(masks: np.ndarray) -> np.ndarray:
         chunk = flat[:, start:start + step].astype(np.float32)
         inter += np.rint(chunk @ chunk.T).astype(np.int64)
     return inter
+
+
+def rle_intersections(rles: list[dict]) -> np.ndarray:
+    """N COCO RLEs (``counts`` str or bytes) -> (N, N) int64 with [a, b] = |A∩B| in pixels.
+
+    The same counts as :func:`intersection_matrix` without decoding a mask:
+    pycocotools' RLE IoU with every B flagged "crowd" is |A∩B| / |A|, and it
+    skips pairs whose boxes do not meet. Memory is O(N² + runs), so a thousand
+    detections on a 24-megapixel photo cost kilobytes of masks, not gigabytes.
+    """
+    count = len(rles)
+    if count == 0:
+        return np.zeros((0, 0), dtype=np.int64)
+    coded = [{"size": list(r["size"]),
+              "counts": r["counts"].encode("ascii") if isinstance(r["counts"], str) else r["counts"]} for r in rles]
+    # pycocotools' area() fails on numpy 2 for more than 255 RLEs (it sizes a uint8 array by the count).
+    areas = np.concatenate([mask_utils.area(coded[i:i + 255]) for i in range(0, count, 255)]).astype(np.float64)
+    shares = np.asarray(mask_utils.iou(coded, coded, [1] * count), dtype=np.float64).reshape(count, count)
+    # shares * areas is within 1e-8 of an integer (areas < 2**31): rounding restores the exact count.
+    return np.rint(shares * areas[:, None]).astype(np.int64)
 
 
 def coverage_matrix(masks: np.ndarray) -> np.ndarray:

@@ -235,17 +235,16 @@ def test_detect_collection_writes_results_skips_bad_files_and_resumes(tmp_path, 
     assert again.resumed == 3 and json.loads(out.read_text()) == results
 
 
-def test_intersections_equal_numpy_counts(monkeypatch):
+def test_masks_pasted_in_small_batches_give_the_same_detections(monkeypatch, tiny_checkpoint, scenes):
     import hassod.detect as detect_module
-    from hassod.discover.levels import intersection_matrix
 
-    rng = np.random.default_rng(0)
-    masks = rng.random((7, 70, 41)) < 0.4
-    masks[2] = False  # empty
-    masks[3, :40] = False  # only in the lower rows
-    masks[4, 10:] = False  # only in the top rows
-    expected = intersection_matrix(masks)
-    assert np.array_equal(detect_module._intersections(torch.from_numpy(masks)), expected)
-    # Bands of 2 rows (at most 700 floats per product): the same counts.
-    monkeypatch.setattr(detect_module, "_PRODUCT_ELEMENTS", 7 * 100)
-    assert np.array_equal(detect_module._intersections(torch.from_numpy(masks)), expected)
+    image = _image(scenes[0])
+    detector = Detector(tiny_checkpoint, device="cpu", options=DetectOptions(max_detections=40))
+    raw = detector.forward([image])[0]
+    whole = postprocess(raw, detector.options, image_size=image.shape[:2])
+    monkeypatch.setattr(detect_module, "_PASTE_BYTES", 3 * image.shape[0] * image.shape[1])  # 3 masks a batch
+    batched = postprocess(raw, detector.options, image_size=image.shape[:2])
+    assert len(whole) > 6 and whole.rles == batched.rles
+    assert np.array_equal(whole.parents, batched.parents) and np.array_equal(whole.areas, batched.areas)
+    assert whole.areas.tolist() == whole.masks.reshape(len(whole), -1).sum(axis=1).tolist()
+    assert np.array_equal(whole.mask(4), whole.masks[4])

@@ -10,7 +10,9 @@ from hassod.discover.levels import (
     find_parents,
     intersection_matrix,
     levels_from_parents,
+    rle_intersections,
 )
+from hassod.discover.masks import masks_to_rle
 
 SIZE = 64
 
@@ -130,6 +132,21 @@ def test_intersections_are_exact_across_pixel_chunks(monkeypatch):
     # Force many chunks, as for an image above 2**24 pixels.
     monkeypatch.setattr("hassod.discover.levels._EXACT_PIXELS", 100)
     np.testing.assert_array_equal(intersection_matrix(masks), expected)
+
+
+def test_rle_intersections_equal_dense_counts():
+    rng = np.random.default_rng(0)
+    masks = rng.random((7, 70, 41)) < 0.4
+    masks[2] = False  # empty
+    masks[3, :40] = False  # only in the lower rows
+    masks[4, 10:] = False  # only in the top rows: its box misses mask 3's
+    masks[5] = masks[6]  # a duplicate
+    inter = rle_intersections(masks_to_rle(masks))
+    np.testing.assert_array_equal(inter, intersection_matrix(masks))
+    assert inter[3, 4] == 0 and inter[2].sum() == 0 and inter[5, 6] == inter[6, 6] > 0
+    assert rle_intersections([]).shape == (0, 0)
+    many = rng.random((300, 9, 8)) < 0.5  # more than 255 RLEs: pycocotools' area() alone fails there
+    np.testing.assert_array_equal(rle_intersections(masks_to_rle(many)), intersection_matrix(many))
 
 
 def brute_force_tree(masks: np.ndarray, tau: float) -> tuple[list[int], list[int]]:
