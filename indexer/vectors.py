@@ -1231,7 +1231,7 @@ def _ivf_params(ivf: faiss.IndexIVF) -> Callable[[int], faiss.SearchParameters]:
 
 
 def _calibrate(index: faiss.Index, kind: str, cal_ids: np.ndarray, cal_queries: np.ndarray,
-               truth: np.ndarray, target: float, settings: VectorStoreSettings | None = None) -> dict:
+               truth: np.ndarray, target: float, settings: VectorStoreSettings) -> dict:
     """Smallest nprobe (IVF) / efSearch (HNSW) reaching ``target`` leave-one-out recall@10.
 
     When the target is out of reach (PQ codes, structureless data) the smallest
@@ -1239,7 +1239,7 @@ def _calibrate(index: faiss.Index, kind: str, cal_ids: np.ndarray, cal_queries: 
     ``pqfs`` tunes nprobe and k_factor together (``_calibrate_pqfs``).
     """
     if kind == "pqfs":
-        return _calibrate_pqfs(index, cal_ids, cal_queries, truth, target, settings or VectorStoreSettings())
+        return _calibrate_pqfs(index, cal_ids, cal_queries, truth, target, settings)
     k = _CALIBRATION_K + 1
     if kind == "hnsw":
         values = [v for v in (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)]

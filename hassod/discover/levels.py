@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from .masks import coded_rles
+
 WHOLE, PART, SUBPART = 0, 1, 2
 
 # float32 sums of 0/1 products are exact integers below 2**24; each matrix
@@ -54,8 +56,7 @@ def rle_intersections(rles: list[dict]) -> np.ndarray:
     count = len(rles)
     if count == 0:
         return np.zeros((0, 0), dtype=np.int64)
-    coded = [{"size": list(r["size"]),
-              "counts": r["counts"].encode("ascii") if isinstance(r["counts"], str) else r["counts"]} for r in rles]
+    coded = coded_rles(rles)
     # pycocotools' area() fails on numpy 2 for more than 255 RLEs (it sizes a uint8 array by the count).
     areas = np.concatenate([mask_utils.area(coded[i:i + 255]) for i in range(0, count, 255)]).astype(np.float64)
     shares = np.asarray(mask_utils.iou(coded, coded, [1] * count), dtype=np.float64).reshape(count, count)

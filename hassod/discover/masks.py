@@ -138,12 +138,14 @@ def rle_to_masks(rles: list[dict], size: tuple[int, int] | None = None) -> np.nd
         if size is None:
             raise ValueError("rle_to_masks needs size=(H, W) for an empty list")
         return np.zeros((0, *size), dtype=bool)
-    coded = [
-        {"size": list(rle["size"]),
-         "counts": rle["counts"].encode("ascii") if isinstance(rle["counts"], str) else rle["counts"]}
-        for rle in rles
-    ]
-    return np.ascontiguousarray(mask_utils.decode(coded).transpose(2, 0, 1), dtype=bool)
+    return np.ascontiguousarray(mask_utils.decode(coded_rles(rles)).transpose(2, 0, 1), dtype=bool)
+
+
+def coded_rles(rles: list[dict]) -> list[dict]:
+    """Compressed COCO RLE dicts with ``counts`` str (JSON) or bytes -> the bytes form pycocotools' C calls take."""
+    return [{"size": list(rle["size"]),
+             "counts": rle["counts"].encode("ascii") if isinstance(rle["counts"], str) else rle["counts"]}
+            for rle in rles]
 
 
 def masks_to_boxes_xywh(masks: np.ndarray) -> np.ndarray:

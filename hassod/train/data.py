@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
+from ..discover.masks import coded_rles
 from ..images import DEFAULT_MAX_PIXELS, ImageError, load_rgb, resize_image
 
 Key = tuple[int, int, int]  # (step, slot in the global batch, dataset index)
@@ -164,8 +165,7 @@ def decode_segmentation(ann: dict[str, Any], height: int, width: int) -> np.ndar
         if isinstance(seg["counts"], list):
             rle = mask_utils.frPyObjects(seg, height, width)
         else:
-            counts = seg["counts"].encode("ascii") if isinstance(seg["counts"], str) else seg["counts"]
-            rle = {"size": list(seg["size"]), "counts": counts}
+            rle = coded_rles([seg])[0]
     else:
         rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
     if list(rle["size"]) != [height, width]:
