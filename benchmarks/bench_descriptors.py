@@ -59,7 +59,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hassod.discover.masks import masks_to_boxes_xywh, masks_to_rle  # noqa: E402
+from hassod.discover.masks import masks_to_rle, rle_boxes_xywh  # noqa: E402
 from hassod.discover.pipeline import DiscoverySettings, discover_masks  # noqa: E402
 from hassod.features import build_backbone  # noqa: E402
 from hassod.images import load_rgb, resize_square  # noqa: E402
@@ -96,9 +96,9 @@ def discover_regions(images: list[np.ndarray], backbone, refresh: bool, name: st
         small = resize_square(image, settings.input_size)
         features = backbone.extract([small])[0].permute(1, 2, 0).float().cpu().numpy()
         found = discover_masks(small, features, image.shape[:2], settings)
-        xywh = masks_to_boxes_xywh(found.masks).reshape(-1, 4).astype(np.float64)
+        xywh = rle_boxes_xywh(found.rles)
         boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
-        out.append(Regions(boxes, found.levels, found.masks.sum(axis=(1, 2)), masks_to_rle(found.masks)))
+        out.append(Regions(boxes, found.levels, found.areas, found.rles))
     CACHE.mkdir(parents=True, exist_ok=True)
     cache.write_bytes(pickle.dumps([dataclasses.asdict(r) for r in out]))  # plain dicts: loadable from any script
     return out

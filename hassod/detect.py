@@ -43,7 +43,7 @@ from .device import resolve_device
 from .discover.coco import LEVEL_NAMES, ImageRecord, ProgressLog, common_root, write_json_atomic
 from .discover.collection import run_line
 from .discover.levels import find_parents, rle_intersections
-from .discover.masks import masks_to_rle, rle_to_masks
+from .discover.masks import RleMasks, masks_to_rle, rle_to_masks
 from .discover.viz import save_overlay
 from .images import DEFAULT_MAX_PIXELS, ImageError, load_rgb
 
@@ -129,19 +129,6 @@ class Detections:
                 "parent": int(self.parents[i]),
             })
         return out
-
-
-class _OneAtATime:
-    """The masks of :class:`Detections` decoded per index, for :func:`draw_hierarchy`."""
-
-    def __init__(self, found: Detections):
-        self.found = found
-
-    def __len__(self) -> int:
-        return len(self.found)
-
-    def __getitem__(self, index: int) -> np.ndarray:
-        return self.found.mask(int(index))
 
 
 def detection_parents(masks: np.ndarray, tau: float = HIERARCHY_TAU) -> np.ndarray:
@@ -368,7 +355,7 @@ def detect_collection(
         for path, image, found, error in detector.detect_paths(todo, batch_size, max_pixels):
             log.append(image_record(path, image, found, error))
             if found is not None and viz_dir is not None:
-                save_overlay(path, _OneAtATime(found), found.levels, Path(viz_dir))
+                save_overlay(path, RleMasks(found.rles), found.levels, Path(viz_dir))
             bar.update()
     log.close()
 

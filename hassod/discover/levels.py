@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from .masks import coded_rles
+from .masks import coded_rles, rle_areas
 
 WHOLE, PART, SUBPART = 0, 1, 2
 
@@ -57,8 +57,7 @@ def rle_intersections(rles: list[dict]) -> np.ndarray:
     if count == 0:
         return np.zeros((0, 0), dtype=np.int64)
     coded = coded_rles(rles)
-    # pycocotools' area() fails on numpy 2 for more than 255 RLEs (it sizes a uint8 array by the count).
-    areas = np.concatenate([mask_utils.area(coded[i:i + 255]) for i in range(0, count, 255)]).astype(np.float64)
+    areas = rle_areas(coded).astype(np.float64)
     shares = np.asarray(mask_utils.iou(coded, coded, [1] * count), dtype=np.float64).reshape(count, count)
     # shares * areas is within 1e-8 of an integer (areas < 2**31): rounding restores the exact count.
     return np.rint(shares * areas[:, None]).astype(np.int64)

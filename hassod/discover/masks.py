@@ -14,6 +14,7 @@ top-left pixel edge, so a single pixel at column 3, row 5 is (3, 5, 1, 1).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -56,15 +57,42 @@ def postprocess_masks(
     Returns:
         (kept, indices): (M, H, W) bool masks at the original size and (M,)
         int64 indices into ``masks`` of the kept ones, in input order.
+        :func:`postprocess_to_rles` gives the same masks without holding them
+        all at the original size.
     """
-    settings = settings or MaskFilterSettings()
-    resized = resize_masks(masks, out_size)
-    keep = (mask_areas(resized) >= settings.min_area) & (corner_counts(resized) < settings.max_corners)
-    indices = np.flatnonzero(keep)
-    kept = resized[indices]
-    if settings.fill_holes:
-        kept = fill_holes(kept)
-    return kept, indices
+    chunks = list(_postprocessed_chunks(masks, out_size, settings or MaskFilterSettings()))
+    kept = [k for k, _ in chunks] or [np.zeros((0, *out_size), dtype=bool)]
+    return np.concatenate(kept), np.concatenate([i for _, i in chunks] or [np.zeros(0, np.int64)])
+
+
+def postprocess_to_rles(
+    masks: np.ndarray, out_size: tuple[int, int], settings: MaskFilterSettings | None = None
+) -> tuple[list[dict], np.ndarray]:
+    """:func:`postprocess_masks` with the kept masks encoded as COCO RLEs (str counts).
+
+    Masks are resized, filtered and encoded a bounded chunk at a time
+    (~256 MB of float32 resize buffer), so a 64-megapixel original costs a
+    few hundred MB however many masks it has, not N·H·W bytes.
+    """
+    rles: list[dict] = []
+    indices = []
+    for kept, index in _postprocessed_chunks(masks, out_size, settings or MaskFilterSettings()):
+        rles += masks_to_rle(kept)
+        indices.append(index)
+    return rles, np.concatenate(indices or [np.zeros(0, np.int64)])
+
+
+def _postprocessed_chunks(
+    masks: np.ndarray, out_size: tuple[int, int], settings: MaskFilterSettings
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(kept masks at out_size, their int64 indices into ``masks``) per chunk of resized masks."""
+    for start, resized in _resized_chunks(masks, out_size):
+        keep = (mask_areas(resized) >= settings.min_area) & (corner_counts(resized) < settings.max_corners)
+        indices = np.flatnonzero(keep)
+        kept = resized[indices]
+        if settings.fill_holes:
+            kept = fill_holes(kept)
+        yield kept, indices.astype(np.int64) + start
 
 
 def resize_masks(masks: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
@@ -75,18 +103,23 @@ def resize_masks(masks: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
     antialiasing, keeps the majority when downscaling. Torch's
     align_corners=False convention (half-pixel centres) is used.
     """
-    count = masks.shape[0]
+    chunks = [resized for _, resized in _resized_chunks(masks, out_size)]
+    return np.concatenate(chunks) if chunks else np.zeros((0, *out_size), dtype=bool)
+
+
+def _resized_chunks(masks: np.ndarray, out_size: tuple[int, int]) -> Iterator[tuple[int, np.ndarray]]:
+    """(start index, (n, H, W) bool resized masks[start:start + n]) with n·max(H·W, h·w) bounded."""
     height, width = int(out_size[0]), int(out_size[1])
-    if masks.shape[1:] == (height, width):
-        return masks.astype(bool, copy=True)
-    out = np.empty((count, height, width), dtype=bool)
     step = max(1, _RESIZE_CHUNK_ELEMENTS // max(height * width, masks.shape[1] * masks.shape[2], 1))
-    for start in range(0, count, step):
-        chunk = torch.from_numpy(np.ascontiguousarray(masks[start:start + step], dtype=np.float32))
-        big = F.interpolate(chunk[:, None], size=(height, width), mode="bilinear",
+    for start in range(0, masks.shape[0], step):
+        chunk = masks[start:start + step]
+        if chunk.shape[1:] == (height, width):
+            yield start, chunk.astype(bool, copy=True)
+            continue
+        values = torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32))
+        big = F.interpolate(values[:, None], size=(height, width), mode="bilinear",
                             align_corners=False, antialias=True)
-        out[start:start + step] = (big[:, 0] > 0.5).numpy()
-    return out
+        yield start, (big[:, 0] > 0.5).numpy()
 
 
 def mask_areas(masks: np.ndarray) -> np.ndarray:
@@ -141,7 +174,36 @@ def rle_to_masks(rles: list[dict], size: tuple[int, int] | None = None) -> np.nd
     return np.ascontiguousarray(mask_utils.decode(coded_rles(rles)).transpose(2, 0, 1), dtype=bool)
 
 
-def coded_rles(rles: list[dict]) -> list[dict]:
+def rle_areas(rles: Sequence[dict]) -> np.ndarray:
+    """COCO RLEs (``counts`` str or bytes) -> (N,) int64 pixel counts."""
+    coded = coded_rles(rles)
+    # pycocotools' area() fails on numpy 2 for more than 255 RLEs (it sizes a uint8 array by the count).
+    chunks = [np.asarray(mask_utils.area(coded[i:i + 255]), dtype=np.int64) for i in range(0, len(coded), 255)]
+    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
+
+
+def rle_boxes_xywh(rles: Sequence[dict]) -> np.ndarray:
+    """COCO RLEs -> (N, 4) float64 tight boxes (x, y, width, height), as :func:`masks_to_boxes_xywh`."""
+    if not rles:
+        return np.zeros((0, 4), dtype=np.float64)
+    return np.asarray(mask_utils.toBbox(coded_rles(rles)), dtype=np.float64).reshape(-1, 4)
+
+
+class RleMasks:
+    """A sequence of COCO RLEs that decodes one (H, W) bool mask per index:
+    what :func:`hassod.discover.viz.draw_hierarchy` needs, in H·W bytes."""
+
+    def __init__(self, rles: Sequence[dict]):
+        self.rles = rles
+
+    def __len__(self) -> int:
+        return len(self.rles)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return rle_to_masks([self.rles[int(index)]])[0]
+
+
+def coded_rles(rles: Sequence[dict]) -> list[dict]:
     """Compressed COCO RLE dicts with ``counts`` str (JSON) or bytes -> the bytes form pycocotools' C calls take."""
     return [{"size": list(rle["size"]),
              "counts": rle["counts"].encode("ascii") if isinstance(rle["counts"], str) else rle["counts"]}

@@ -9,14 +9,8 @@ from typing import Any
 import numpy as np
 
 from .crf import CRFSettings, refine_partition
-from .levels import distinct_masks, find_parents, intersection_matrix, levels_from_parents
-from .masks import (
-    MaskFilterSettings,
-    mask_areas,
-    masks_to_boxes_xywh,
-    masks_to_rle,
-    postprocess_masks,
-)
+from .levels import distinct_masks, find_parents, levels_from_parents, rle_intersections
+from .masks import MaskFilterSettings, postprocess_to_rles, rle_boxes_xywh, rle_to_masks
 from .merge import hierarchical_merge
 
 
@@ -50,25 +44,34 @@ class DiscoverySettings:
 
 @dataclass
 class Discovered:
-    """Masks found in one image, at its original size.
+    """Masks found in one image, at its original size (H, W) = ``image_size``.
 
-    masks: (N, H, W) bool. levels: (N,) 0 whole / 1 part / 2 subpart.
-    parents: (N,) index of the parent mask or -1. scores: (N,) agreement of
-    the mask with its CRF refinement (IoU, 0..1). thresholds: (N,) the merge
-    threshold each mask came from.
+    rles: N COCO RLEs (str counts). areas: (N,) int64 mask pixels.
+    levels: (N,) 0 whole / 1 part / 2 subpart. parents: (N,) index of the
+    parent mask or -1. scores: (N,) agreement of the mask with its CRF
+    refinement (IoU, 0..1). thresholds: (N,) the merge threshold each mask
+    came from.
     """
 
-    masks: np.ndarray
+    rles: list[dict]
+    areas: np.ndarray
     levels: np.ndarray
     parents: np.ndarray
     scores: np.ndarray
     thresholds: np.ndarray
+    image_size: tuple[int, int]
+
+    def __len__(self) -> int:
+        return len(self.rles)
+
+    @property
+    def masks(self) -> np.ndarray:
+        """(N, H, W) bool, decoded on every access: N·H·W bytes (:class:`~hassod.discover.masks.RleMasks` decodes one at a time)."""
+        return rle_to_masks(self.rles, self.image_size)
 
     def annotations(self) -> list[dict[str, Any]]:
         """Per-mask dicts for :class:`hassod.discover.coco.ImageRecord` (RLE, xywh box)."""
-        rles = masks_to_rle(self.masks)
-        boxes = masks_to_boxes_xywh(self.masks)
-        areas = mask_areas(self.masks)
+        boxes = rle_boxes_xywh(self.rles)
         return [
             {
                 "segmentation": rle,
@@ -80,7 +83,7 @@ class Discovered:
                 "threshold": float(threshold),
             }
             for rle, box, area, score, level, parent, threshold in zip(
-                rles, boxes, areas, self.scores, self.levels, self.parents, self.thresholds
+                self.rles, boxes, self.areas, self.scores, self.levels, self.parents, self.thresholds
             )
         ]
 
@@ -108,25 +111,27 @@ def discover_masks(
     clock = _StageClock(timings)
     partitions = hierarchical_merge(features, thresholds)
     clock.lap("merge")
-    per_threshold, scores, origins = [], [], []
+    rles: list[dict] = []
+    scores, origins = [], []
     for threshold, labels in zip(thresholds, partitions):
         refined = refine_partition(image, labels, settings.crf)
-        kept, keep_index = postprocess_masks(refined.masks, original_size, settings.masks)
-        per_threshold.append(kept)
+        kept, keep_index = postprocess_to_rles(refined.masks, original_size, settings.masks)
+        rles += kept
         scores.append(refined.ious[keep_index])
         origins.append(np.full(len(kept), threshold))
     clock.lap("crf_filters")
-    masks = np.concatenate(per_threshold)
-    inter = intersection_matrix(masks)
+    inter = rle_intersections(rles)
     keep = distinct_masks(inter, settings.duplicate_iou)
     parents = find_parents(inter[np.ix_(keep, keep)], settings.tau)
     clock.lap("levels")
     return Discovered(
-        masks=masks[keep],
+        rles=[rles[i] for i in keep],
+        areas=np.diagonal(inter)[keep].astype(np.int64),
         levels=levels_from_parents(parents),
         parents=parents,
         scores=np.concatenate(scores)[keep],
         thresholds=np.concatenate(origins)[keep],
+        image_size=(int(original_size[0]), int(original_size[1])),
     )
 
 

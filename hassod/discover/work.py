@@ -14,6 +14,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from .coco import ImageRecord
+from .masks import RleMasks
 from .pipeline import DiscoverySettings, discover_masks
 from .viz import save_overlay
 
@@ -32,7 +33,7 @@ def process_job(job: Job, settings: DiscoverySettings, viz_dir: Path | None) -> 
     """Stage 1 on one image (``settings.thresholds`` set), with its overlay when ``viz_dir`` is given."""
     found = discover_masks(job.image, job.features, job.size, settings)
     if viz_dir is not None:
-        save_overlay(job.path, found.masks, found.levels, Path(viz_dir))
+        save_overlay(job.path, RleMasks(found.rles), found.levels, Path(viz_dir))
     height, width = job.size
     return ImageRecord(path=job.path, width=width, height=height, annotations=found.annotations())
 

@@ -5,15 +5,20 @@ import pytest
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
+from hassod.discover import masks as masks_module
 from hassod.discover.masks import (
     MaskFilterSettings,
+    RleMasks,
     corner_counts,
     fill_holes,
     mask_areas,
     masks_to_boxes_xywh,
     masks_to_rle,
     postprocess_masks,
+    postprocess_to_rles,
     resize_masks,
+    rle_areas,
+    rle_boxes_xywh,
     rle_to_masks,
 )
 
@@ -137,3 +142,51 @@ def test_mask_areas():
     masks[0] = True
     masks[1, 1:3, 1:4] = True
     assert mask_areas(masks).tolist() == [25, 6, 0]
+
+
+def _blobs(count: int, size: int = 48, seed: int = 0) -> np.ndarray:
+    """Random rectangles, some with a hole, some too small or touching 3+ corners (filtered out)."""
+    rng = np.random.default_rng(seed)
+    masks = blank(count, size, size)
+    for m in masks:
+        y0, x0 = rng.integers(0, size - 8, 2)
+        y1, x1 = y0 + rng.integers(2, size - y0), x0 + rng.integers(2, size - x0)
+        m[y0:y1, x0:x1] = True
+        if y1 - y0 > 6 and x1 - x0 > 6 and rng.random() < 0.5:
+            m[y0 + 2:y1 - 2, x0 + 2:x1 - 2] = False  # a ring: its hole gets filled
+    masks[0] = True  # 4 corners: dropped
+    return masks
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 26, 3 * 100 * 130, 1])
+def test_rle_post_processing_equals_the_dense_one_whatever_the_chunking(monkeypatch, chunk_elements):
+    # The dense and RLE paths resize, filter and fill a bounded chunk of masks
+    # at a time; the chunk size must change nothing (1 element: one mask per chunk).
+    masks = _blobs(12)
+    dense, dense_index = postprocess_masks(masks, (100, 130))
+    resized = resize_masks(masks, (100, 130))
+    monkeypatch.setattr(masks_module, "_RESIZE_CHUNK_ELEMENTS", chunk_elements)
+    rles, index = postprocess_to_rles(masks, (100, 130))
+    np.testing.assert_array_equal(index, dense_index)
+    assert 0 < len(index) < len(masks)
+    np.testing.assert_array_equal(rle_to_masks(rles), dense)
+    np.testing.assert_array_equal(postprocess_masks(masks, (100, 130))[0], dense)
+    np.testing.assert_array_equal(resize_masks(masks, (100, 130)), resized)
+
+
+def test_rle_post_processing_of_no_masks():
+    rles, index = postprocess_to_rles(blank(0), (10, 12))
+    assert rles == [] and index.shape == (0,) and index.dtype == np.int64
+
+
+def test_rle_areas_boxes_and_lazy_masks_match_the_dense_measures():
+    masks = _blobs(300, size=30, seed=2)  # > 255: pycocotools' area() needs chunking on numpy 2
+    masks[5] = False
+    rles = masks_to_rle(masks)
+    np.testing.assert_array_equal(rle_areas(rles), mask_areas(masks))
+    np.testing.assert_array_equal(rle_boxes_xywh(rles), masks_to_boxes_xywh(masks))
+    lazy = RleMasks(rles)
+    assert len(lazy) == 300
+    np.testing.assert_array_equal(lazy[7], masks[7])
+    np.testing.assert_array_equal(lazy[np.int64(5)], masks[5])
+    assert rle_areas([]).shape == (0,) and rle_boxes_xywh([]).shape == (0, 4)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from hassod.discover.crf import CRFSettings
+from hassod.discover.masks import masks_to_boxes_xywh
 from hassod.discover.pipeline import DiscoverySettings, discover_masks
 from hassod.synthetic import make_scene, scene_features
 
@@ -55,3 +56,6 @@ def test_masks_are_returned_at_the_original_size():
     annotations = found.annotations()
     assert [a["hier_level"] for a in annotations] == found.levels.tolist()
     assert all(a["area"] >= 100 for a in annotations)
+    # Masks are kept as RLEs; boxes and areas measured on them equal the dense measures.
+    assert [a["area"] for a in annotations] == found.masks.sum(axis=(1, 2)).tolist() == found.areas.tolist()
+    np.testing.assert_allclose([a["bbox"] for a in annotations], masks_to_boxes_xywh(found.masks))
