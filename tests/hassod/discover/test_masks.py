@@ -120,6 +120,10 @@ def test_rle_round_trip_is_exact_and_json_ready():
     decoded = rle_to_masks(json.loads(json.dumps(rles)))
     assert decoded.dtype == bool
     np.testing.assert_array_equal(decoded, masks)
+    flipped = masks[:, ::-1, 1::2]  # a strided view: encoded as its values, not its memory
+    np.testing.assert_array_equal(rle_to_masks(masks_to_rle(flipped)), flipped)
+    wide = np.random.default_rng(2).random((2, 70, 130)) > 0.5  # several 64 x 64 transpose tiles, ragged edges
+    np.testing.assert_array_equal(rle_to_masks(masks_to_rle(wide)), wide)
     assert masks_to_rle(blank(0)) == []
     assert rle_to_masks([], size=(5, 6)).shape == (0, 5, 6)
     with pytest.raises(ValueError):
