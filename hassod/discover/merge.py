@@ -64,6 +64,15 @@ aliases of its arrays (``_unowned``), because numba's atomic reference
 counting of array views and arguments took ~40% of its time. The start-up
 pass reads each patch row once for its norm and its two pairs; a merge
 updates the sum and measures the move in one pass over the row (_absorb).
+
+Where the time goes (perf, the 60x60x768 "photo" maps of bench_merge.py,
+~13.5 ms each on a 2.1 GHz Xeon core): exact products 27% (~20.7k per map,
+about 6 per merge; a 3 KB row read from L3 costs ~125 ns in float32 and
+float64 alike, and rows do not stay in the 2 MB L2 because successive merges
+are anywhere in the image), the start-up pass 11%, absorbs 10%, heaps and
+neighbour lists the rest. The same merges on the maps' 16-d features before
+projection take ~7 ms: bookkeeping alone is above a 5 ms budget, and the
+768-d arithmetic alone is ~6 ms.
 """
 from __future__ import annotations
 
