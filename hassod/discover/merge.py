@@ -59,17 +59,21 @@ cut exact re-scorings 35-fold, but a sketch product cost ~60% of a score and a
 sketch ~3 scores, so they lost on photo features and won little on noise.
 
 Implementation notes (speed only, no effect on results): the compiled loop
-indexes its 2-d arrays directly instead of slicing rows, and runs on unowned
-aliases of its arrays (``_unowned``), because numba's atomic reference
-counting of array views and arguments took ~40% of its time. The start-up
-pass reads each patch row once for its norm and its two pairs; a merge
-updates the sum and measures the move in one pass over the row (_absorb).
+and its helpers are compiled without numba's runtime (``_nrt=False``),
+because reference counting of array arguments and views took ~40% of the
+loop's time, and ~10% even on unowned (meminfo-less) aliases, where every
+count is still a call. So the loop allocates nothing: _merge_grid allocates
+its state, the two arenas are per-thread scratch of ~12 and ~16 rows per
+patch, and a merge that fills one up starts over with a larger one (kept for
+later calls). The start-up pass reads each patch row once for its norm and
+its two pairs; a merge updates the sum and measures the move in one pass over
+the row (_absorb).
 
 Where the time goes (perf, the 60x60x768 "photo" maps of bench_merge.py,
-~13.5 ms each on a 2.1 GHz Xeon core): exact products 27% (~20.7k per map,
+~12 ms each on a 2.1 GHz Xeon core): exact products 30% (~20.7k per map,
 about 6 per merge; a 3 KB row read from L3 costs ~125 ns in float32 and
 float64 alike, and rows do not stay in the 2 MB L2 because successive merges
-are anywhere in the image), the start-up pass 11%, absorbs 10%, heaps and
+are anywhere in the image), the start-up pass 12%, absorbs 12%, heaps and
 neighbour lists the rest. The same merges on the maps' 16-d features before
 projection take ~7 ms: bookkeeping alone is above a 5 ms budget, and the
 768-d arithmetic alone is ~6 ms.
@@ -81,8 +85,6 @@ from typing import Sequence
 
 import numba
 import numpy as np
-from numba.extending import intrinsic
-from numba.np.arrayobj import make_array, populate_array
 
 # Similarities are compared as integers: round(similarity * SIMILARITY_SCALE).
 SIMILARITY_SCALE = float(2**32)
@@ -135,59 +137,68 @@ def hierarchical_merge(features: np.ndarray, thresholds: Sequence[float]) -> np.
     # ceil(theta * scale) is the smallest integer score that passes theta.
     min_scores = np.ceil(np.clip(levels, -_THRESHOLD_CLIP, _THRESHOLD_CLIP) * SIMILARITY_SCALE)
     dtype = np.float64 if feats.dtype == np.float64 else np.float32
-    flat = np.ascontiguousarray(feats.reshape(h * w, c), dtype=dtype)
-    sums = _scratch(h * w, c, flat.dtype)
-    labels, finite = _merge_grid(flat, h, w, min_scores.astype(np.int64), sums)
-    if not finite:
+    n = h * w
+    flat = np.ascontiguousarray(feats.reshape(n, c), dtype=dtype)
+    sums = _scratch("sums", n * c, dtype)[: n * c].reshape(n, c)
+    # The arenas start large enough for all maps seen so far; when one fills
+    # up, the merge starts over with a larger one (same result).
+    min_scores = min_scores.astype(np.int64)
+    nbrs_rows, local_rows = _NBRS_ROWS * n, _LOCAL_ROWS * n
+    while True:
+        nbrs, local = _arena("nbrs", nbrs_rows, 2), _arena("local", local_rows, 4)
+        labels, status, rows = _merge_grid(flat, h, w, min_scores, sums, nbrs, local)
+        if status == _NBRS_FULL:
+            nbrs_rows = rows
+        elif status == _LOCAL_FULL:
+            local_rows = rows
+        else:
+            break
+    if status == _NOT_FINITE:
         raise ValueError("features contain NaN or infinite values")
     return labels.reshape(len(levels), h, w)
 
 
-# Per-thread scratch memory for the (n, C) region sums, kept between calls:
-# a fresh 11-22 MB allocation costs several ms of page faults per 60x60x768
-# image, as much as the whole merge.
+# Per-thread scratch memory for the (n, C) region sums and the arenas, kept
+# between calls: a fresh 11-22 MB allocation of sums costs several ms of page
+# faults per 60x60x768 image, as much as the whole merge.
 _SCRATCH = threading.local()
 
+# Arena rows per patch to start with: merges of photo-like maps use up to ~8
+# (neighbour lists) and ~12 (local heaps).
+_NBRS_ROWS = 12
+_LOCAL_ROWS = 16
 
-def _scratch(n: int, c: int, dtype: np.dtype) -> np.ndarray:
-    held = getattr(_SCRATCH, "sums", {})
-    buffer = held.get(np.dtype(dtype))
-    if buffer is None or buffer.size < n * c:
-        buffer = np.empty(n * c, dtype)
-        held[np.dtype(dtype)] = buffer
-        _SCRATCH.sums = held
-    return buffer[: n * c].reshape(n, c)
+# Merge outcomes (_merge_loop).
+_DONE, _NOT_FINITE, _NBRS_FULL, _LOCAL_FULL = 0, 1, 2, 3
+
+
+def _scratch(key: str, size: int, dtype: type) -> np.ndarray:
+    """A 1-d array of at least ``size`` elements: this thread's scratch
+    buffer ``key`` for ``dtype`` (contents undefined)."""
+    held = getattr(_SCRATCH, "held", None)
+    if held is None:
+        held = _SCRATCH.held = {}
+    buffer = held.get((key, np.dtype(dtype)))
+    if buffer is None or buffer.size < size:
+        buffer = held[key, np.dtype(dtype)] = np.empty(size, dtype)
+    return buffer
+
+
+def _arena(key: str, rows: int, cols: int) -> np.ndarray:
+    """(at least rows, cols) int64 scratch arena: all of buffer ``key``."""
+    buffer = _scratch(key, rows * cols, np.int64)
+    return buffer[: buffer.size - buffer.size % cols].reshape(-1, cols)
 
 
 # --------------------------------------------------------------------------
-# Reference counting. Every array that a compiled function receives as an
-# argument or assigns to a variable gets atomic reference-count updates
-# (NRT_incref / NRT_decref), and refcount pruning cannot remove them around
-# loops: with ~25 of them per re-scored pair they took ~40% of the merge
-# loop. The loop therefore works on *unowned* aliases of its arrays (no
-# meminfo: the updates become a null test), while the owning variables stay
-# live until the loop's end.
-
-
-@intrinsic
-def _unowned(typingctx, array):
-    """An alias of ``array`` that does not own (or count references to) its
-    memory. The caller must keep ``array`` alive while the alias is in use."""
-
-    def codegen(context, builder, signature, args):
-        source = make_array(signature.args[0])(context, builder, value=args[0])
-        alias = make_array(signature.return_type)(context, builder)
-        populate_array(
-            alias,
-            data=source.data,
-            shape=source.shape,
-            strides=source.strides,
-            itemsize=source.itemsize,
-            meminfo=None,
-        )
-        return alias._getvalue()
-
-    return array(array), codegen
+# Reference counting. In numba's default mode every array that a compiled
+# function receives as an argument, slices or assigns to a variable gets
+# reference-count updates (calls to NRT_incref / NRT_decref, which LLVM cannot
+# inline or prune around loops): with ~25 of them per re-scored pair they took
+# ~40% of the merge loop. Everything that _merge_grid calls is therefore
+# compiled without the runtime (``_nrt=False``: no counting at all), which
+# numba only allows for code that allocates nothing and returns no new array;
+# _merge_grid allocates and owns every array they use.
 
 
 # --------------------------------------------------------------------------
@@ -198,17 +209,16 @@ def _unowned(typingctx, array):
 # 2**-32 rounding of scores.
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, _nrt=False)
 def _dot_rows(first, i, second, j):
-    """first[i] . second[j] in float64, indexing the 2-d arrays directly (a
-    row view costs two atomic reference-count updates)."""
+    """first[i] . second[j] in float64, indexing the 2-d arrays directly."""
     acc = 0.0
     for k in range(first.shape[1]):
         acc += np.float64(first[i, k]) * np.float64(second[j, k])
     return acc
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, _nrt=False)
 def _row_products(flat, j, up, left):
     """(flat[j] . flat[j], flat[j] . flat[up], flat[j] . flat[left]): the
     start-up pass reads and converts each row once for all three."""
@@ -223,13 +233,13 @@ def _row_products(flat, j, up, left):
     return sq, dot_up, dot_left
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, _nrt=False)
 def _rounded_score(dot, inv_a, inv_b):
     """round(2**32 * cosine) as int64, from a dot product and inverse norms."""
     return np.int64(np.floor(dot * inv_a * inv_b * 4294967296.0 + 0.5))
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, _nrt=False)
 def _score(flat, sums, summed, inv, a, b):
     """round(2**32 * cosine(a, b)) as int64."""
     if summed[a]:
@@ -239,7 +249,7 @@ def _score(flat, sums, summed, inv, a, b):
     return _rounded_score(dot, inv[a], inv[b])
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, _nrt=False)
 def _dots4(u, v0, v1, v2, v3):
     """(u . v0, u . v1, u . v2, u . v3) in float64, in one pass: u is read
     and converted once, and four rows stream from memory at the same time
@@ -257,7 +267,7 @@ def _dots4(u, v0, v1, v2, v3):
     return d0, d1, d2, d3
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, _nrt=False)
 def _dots2(u, v0, v1):
     """(u . v0, u . v1), like _dots4."""
     d0 = 0.0
@@ -269,35 +279,33 @@ def _dots2(u, v0, v1):
     return d0, d1
 
 
-@numba.njit(cache=True, nogil=True)
-def _row(flat, sums, summed, r):
-    return sums[r] if summed[r] else flat[r]
-
-
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, _nrt=False)
 def _score_batch(flat, sums, summed, inv, a, others, scores, count):
     """scores[e] = _score(..., a, others[e]) for e < count <= 4 (with 3, the
     last pair is scored twice)."""
     if count == 1:
         scores[0] = _score(flat, sums, summed, inv, a, others[0])
         return
-    u = _row(flat, sums, summed, a)
-    v0 = _row(flat, sums, summed, others[0])
+    # Rows are selected inline: a helper returning a row view needs the runtime.
+    b0, b1 = others[0], others[min(1, count - 1)]
+    u = sums[a] if summed[a] else flat[a]
+    v0 = sums[b0] if summed[b0] else flat[b0]
+    v1 = sums[b1] if summed[b1] else flat[b1]
     if count == 2:
-        d0, d1 = _dots2(u, v0, _row(flat, sums, summed, others[1]))
-        scores[0] = _rounded_score(d0, inv[a], inv[others[0]])
-        scores[1] = _rounded_score(d1, inv[a], inv[others[1]])
+        d0, d1 = _dots2(u, v0, v1)
+        scores[0] = _rounded_score(d0, inv[a], inv[b0])
+        scores[1] = _rounded_score(d1, inv[a], inv[b1])
         return
-    v1 = _row(flat, sums, summed, others[min(1, count - 1)])
-    v2 = _row(flat, sums, summed, others[min(2, count - 1)])
-    v3 = _row(flat, sums, summed, others[min(3, count - 1)])
+    b2, b3 = others[min(2, count - 1)], others[min(3, count - 1)]
+    v2 = sums[b2] if summed[b2] else flat[b2]
+    v3 = sums[b3] if summed[b3] else flat[b3]
     d0, d1, d2, d3 = _dots4(u, v0, v1, v2, v3)
     for e, dot in enumerate((d0, d1, d2, d3)):
         if e < count:
             scores[e] = _rounded_score(dot, inv[a], inv[others[e]])
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, _nrt=False)
 def _add_rows(old, extra, out):
     """out = old + extra, rounded to the arrays' dtype; ``out`` must not
     overlap ``old`` (see _add_in_place). Returns the float64 sums
@@ -315,7 +323,7 @@ def _add_rows(old, extra, out):
     return before, cross, after
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, _nrt=False)
 def _add_in_place(acc, extra):
     """_add_rows(acc, extra, acc). A separate loop because with two names for
     one row LLVM's runtime alias check fails and falls back to a scalar loop
@@ -334,7 +342,7 @@ def _add_in_place(acc, extra):
     return before, cross, after
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, _nrt=False)
 def _absorb(flat, sums, summed, inv, keep, gone):
     """Region ``keep`` takes over ``gone``'s patches: update its sum (one pass)
     and inverse norm; returns an upper bound on how far its unit vector moved.
@@ -362,7 +370,7 @@ def _absorb(flat, sums, summed, inv, keep, gone):
     return np.sqrt(max(square + error, 0.0))
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, _nrt=False)
 def _drift_units(moved):
     """Integer bound on how far any score can move when a unit vector moves by
     ``moved`` (Cauchy-Schwarz): the margins cover float error in ``moved`` and
@@ -374,23 +382,21 @@ def _drift_units(moved):
 # --------------------------------------------------------------------------
 # Binary heaps over rows of a (capacity, 4) int64 array. A heap is the rows
 # ``o .. o + size - 1`` of its array; functions take the offset ``o`` and index
-# the array directly: slicing it would create a view, and every view costs two
-# atomic reference-count updates (the merge loop spent ~40% of its time in
-# them).
+# the array directly (from when every view cost two reference-count updates).
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, _nrt=False)
 def _before(heap, i, j):
     """Whether absolute row i comes before row j."""
     return heap[i, _KEY] > heap[j, _KEY] or (heap[i, _KEY] == heap[j, _KEY] and heap[i, _CODE] < heap[j, _CODE])
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, _nrt=False)
 def _set_row(heap, row, key, code, a, b):
     heap[row, _KEY], heap[row, _CODE], heap[row, _A], heap[row, _B] = key, code, a, b
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, _nrt=False)
 def _copy_row(heap, dst, src):
     heap[dst, _KEY], heap[dst, _CODE], heap[dst, _A], heap[dst, _B] = (
         heap[src, _KEY],
@@ -400,7 +406,7 @@ def _copy_row(heap, dst, src):
     )
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, _nrt=False)
 def _place_up(heap, o, pos, key, code, a, b):
     """Put the row (key, code, a, b) into the hole at ``pos``, moving it up."""
     while pos > 0:
@@ -412,7 +418,7 @@ def _place_up(heap, o, pos, key, code, a, b):
     _set_row(heap, o + pos, key, code, a, b)
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, _nrt=False)
 def _place_down(heap, o, pos, size, key, code, a, b):
     """Put the row (key, code, a, b) into the hole at ``pos``, moving it down."""
     while True:
@@ -428,18 +434,18 @@ def _place_down(heap, o, pos, size, key, code, a, b):
     _set_row(heap, o + pos, key, code, a, b)
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, _nrt=False)
 def _sift_down(heap, o, pos, size):
     _place_down(heap, o, pos, size, heap[o + pos, _KEY], heap[o + pos, _CODE], heap[o + pos, _A], heap[o + pos, _B])
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, _nrt=False)
 def _replace_top(heap, o, size, key, code, a, b):
     """Replace the top row by (key, code, a, b) and restore heap order."""
     _place_down(heap, o, 0, size, key, code, a, b)
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, _nrt=False)
 def _pop(heap, o, size):
     """Remove the top row; returns the new size."""
     size -= 1
@@ -449,7 +455,7 @@ def _pop(heap, o, size):
     return size
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, _nrt=False)
 def _rival(heap, size):
     """Index of the better child of the root, or 0 if the root has none
     (the global heap, offset 0)."""
@@ -460,22 +466,15 @@ def _rival(heap, size):
     return 1
 
 
-@numba.njit(cache=True, nogil=True)
-def _grown(array, rows):
-    out = np.empty((rows, array.shape[1]), array.dtype)
-    out[: array.shape[0]] = array
-    return out
-
-
 # --------------------------------------------------------------------------
 # Per-region segments (neighbour lists, local heaps) packed into arenas
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, _nrt=False)
 def _room(arena, end, start, length, cap, region, extra):
     """Make room for ``extra`` more rows in a region's arena segment, moving it
     to the end of the arena if needed. Returns (new end, 0), or (end, rows)
-    when the arena must first grow to that many rows (then call again)."""
+    when the arena is full: the merge needs one of that many rows."""
     need = length[region] + extra
     if need <= cap[region]:
         return end, 0
@@ -490,26 +489,20 @@ def _room(arena, end, start, length, cap, region, extra):
     return end + new_cap, 0
 
 
-@numba.njit(cache=True, nogil=True)
-def _keep_alive(*arrays):
-    """Uses its arguments, so that their owners outlive the unowned aliases."""
-    return len(arrays)
-
-
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, _nrt=False)
 def _local_push(local, start, length, region, key, code, other, other_version, own_version):
     _place_up(local, start[region], length[region], key, code, other, (other_version << 32) | own_version)
     length[region] += 1
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, _nrt=False)
 def _valid(heap, row, alive, version):
     """Whether a local entry's other region is unchanged since the push."""
     other = heap[row, _A]
     return alive[other] and version[other] == heap[row, _B] >> 32
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, _nrt=False)
 def _clean_top(local, start, length, region, alive, version):
     """Drop entries at the top of a local heap whose other region has changed."""
     o = start[region]
@@ -517,7 +510,7 @@ def _clean_top(local, start, length, region, alive, version):
         length[region] = _pop(local, o, length[region])
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, _nrt=False)
 def _compact(local, start, length, region, alive, version):
     """Keep only the valid entries of a local heap and restore heap order."""
     o = start[region]
@@ -532,7 +525,7 @@ def _compact(local, start, length, region, alive, version):
         _sift_down(local, o, pos, kept)
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, _nrt=False)
 def _pick_batch(local, o, size, r, alive, version, drift, glob, rival, where):
     """Heap positions to re-score together: the top (0), then up to 3 of the
     next 6 positions whose entries are valid, inexact and could beat the
@@ -557,7 +550,7 @@ def _pick_batch(local, o, size, r, alive, version, drift, glob, rival, where):
 # The merge loop
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, _nrt=False)
 def _find(parent, r):
     while parent[r] != r:
         parent[r] = parent[parent[r]]  # path halving
@@ -565,11 +558,12 @@ def _find(parent, r):
     return r
 
 
-@numba.njit(cache=True, nogil=True)
-def _label_map(parent, out, t):
-    """Write raster-order consecutive labels of the current partition to out[t]."""
+@numba.njit(cache=True, nogil=True, _nrt=False)
+def _label_map(parent, out, t, relabel):
+    """Write raster-order consecutive labels of the current partition to out[t]
+    (relabel: (n,) int32 scratch)."""
     n = parent.shape[0]
-    relabel = np.full(n, -1, np.int32)
+    relabel[:] = -1
     count = 0
     for i in range(n):
         r = _find(parent, i)
@@ -579,7 +573,7 @@ def _label_map(parent, out, t):
         out[t, i] = relabel[r]
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, _nrt=False)
 def _union_neighbours(nbrs, start, length, keep, gone, parent, version, tick, seen, slot, merged):
     """Neighbours of the union of ``keep`` and ``gone`` (already linked in
     ``parent``), each once, into ``merged`` rows (region, stamp); returns
@@ -605,10 +599,13 @@ def _union_neighbours(nbrs, start, length, keep, gone, parent, version, tick, se
 
 
 @numba.njit(cache=True, nogil=True)
-def _merge_grid(flat, h, w, min_scores, sums):
+def _merge_grid(flat, h, w, min_scores, sums, nbrs, local):
     """flat: (h*w, C) patch features in raster order; min_scores: (T,) integer
-    thresholds, descending; sums: scratch like ``flat``.
-    Returns ((T, h*w) int32 labels, whether all features are finite)."""
+    thresholds, descending; sums: scratch like ``flat``; nbrs, local: (>= 4 h*w,
+    2) and (>= 4 h*w, 4) int64 scratch arenas.
+    Returns ((T, h*w) int32 labels, outcome, rows): the outcome is _DONE,
+    _NOT_FINITE, or _NBRS_FULL / _LOCAL_FULL when that arena needs ``rows``
+    rows (then the labels are incomplete)."""
     n = flat.shape[0]
     out = np.zeros((min_scores.shape[0], n), np.int32)
     inv = np.empty(n, np.float64)
@@ -622,46 +619,39 @@ def _merge_grid(flat, h, w, min_scores, sums):
     # Neighbour lists: (neighbour, its version when our local heap last got a
     # valid entry for it, or -1). Local heaps: rows as described above. Both
     # are arenas of per-region segments, 4 rows each to start with.
-    nbrs = np.empty((4 * n, 2), np.int64)
     nb_start, nb_len, nb_cap = np.arange(n) * 4, np.zeros(n, np.int64), np.full(n, 4, np.int64)
-    local = np.empty((4 * n, 4), np.int64)
     lo_start, lo_len, lo_cap = np.arange(n) * 4, np.zeros(n, np.int64), np.full(n, 4, np.int64)
     glob = np.empty((n, 4), np.int64)  # at most one entry per region
     seen = np.full(n, -1, np.int64)
     slot = np.empty(n, np.int64)
     merged = np.empty((n, 2), np.int64)
-    finite = _merge_loop(
-        _unowned(flat), w, min_scores, _unowned(sums), _unowned(out), _unowned(inv), _unowned(summed),
-        _unowned(parent), _unowned(alive), _unowned(ident), _unowned(version), _unowned(drift), _unowned(token),
-        _unowned(nbrs), _unowned(nb_start), _unowned(nb_len), _unowned(nb_cap),
-        _unowned(local), _unowned(lo_start), _unowned(lo_len), _unowned(lo_cap),
-        _unowned(glob), _unowned(seen), _unowned(slot), _unowned(merged),
-    )  # fmt: skip
-    _keep_alive(inv, summed, parent, alive, ident, version, drift, token, nbrs, nb_start, nb_len, nb_cap)
-    _keep_alive(local, lo_start, lo_len, lo_cap, glob, seen, slot, merged)
-    return out, finite
-
-
-@numba.njit(cache=True, nogil=True)
-def _merge_loop(
-    flat, w, min_scores, sums, out, inv, summed, parent, alive, ident, version, drift, token,
-    nbrs, nb_start, nb_len, nb_cap, local, lo_start, lo_len, lo_cap, glob, seen, slot, merged,
-):  # fmt: skip
-    """The merge proper, on unowned arrays (see _merge_grid). Returns whether
-    all features are finite."""
-    n = flat.shape[0]
-    tick = 0
-    nb_end = 4 * n
-    lo_end = 4 * n
-    g_len = 0
+    relabel = np.empty(n, np.int32)
     # Batches of up to 4 pairs scored together (_score_batch): the other
     # regions, their heap positions or merged rows, and the scores.
     batch = np.empty(4, np.int64)
     where = np.empty(4, np.int64)
     scores = np.empty(4, np.int64)
-    # Owners of the arenas once they have grown.
-    nbrs_owner = np.empty((0, 2), np.int64)
-    local_owner = np.empty((0, 4), np.int64)
+    outcome, rows = _merge_loop(
+        flat, w, min_scores, sums, out, inv, summed, parent, alive, ident, version, drift, token,
+        nbrs, nb_start, nb_len, nb_cap, local, lo_start, lo_len, lo_cap, glob, seen, slot, merged,
+        relabel, batch, where, scores,
+    )  # fmt: skip
+    return out, outcome, rows
+
+
+@numba.njit(cache=True, nogil=True, _nrt=False)
+def _merge_loop(
+    flat, w, min_scores, sums, out, inv, summed, parent, alive, ident, version, drift, token,
+    nbrs, nb_start, nb_len, nb_cap, local, lo_start, lo_len, lo_cap, glob, seen, slot, merged,
+    relabel, batch, where, scores,
+):  # fmt: skip
+    """The merge proper, on the arrays of _merge_grid (no allocation, no
+    reference counting). Returns (outcome, rows) like _merge_grid."""
+    n = flat.shape[0]
+    tick = 0
+    nb_end = 4 * n
+    lo_end = 4 * n
+    g_len = 0
 
     # One pass over the features in raster order: each patch's norm and its
     # products with the upper and left neighbours (still in cache), read once.
@@ -670,7 +660,7 @@ def _merge_loop(
         left = j - 1 if j % w != 0 else -1
         sq, dot_up, dot_left = _row_products(flat, j, max(up, 0), max(left, 0))
         if not np.isfinite(sq):  # outside fastmath code, where it could be folded away
-            return False
+            return _NOT_FINITE, 0
         inv[j] = 1.0 / np.sqrt(sq) if sq > 0.0 else 0.0
         for i, dot in ((up, dot_up), (left, dot_left)):
             if i < 0:
@@ -745,12 +735,9 @@ def _merge_loop(
             version[keep] = tick
 
             count = _union_neighbours(nbrs, nb_start, nb_len, keep, gone, parent, version, tick, seen, slot, merged)
-            while True:
-                lo_end, grow = _room(local, lo_end, lo_start, lo_len, lo_cap, keep, count)
-                if grow == 0:
-                    break
-                local_owner = _grown(local, grow)
-                local = _unowned(local_owner)
+            lo_end, rows = _room(local, lo_end, lo_start, lo_len, lo_cap, keep, count)
+            if rows > 0:
+                return _LOCAL_FULL, rows
             # Score the pairs that have no valid entry, 4 at a time.
             pending = 0
             for e in range(count + 1):
@@ -769,12 +756,9 @@ def _merge_loop(
             if lo_len[keep] > 2 * count + 16:
                 _compact(local, lo_start, lo_len, keep, alive, version)
             nb_len[keep] = 0
-            while True:
-                nb_end, grow = _room(nbrs, nb_end, nb_start, nb_len, nb_cap, keep, count)
-                if grow == 0:
-                    break
-                nbrs_owner = _grown(nbrs, grow)
-                nbrs = _unowned(nbrs_owner)
+            nb_end, rows = _room(nbrs, nb_end, nb_start, nb_len, nb_cap, keep, count)
+            if rows > 0:
+                return _NBRS_FULL, rows
             ko = nb_start[keep]
             for e in range(count):
                 nbrs[ko + e, 0] = merged[e, 0]
@@ -790,6 +774,5 @@ def _merge_loop(
                 o = lo_start[keep]
                 inexact = np.int64((local[o, _B] & _LOW32) != version[keep])
                 _replace_top(glob, 0, g_len, 2 * (local[o, _KEY] + drift[keep]) + inexact, local[o, _CODE], keep, token[keep])
-        _label_map(parent, out, t)
-    _keep_alive(nbrs_owner, local_owner)
-    return True
+        _label_map(parent, out, t, relabel)
+    return _DONE, 0

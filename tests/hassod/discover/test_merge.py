@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -169,3 +170,19 @@ def test_invalid_input_is_rejected():
     bad[1, 1, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         hierarchical_merge(bad, PAPER)
+
+
+def test_full_arenas_restart_the_merge_with_the_same_result(monkeypatch):
+    # The neighbour lists and local heaps live in per-thread scratch arenas;
+    # when one fills up the merge starts over with a larger one. Start them
+    # at 4 rows per patch, in a fresh thread-local store, to force restarts.
+    from hassod.discover import merge
+
+    features = segment_features(np.random.default_rng(2), 20, 20, 64, noise=1.5)
+    expected = quadratic_merge(features, PAPER)
+    monkeypatch.setattr(merge, "_SCRATCH", threading.local())
+    monkeypatch.setattr(merge, "_NBRS_ROWS", 4)
+    monkeypatch.setattr(merge, "_LOCAL_ROWS", 4)
+    np.testing.assert_array_equal(hierarchical_merge(features, PAPER), expected)
+    grown = {key: buffer.size for key, buffer in merge._SCRATCH.held.items() if key[0] in ("nbrs", "local")}
+    assert grown[("nbrs", np.dtype(np.int64))] > 4 * 400 * 2 and grown[("local", np.dtype(np.int64))] > 4 * 400 * 4
