@@ -66,7 +66,8 @@ class Discovered:
 
     @property
     def masks(self) -> np.ndarray:
-        """(N, H, W) bool, decoded on every access: N·H·W bytes (:class:`~hassod.discover.masks.RleMasks` decodes one at a time)."""
+        """(N, H, W) bool, decoded on every access: N·H·W bytes
+        (:class:`~hassod.discover.masks.RleMasks` decodes one at a time)."""
         return rle_to_masks(self.rles, self.image_size)
 
     def annotations(self) -> list[dict[str, Any]]:
