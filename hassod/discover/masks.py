@@ -13,8 +13,8 @@ top-left pixel edge, so a single pixel at column 3, row 5 is (3, 5, 1, 1).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numba
 import numpy as np

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
