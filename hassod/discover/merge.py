@@ -81,7 +81,7 @@ projection take ~7 ms: bookkeeping alone is above a 5 ms budget, and the
 from __future__ import annotations
 
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 import numba
 import numpy as np
