@@ -24,6 +24,7 @@ import numpy as np
 import pydensecrf.densecrf as dcrf
 
 from ..images import resize_image
+from .masks import bilinear_taps
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ def _upsampled_one_hot(dense: np.ndarray, size: tuple[int, int]) -> tuple[np.nda
         read twice has its weights summed, and appears twice with that sum).
     """
     (rows0, rows1, wy), (cols0, cols1, wx) = (
-        _bilinear_taps(n_in, n_out) for n_in, n_out in zip(dense.shape, size)
+        bilinear_taps(n_in, n_out) for n_in, n_out in zip(dense.shape, size)
     )
     labels = np.stack([
         dense[np.ix_(rows, cols)].reshape(-1)
@@ -155,15 +156,6 @@ def _upsampled_one_hot(dense: np.ndarray, size: tuple[int, int]) -> tuple[np.nda
     same = labels[:, None, :] == labels[None, :, :]
     probs = (same * weights[None, :, :]).sum(axis=1).astype(np.float32)
     return labels, probs
-
-
-def _bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Source indices (i0, i1) and weight of i1 per output index, as torch's bilinear
-    with align_corners=False computes them (half-pixel centres, clamped at the borders)."""
-    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
-    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    return i0, i1, src - i0
 
 
 def _upsampled_argmax(labels: np.ndarray, probs: np.ndarray, num: int) -> np.ndarray:

@@ -102,7 +102,10 @@ def resize_masks(masks: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
     Bilinear-then-threshold gives smooth edges when upscaling (nearest would
     turn every resized-image pixel into a visible step) and, with
     antialiasing, keeps the majority when downscaling. Torch's
-    align_corners=False convention (half-pixel centres) is used.
+    align_corners=False convention (half-pixel centres) is used. Upscaling
+    (H >= h and W >= w, the usual case: masks come from a 160-480 px working
+    size) is computed only inside each mask's box, so its cost follows the
+    mask's size, not the photo's; downscaling uses torch's antialiased kernel.
     """
     chunks = [resized for _, resized in _resized_chunks(masks, out_size)]
     return np.concatenate(chunks) if chunks else np.zeros((0, *out_size), dtype=bool)
@@ -112,15 +115,69 @@ def _resized_chunks(masks: np.ndarray, out_size: tuple[int, int]) -> Iterator[tu
     """(start index, (n, H, W) bool resized masks[start:start + n]) with n·max(H·W, h·w) bounded."""
     height, width = int(out_size[0]), int(out_size[1])
     step = max(1, _RESIZE_CHUNK_ELEMENTS // max(height * width, masks.shape[1] * masks.shape[2], 1))
+    upscale = height >= masks.shape[1] and width >= masks.shape[2]
+    if upscale:
+        rows, cols = bilinear_taps(masks.shape[1], height), bilinear_taps(masks.shape[2], width)
     for start in range(0, masks.shape[0], step):
         chunk = masks[start:start + step]
         if chunk.shape[1:] == (height, width):
             yield start, chunk.astype(bool, copy=True)
+        elif upscale:
+            yield start, _upscaled(chunk, rows, cols)
+        else:
+            values = torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32))
+            big = F.interpolate(values[:, None], size=(height, width), mode="bilinear",
+                                align_corners=False, antialias=True)
+            yield start, (big[:, 0] > 0.5).numpy()
+
+
+def bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices (i0, i1) and weight of i1 per output index, as torch's bilinear
+    with align_corners=False computes them (half-pixel centres, clamped at the borders)."""
+    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, src - i0
+
+
+Taps = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _upscaled(masks: np.ndarray, rows: Taps, cols: Taps) -> np.ndarray:
+    """(n, h, w) bool -> (n, H, W) bool bilinear upscaling (taps from :func:`bilinear_taps`),
+    evaluated only on the output rows and columns whose taps reach the mask's box:
+    everywhere else both taps read 0."""
+    out = np.zeros((masks.shape[0], len(rows[0]), len(cols[0])), dtype=bool)
+    for index, mask in enumerate(masks):
+        row_any, col_any = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        if len(row_any) == 0:
             continue
-        values = torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32))
-        big = F.interpolate(values[:, None], size=(height, width), mode="bilinear",
-                            align_corners=False, antialias=True)
-        yield start, (big[:, 0] > 0.5).numpy()
+        y0, y1 = _reaching(rows, row_any[0], row_any[-1])
+        x0, x1 = _reaching(cols, col_any[0], col_any[-1])
+        _bilinear_window(np.ascontiguousarray(mask, dtype=np.uint8), rows[0][y0:y1], rows[1][y0:y1], rows[2][y0:y1],
+                         cols[0][x0:x1], cols[1][x0:x1], cols[2][x0:x1], out[index, y0:y1, x0:x1])
+    return out
+
+
+def _reaching(taps: Taps, first: int, last: int) -> tuple[int, int]:
+    """[start, stop) of the output indices with a tap in [first, last] (taps increase with the index)."""
+    i0, i1, _ = taps
+    return int(np.searchsorted(i1, first, side="left")), int(np.searchsorted(i0, last, side="right"))
+
+
+@numba.njit(cache=True, nogil=True)
+def _bilinear_window(mask, r0, r1, wy, c0, c1, wx, out):
+    """out[y, x] = whether the bilinear value of ``mask`` (uint8 0/1) at taps
+    (r0, r1, wy)[y], (c0, c1, wx)[x] is above 0.5."""
+    for y in range(out.shape[0]):
+        a, b, t = r0[y], r1[y], wy[y]
+        for x in range(out.shape[1]):
+            c, d, u = c0[x], c1[x], wx[x]
+            top = (1.0 - u) * mask[a, c] + u * mask[a, d]
+            bottom = (1.0 - u) * mask[b, c] + u * mask[b, d]
+            # Exact ties (0.5 at a midpoint, common at integer-ish scale
+            # factors) are not set, whatever the last bit of float rounding says.
+            out[y, x] = (1.0 - t) * top + t * bottom > 0.5 + 1e-9
 
 
 def mask_areas(masks: np.ndarray) -> np.ndarray:

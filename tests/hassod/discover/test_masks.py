@@ -9,6 +9,7 @@ from hassod.discover import masks as masks_module
 from hassod.discover.masks import (
     MaskFilterSettings,
     RleMasks,
+    bilinear_taps,
     corner_counts,
     fill_holes,
     mask_areas,
@@ -194,3 +195,24 @@ def test_rle_areas_boxes_and_lazy_masks_match_the_dense_measures():
     np.testing.assert_array_equal(lazy[7], masks[7])
     np.testing.assert_array_equal(lazy[np.int64(5)], masks[5])
     assert rle_areas([]).shape == (0,) and rle_boxes_xywh([]).shape == (0, 4)
+
+
+def test_upscaling_inside_each_box_equals_the_full_frame_bilinear():
+    # Upscaling evaluates the bilinear value only where a tap reaches the mask's
+    # box; a dense float64 evaluation of the same taps over the whole frame must
+    # give the same masks (blobs at the borders, single pixels, an empty mask).
+    rng = np.random.default_rng(3)
+    masks = blank(6, 23, 31)
+    masks[0, 5:12, 7:20] = True
+    masks[1, 0:4, 25:31] = True  # touches the top and right borders
+    masks[2, 22, 0] = True  # one corner pixel
+    masks[3, 11, 15] = True  # one pixel inside
+    masks[4] = rng.random((23, 31)) > 0.8
+    out_size = (203, 377)
+    (i0, i1, wy), (j0, j1, wx) = bilinear_taps(23, 203), bilinear_taps(31, 377)
+    expected = []
+    for m in masks.astype(np.float64):
+        rows = (1 - wy)[:, None] * m[i0] + wy[:, None] * m[i1]
+        expected.append((1 - wx) * rows[:, j0] + wx * rows[:, j1] > 0.5 + 1e-9)
+    np.testing.assert_array_equal(resize_masks(masks, out_size), np.stack(expected))
+    assert not resize_masks(masks, out_size)[5].any()
