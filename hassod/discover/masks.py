@@ -224,21 +224,23 @@ def masks_to_rle(masks: np.ndarray) -> list[dict]:
 
 def _column_major(masks: np.ndarray) -> np.ndarray:
     """(N, H, W) bool -> the same masks as the (H, W, N) Fortran-ordered uint8 array pycocotools encodes."""
-    out = np.empty((masks.shape[0], masks.shape[2], masks.shape[1]), dtype=np.uint8)
-    _transpose_blocks(np.ascontiguousarray(masks).view(np.uint8), out)
+    out = np.zeros((masks.shape[0], masks.shape[2], masks.shape[1]), dtype=np.uint8)
+    boxes = masks_to_boxes_xywh(masks).astype(np.int64)
+    _transpose_boxes(np.ascontiguousarray(masks).view(np.uint8), boxes, out)
     return out.transpose(2, 1, 0)
 
 
 @numba.njit(cache=True, nogil=True)
-def _transpose_blocks(masks: np.ndarray, out: np.ndarray) -> None:
-    """out[i] = masks[i].T in 64x64 tiles: numpy's strided copy of a transposed
-    64-megapixel mask takes ~0.5 s, the tiled one ~0.07 s."""
-    count, height, width = masks.shape
-    for i in range(count):
-        for y0 in range(0, height, 64):
-            for x0 in range(0, width, 64):
-                for x in range(x0, min(x0 + 64, width)):
-                    for y in range(y0, min(y0 + 64, height)):
+def _transpose_boxes(masks: np.ndarray, boxes: np.ndarray, out: np.ndarray) -> None:
+    """out[i] = masks[i].T for a zeroed ``out``, copying only the mask's xywh box
+    in 64x64 tiles: numpy's strided copy of a transposed 64-megapixel mask
+    takes ~0.5 s, a tiled copy of the whole frame ~0.07 s."""
+    for i in range(masks.shape[0]):
+        left, top, right, bottom = boxes[i, 0], boxes[i, 1], boxes[i, 0] + boxes[i, 2], boxes[i, 1] + boxes[i, 3]
+        for y0 in range(top, bottom, 64):
+            for x0 in range(left, right, 64):
+                for x in range(x0, min(x0 + 64, right)):
+                    for y in range(y0, min(y0 + 64, bottom)):
                         out[i, x, y] = masks[i, y, x]
 
 
