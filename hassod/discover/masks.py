@@ -62,8 +62,8 @@ def postprocess_masks(
         all at the original size.
     """
     chunks = list(_postprocessed_chunks(masks, out_size, settings or MaskFilterSettings()))
-    kept = [k for k, _ in chunks] or [np.zeros((0, *out_size), dtype=bool)]
-    return np.concatenate(kept), np.concatenate([i for _, i in chunks] or [np.zeros(0, np.int64)])
+    kept = [k for k, _, _ in chunks] or [np.zeros((0, *out_size), dtype=bool)]
+    return np.concatenate(kept), np.concatenate([i for _, _, i in chunks] or [np.zeros(0, np.int64)])
 
 
 def postprocess_to_rles(
@@ -77,23 +77,25 @@ def postprocess_to_rles(
     """
     rles: list[dict] = []
     indices = []
-    for kept, index in _postprocessed_chunks(masks, out_size, settings or MaskFilterSettings()):
-        rles += masks_to_rle(kept)
+    for kept, boxes, index in _postprocessed_chunks(masks, out_size, settings or MaskFilterSettings()):
+        rles += _encoded(kept, boxes)
         indices.append(index)
     return rles, np.concatenate(indices or [np.zeros(0, np.int64)])
 
 
 def _postprocessed_chunks(
     masks: np.ndarray, out_size: tuple[int, int], settings: MaskFilterSettings
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(kept masks at out_size, their int64 indices into ``masks``) per chunk of resized masks."""
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(kept masks at out_size, their (n, 4) int64 xywh boxes, their int64 indices into
+    ``masks``) per chunk of resized masks. Filling holes never changes a box."""
     for start, resized in _resized_chunks(masks, out_size):
         keep = (mask_areas(resized) >= settings.min_area) & (corner_counts(resized) < settings.max_corners)
         indices = np.flatnonzero(keep)
-        kept = resized[indices]
+        kept = resized[indices]  # a copy: filled in place
+        boxes = masks_to_boxes_xywh(kept).astype(np.int64)
         if settings.fill_holes:
-            kept = fill_holes(kept)
-        yield kept, indices.astype(np.int64) + start
+            _fill_holes_in_place(kept, boxes)
+        yield kept, boxes, indices.astype(np.int64) + start
 
 
 def resize_masks(masks: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
@@ -204,28 +206,37 @@ def fill_holes(masks: np.ndarray) -> np.ndarray:
     let holes connect across masks.
     """
     filled = masks.astype(bool, copy=True)
-    boxes = masks_to_boxes_xywh(masks).astype(np.int64)
+    _fill_holes_in_place(filled, masks_to_boxes_xywh(masks).astype(np.int64))
+    return filled
+
+
+def _fill_holes_in_place(masks: np.ndarray, boxes: np.ndarray) -> None:
+    """Fill the holes of (N, H, W) bool ``masks`` inside their (N, 4) int xywh ``boxes``."""
     for index, (x, y, w, h) in enumerate(boxes):
         if w == 0:
             continue
         crop = np.pad(masks[index, y:y + h, x:x + w], 1)
         background, _ = ndimage.label(~crop)  # 4-connected components; [0, 0] is the outside
-        filled[index, y:y + h, x:x + w] = (background != background[0, 0])[1:-1, 1:-1]
-    return filled
+        masks[index, y:y + h, x:x + w] = (background != background[0, 0])[1:-1, 1:-1]
 
 
 def masks_to_rle(masks: np.ndarray) -> list[dict]:
     """(N, H, W) bool -> N COCO RLE dicts ``{"size": [H, W], "counts": str}``, JSON-ready."""
+    masks = np.asarray(masks, dtype=bool)
+    return _encoded(masks, masks_to_boxes_xywh(masks).astype(np.int64))
+
+
+def _encoded(masks: np.ndarray, boxes: np.ndarray) -> list[dict]:
+    """masks_to_rle of (N, H, W) bool masks whose (N, 4) int64 xywh boxes are known."""
     if len(masks) == 0:
         return []
-    rles = mask_utils.encode(_column_major(np.asarray(masks, dtype=bool)))
+    rles = mask_utils.encode(_column_major(masks, boxes))
     return [{"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")} for rle in rles]
 
 
-def _column_major(masks: np.ndarray) -> np.ndarray:
+def _column_major(masks: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """(N, H, W) bool -> the same masks as the (H, W, N) Fortran-ordered uint8 array pycocotools encodes."""
     out = np.zeros((masks.shape[0], masks.shape[2], masks.shape[1]), dtype=np.uint8)
-    boxes = masks_to_boxes_xywh(masks).astype(np.int64)
     _transpose_boxes(np.ascontiguousarray(masks).view(np.uint8), boxes, out)
     return out.transpose(2, 1, 0)
 
