@@ -42,7 +42,7 @@ from tqdm import tqdm
 from .device import resolve_device
 from .discover.coco import LEVEL_NAMES, ImageRecord, ProgressLog, common_root, write_json_atomic
 from .discover.collection import run_line
-from .discover.levels import find_parents, rle_intersections
+from .discover.levels import find_parents, intersection_matrix, rle_intersections
 from .discover.masks import RleMasks, masks_to_rle, rle_to_masks
 from .discover.viz import save_overlay
 from .images import DEFAULT_MAX_PIXELS, ImageError, load_rgb
@@ -134,7 +134,7 @@ class Detections:
 def detection_parents(masks: np.ndarray, tau: float = HIERARCHY_TAU) -> np.ndarray:
     """(N, H, W) bool masks → (N,) int64 parent indices (-1 for roots) by the coverage rule
     (:func:`hassod.discover.levels.find_parents`), computed as :func:`postprocess` does: from RLEs."""
-    return find_parents(rle_intersections(masks_to_rle(np.asarray(masks, dtype=bool))), tau)
+    return find_parents(intersection_matrix(np.asarray(masks, dtype=bool)), tau)
 
 
 def postprocess(

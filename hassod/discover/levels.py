@@ -15,41 +15,25 @@ from __future__ import annotations
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from .masks import coded_rles, rle_areas
+from .masks import coded_rles, masks_to_rle, rle_areas
 
 WHOLE, PART, SUBPART = 0, 1, 2
-
-# float32 sums of 0/1 products are exact integers below 2**24; each matrix
-# product covers at most this many pixels, and the partial counts are added in
-# int64, so any image size is counted exactly.
-_EXACT_PIXELS = 1 << 24
-# Bound on the float32 copy of the masks made per product (elements, ~256 MB).
-_CHUNK_ELEMENTS = 1 << 26
-
 
 def intersection_matrix(masks: np.ndarray) -> np.ndarray:
     """(N, H, W) bool -> (N, N) int64 with [a, b] = |A∩B| in pixels (diagonal = areas).
 
-    One float32 matrix product over the flattened masks; images above 2**24
-    pixels (or very many masks) are split into pixel chunks whose exact
-    counts are summed, so the result is exact for any size.
+    Dense masks go through :func:`rle_intersections`, the one counting path
+    that discovery and detection use (exact for any image size).
     """
-    count = masks.shape[0]
-    flat = masks.reshape(count, masks.shape[1] * masks.shape[2])
-    pixels = flat.shape[1]
-    step = max(1, min(_EXACT_PIXELS, _CHUNK_ELEMENTS // max(count, 1)))
-    inter = np.zeros((count, count), dtype=np.int64)
-    for start in range(0, pixels, step):
-        chunk = flat[:, start:start + step].astype(np.float32)
-        inter += np.rint(chunk @ chunk.T).astype(np.int64)
-    return inter
+    if len(masks) == 0:
+        return np.zeros((0, 0), dtype=np.int64)
+    return rle_intersections(masks_to_rle(masks))
 
 
 def rle_intersections(rles: list[dict]) -> np.ndarray:
     """N COCO RLEs (``counts`` str or bytes) -> (N, N) int64 with [a, b] = |A∩B| in pixels.
 
-    The same counts as :func:`intersection_matrix` without decoding a mask:
-    pycocotools' RLE IoU with every B flagged "crowd" is |A∩B| / |A|, and it
+    Counted without decoding a mask: pycocotools' RLE IoU with every B flagged "crowd" is |A∩B| / |A|, and it
     skips pairs whose boxes do not meet. Memory is O(N² + runs), so a thousand
     detections on a 24-megapixel photo cost kilobytes of masks, not gigabytes.
     """

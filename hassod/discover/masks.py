@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
-# Resizing converts masks to float32; this bounds that buffer (in elements,
-# about 256 MB) for large originals.
+# Masks are resized a chunk at a time, at most this many elements at the
+# larger of the two sizes: it bounds torch's float32 buffer when downscaling
+# (~256 MB) and the bool masks held at the original size (~64 MB).
 _RESIZE_CHUNK_ELEMENTS = 1 << 26
 
 
@@ -133,16 +134,16 @@ def _resized_chunks(masks: np.ndarray, out_size: tuple[int, int]) -> Iterator[tu
             yield start, (big[:, 0] > 0.5).numpy()
 
 
-def bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+Taps = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def bilinear_taps(n_in: int, n_out: int) -> Taps:
     """Source indices (i0, i1) and weight of i1 per output index, as torch's bilinear
     with align_corners=False computes them (half-pixel centres, clamped at the borders)."""
     src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
     i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
     i1 = np.minimum(i0 + 1, n_in - 1)
     return i0, i1, src - i0
-
-
-Taps = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def _upscaled(masks: np.ndarray, rows: Taps, cols: Taps) -> np.ndarray:
