@@ -7,10 +7,12 @@ from scipy import ndimage
 
 from hassod.discover import masks as masks_module
 from hassod.discover.masks import (
+    MaskCrop,
     MaskFilterSettings,
     RleMasks,
     bilinear_taps,
     corner_counts,
+    crops_to_rle,
     fill_holes,
     mask_areas,
     masks_to_boxes_xywh,
@@ -163,20 +165,61 @@ def _blobs(count: int, size: int = 48, seed: int = 0) -> np.ndarray:
     return masks
 
 
-@pytest.mark.parametrize("chunk_elements", [1 << 26, 3 * 100 * 130, 1])
-def test_rle_post_processing_equals_the_dense_one_whatever_the_chunking(monkeypatch, chunk_elements):
-    # The dense and RLE paths resize, filter and fill a bounded chunk of masks
-    # at a time; the chunk size must change nothing (1 element: one mask per chunk).
+@pytest.mark.parametrize("out_size", [(100, 130), (30, 41)])
+@pytest.mark.parametrize("chunk_elements", [1 << 26, 3 * 48 * 48, 1])
+def test_rle_post_processing_equals_the_dense_one_whatever_the_chunking(monkeypatch, chunk_elements, out_size):
+    # Upscaling (100 x 130) works mask by mask; downscaling (30 x 41) resizes a
+    # bounded chunk of masks at a time: the chunk size must change nothing
+    # (1 element: one mask per chunk).
     masks = _blobs(12)
-    dense, dense_index = postprocess_masks(masks, (100, 130))
-    resized = resize_masks(masks, (100, 130))
+    dense, dense_index = postprocess_masks(masks, out_size)
+    resized = resize_masks(masks, out_size)
     monkeypatch.setattr(masks_module, "_RESIZE_CHUNK_ELEMENTS", chunk_elements)
-    rles, index = postprocess_to_rles(masks, (100, 130))
+    rles, index = postprocess_to_rles(masks, out_size)
     np.testing.assert_array_equal(index, dense_index)
     assert 0 < len(index) < len(masks)
     np.testing.assert_array_equal(rle_to_masks(rles), dense)
-    np.testing.assert_array_equal(postprocess_masks(masks, (100, 130))[0], dense)
-    np.testing.assert_array_equal(resize_masks(masks, (100, 130)), resized)
+    np.testing.assert_array_equal(postprocess_masks(masks, out_size)[0], dense)
+    np.testing.assert_array_equal(resize_masks(masks, out_size), resized)
+
+
+def _pycocotools_rles(masks: np.ndarray) -> list[dict]:
+    coded = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0), dtype=np.uint8))
+    return [{"size": [int(s) for s in r["size"]], "counts": r["counts"].decode("ascii")} for r in coded]
+
+
+def test_rle_encoding_equals_pycocotools_at_every_frame_edge():
+    # Runs are counted inside each mask's box only: the runs that start or end
+    # at the box's and the frame's edges are where that can go wrong.
+    masks = blank(10, 7, 9)
+    masks[0, 0, 0] = True  # first pixel: the RLE starts with a run of 0 zeros
+    masks[1, 6, 8] = True  # last pixel: no final run of zeros
+    masks[2] = True
+    masks[3, :, 2:5] = True  # whole columns: one run across them
+    masks[4, :, 2:5] = True
+    masks[4, 3, 3] = False
+    masks[5, 6, :] = True  # bottom row: each run ends at a column's foot
+    masks[6, 0, :] = True  # top row
+    masks[7, 2:5, 8] = True  # last column, not to the bottom
+    masks[8, 0:7:2, 0:9:3] = True  # isolated pixels
+    rles = masks_to_rle(masks)
+    assert rles == _pycocotools_rles(masks)
+    random = np.random.default_rng(4).random((20, 13, 11)) > np.linspace(0.05, 0.95, 20)[:, None, None]
+    assert masks_to_rle(random) == _pycocotools_rles(random)
+
+
+def test_crops_encode_like_their_frames():
+    # A crop need not be tight: zeros inside it are zeros of the frame.
+    columns = np.zeros((4, 3), bool)  # 4 columns of 3 rows
+    columns[1, 0] = columns[1, 1] = columns[2, 2] = True
+    frame = np.zeros((1, 6, 8), bool)
+    frame[0, 2:5, 3:7] = columns.T
+    assert crops_to_rle([MaskCrop(2, 3, columns)], (6, 8)) == _pycocotools_rles(frame)
+    full = np.ones((2, 6), bool)  # 2 whole columns of a 6-row frame
+    frame = np.zeros((1, 6, 5), bool)
+    frame[0, :, 3:5] = True
+    assert crops_to_rle([MaskCrop(0, 3, full)], (6, 5)) == _pycocotools_rles(frame)
+    assert crops_to_rle([], (6, 5)) == []
 
 
 def test_rle_post_processing_of_no_masks():

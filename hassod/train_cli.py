@@ -1,0 +1,118 @@
+"""`hassod train`: the click command over :func:`hassod.train.loop.train`."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import click
+
+from .console import fail
+
+
+@click.command()
+@click.option("--pseudo", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Pseudo-labels (COCO JSON written by `hassod discover`).")
+@click.option("--images", "images_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder the pseudo-labels' file names are relative to [the file's info.root].")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Run folder: last.pth, model_final.pth, log.jsonl.")
+@click.option("--backbone", default="resnet50", show_default=True,
+              type=click.Choice(["resnet50", "efficientnet_lite0", "tiny"]),
+              help="Detector backbone (tiny: a very small model for smoke tests).")
+@click.option("--backbone-weights", type=click.Path(exists=True, dir_okay=False),
+              help="Backbone initialisation (a DINO ResNet-50 checkpoint for resnet50).")
+@click.option("--random-init", is_flag=True, help="Initialise the backbone randomly.")
+@click.option("--sizes", help="Shortest edges (px) drawn per image in training, e.g. 240,320,480 "
+                              "[the paper's 240..1024; smaller is much faster on a CPU].")
+@click.option("--test-size", type=click.IntRange(min=32), help="Shortest edge (px) at inference [800].")
+@click.option("--max-size", type=click.IntRange(min=32), help="Longest edge cap (px), training and inference [1333].")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Images per iteration over all GPUs (paper: 16).")
+@click.option("--iterations", default=40_000, show_default=True, type=click.IntRange(min=1),
+              help="Optimiser steps (CutLER: 160k at batch 16); lower it for small collections.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True),
+              help="Base learning rate [0.01 x batch-size / 16].")
+@click.option("--warmup", "warmup_iters", default=1000, show_default=True, type=click.IntRange(min=0),
+              help="Linear warm-up iterations.")
+@click.option("--lr-decay", default="cosine", show_default=True, type=click.Choice(["cosine", "step", "constant"]))
+@click.option("--checkpoint-period", default=1000, show_default=True, type=click.IntRange(min=1))
+@click.option("--eval-gt", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Held-out COCO file to evaluate (box AR/AP) during training.")
+@click.option("--eval-images", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder of the --eval-gt images [its info.root, else its folder].")
+@click.option("--eval-period", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Evaluate every N iterations (0: only at the end).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--no-amp", is_flag=True, help="Train in fp32 on CUDA too.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from last.pth (same options as the first call).")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seeds initialisation, data order and augmentation.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0),
+              help="Data-loading processes (0: in the main process).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def train(pseudo, images_dir, out, backbone, backbone_weights, random_init, sizes, test_size, max_size,
+          batch_size, iterations, lr, warmup_iters, lr_decay, checkpoint_period, eval_gt, eval_images, eval_period, device, no_amp, resume,
+          seed, workers, as_json):
+    """Stage 2: train the hierarchical detector on stage-1 pseudo-labels (SGD, warm-up, copy-paste, flip).
+
+    Multi-GPU: launch with `torchrun --nproc_per_node N -m hassod.cli train ...`.
+    """
+    from .device import resolve_device
+    from .model import DetectorSettings
+    from .train.loop import TrainError, TrainSettings
+    from .train.loop import train as run_training
+
+    if backbone_weights and random_init:
+        fail("--backbone-weights and --random-init exclude each other")
+    try:
+        resolve_device(device)
+    except (ValueError, RuntimeError) as exc:
+        fail(str(exc))
+    detector = DetectorSettings.tiny() if backbone == "tiny" else dataclasses.replace(DetectorSettings(),
+                                                                                        backbone=backbone)
+    detector = dataclasses.replace(detector, **_image_sizes(sizes, test_size, max_size))
+    settings = TrainSettings(batch_size=batch_size, iterations=iterations, lr=lr, warmup_iters=warmup_iters,
+                             lr_decay=lr_decay, checkpoint_period=checkpoint_period, eval_period=eval_period,
+                             device=device, amp=not no_amp, seed=seed, workers=workers)
+    try:
+        result = run_training(settings, detector, pseudo, images_dir, out, backbone_weights=backbone_weights,
+                              resume=resume, eval_gt=eval_gt, eval_images=eval_images, random_init=random_init,
+                              progress=not as_json)
+    except TrainError as exc:
+        fail(str(exc))
+    summary = {
+        "iteration": result.iteration, "finished": result.finished, "seconds": round(result.seconds, 1),
+        "last_checkpoint": str(result.last_checkpoint),
+        "final_checkpoint": str(result.final_checkpoint) if result.final_checkpoint else None,
+        "losses": result.losses, "skipped": len(result.skipped),
+        "evaluation": result.evaluations[-1] if result.evaluations else None,
+    }
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    for name, reason in sorted(result.skipped.items()):
+        click.echo(f"skipped {name}: {reason}", err=True)
+    line = (f"trained {result.iteration} iterations in {result.seconds:.0f} s; "
+            f"model {summary['final_checkpoint'] or summary['last_checkpoint']}; skipped {len(result.skipped)} images")
+    if result.evaluations:
+        ev = result.evaluations[-1]
+        line += f"; box AR@100 {ev.get('AR@100', float('nan')):.3f} AP {ev.get('AP', float('nan')):.3f}"
+    click.echo(line)
+
+
+def _image_sizes(sizes: str | None, test_size: int | None, max_size: int | None) -> dict[str, object]:
+    """The DetectorSettings fields the size options override (pixels)."""
+    fields: dict[str, object] = {}
+    if sizes:
+        try:
+            fields["min_size_train"] = tuple(int(v) for v in sizes.split(","))
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated pixel sizes, got {sizes!r}", param_hint="--sizes")
+        if min(fields["min_size_train"]) < 32:
+            raise click.BadParameter("sizes are shortest edges in pixels, at least 32", param_hint="--sizes")
+    if test_size:
+        fields["min_size_test"] = test_size
+    if max_size:
+        fields["max_size"] = max_size
+    return fields
