@@ -6,10 +6,10 @@ from pathlib import Path
 import click
 
 from .console import fail, report
+from .convert_cli import convert
 from .detect_cli import detect, evaluate_command
 from .images import DEFAULT_MAX_PIXELS
-from .model.convert import convert
-from .train.cli import train
+from .train_cli import train
 
 
 def _thresholds(value: str | None) -> tuple[float, ...] | None:

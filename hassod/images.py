@@ -10,8 +10,6 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Refuse images above this many pixels before decoding them: a 30000 x 30000
@@ -100,6 +98,10 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(H, W, 3) uint8 → (*size, 3) uint8 (size = (height, width) pixels), bilinear with antialiasing,
     so colours stay true on downscaling."""
+    # Imported here: every command line imports this module, most never resize.
+    import torch
+    import torch.nn.functional as F
+
     tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.uint8)).permute(2, 0, 1)[None].float()
     resized = F.interpolate(tensor, size=size, mode="bilinear", antialias=True, align_corners=False)
     return resized[0].round().clamp(0, 255).byte().permute(1, 2, 0).numpy()

@@ -1,4 +1,4 @@
-"""Converting reference checkpoints into this model's key layout (``hassod convert``).
+"""Converting reference checkpoints into this model's key layout (the library behind ``hassod convert``).
 
 Two sources:
 
@@ -40,7 +40,6 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-import click
 import numpy as np
 import torch
 
@@ -229,23 +228,3 @@ def read_detectron2_file(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, Mapping):
         raise WeightsFormatError(f"{path} holds a {type(data).__name__}, not a state dict")
     return dict(data)
-
-
-@click.command("convert")
-@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Where to write the hassod detector checkpoint.")
-def convert(source: Path, out: Path) -> None:
-    """Convert a detectron2 checkpoint (.pkl/.pth) of the reference release into a hassod detector checkpoint."""
-    from hassod.model.checkpoint import save_checkpoint
-    from hassod.model.detector import build_detector
-
-    try:
-        state = convert_detectron2(read_detectron2_file(source))
-        settings = settings_for(state)
-        model = build_detector(settings, random_init=True)
-        model.load_state_dict(state, strict=True)
-    except (WeightsFormatError, RuntimeError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    save_checkpoint(out, model, settings, converted_from=str(source))
-    click.echo(f"wrote {out} ({len(state)} tensors from {source})")

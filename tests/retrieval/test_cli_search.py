@@ -90,3 +90,15 @@ def test_index_built_with_another_backbone_is_refused(built_index, tmp_path):
     assert result.exit_code == 2, result.output
     assert "index was built with backbone efficientnet_lite0" in result.output
     assert "dino_vits16" in result.output
+
+
+def test_the_command_line_starts_without_the_heavy_libraries():
+    # `hassod --help` (and every typo) must not pay for importing torch,
+    # torchvision, numba or faiss: ~4 s and ~900 MB before a command even runs.
+    import subprocess
+    import sys
+
+    heavy = ("torch", "torchvision", "numba", "faiss", "scipy", "sqlalchemy", "pycocotools")
+    code = f"import sys, retrieval.cli; print(','.join(m for m in {heavy!r} if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == ""

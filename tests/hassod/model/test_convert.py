@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
+from hassod.convert_cli import convert
 from hassod.features.weights import WeightsFormatError
 from hassod.model import DetectorSettings, build_detector, load_detector
-from hassod.model.convert import convert, convert_detectron2, convert_dino_resnet
+from hassod.model.convert import convert_detectron2, convert_dino_resnet
 
 RESNET_BLOCKS = (3, 4, 6, 3)
 RESNET_WIDTHS = (64, 128, 256, 512)

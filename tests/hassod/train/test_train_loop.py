@@ -11,9 +11,9 @@ import torch
 from click.testing import CliRunner
 
 from hassod.model import DetectorSettings, read_checkpoint
-from hassod.train.cli import train as train_command
 from hassod.train.data import Augmentation
 from hassod.train.loop import TrainError, TrainSettings, train
+from hassod.train_cli import train as train_command
 from tests.hassod.train.train_helpers import one_thread, write_scenes
 
 SETTINGS = TrainSettings(batch_size=2, iterations=8, warmup_iters=2, checkpoint_period=3, device="cpu",
