@@ -292,6 +292,25 @@ def _fill_background_holes(columns):
     every pixel instead (scipy.ndimage.label) costs ~10x more on the large
     masks of megapixel photos, and the result is the same (tested against
     binary_fill_holes)."""
+    starts, ends, first = _background_runs(columns)
+    parent = _joined_runs(starts, ends, first, columns.shape[1])
+    outside = _root(parent, len(starts))
+    holes = [i for i in range(len(starts)) if _root(parent, i) != outside]
+    if not holes:
+        return np.empty((0, 0), np.bool_), False
+    filled = columns.copy()
+    line = 0
+    for i in holes:  # increasing, like the runs' lines
+        while first[line + 1] <= i:
+            line += 1
+        filled[line, starts[i]:ends[i]] = True
+    return filled, True
+
+
+@numba.njit(cache=True, nogil=True)
+def _background_runs(columns):
+    """(starts, ends, first): the runs of 0s along each line x of ``columns``,
+    [starts[i], ends[i]) for i in first[x] .. first[x + 1] - 1."""
     width, height = columns.shape
     count = 0
     for x in range(width):
@@ -301,7 +320,7 @@ def _fill_background_holes(columns):
             count += line[y - 1] and not line[y]
     starts = np.empty(count, np.int64)
     ends = np.empty(count, np.int64)
-    first = np.empty(width + 1, np.int64)  # runs of line x: first[x] .. first[x + 1] - 1
+    first = np.empty(width + 1, np.int64)
     k = 0
     for x in range(width):
         first[x] = k
@@ -317,8 +336,17 @@ def _fill_background_holes(columns):
             ends[k] = y
             k += 1
     first[width] = k
-    outside = count
-    parent = np.arange(count + 1)
+    return starts, ends, first
+
+
+@numba.njit(cache=True, nogil=True)
+def _joined_runs(starts, ends, first, height):
+    """Union-find parents of the runs of _background_runs plus one more node,
+    the outside (index len(starts)): runs are joined to the outside where they
+    reach the crop's edge, and to the runs of the next line they overlap."""
+    width = len(first) - 1
+    outside = len(starts)
+    parent = np.arange(outside + 1)
     for x in range(width):
         for i in range(first[x], first[x + 1]):
             if x == 0 or x == width - 1 or starts[i] == 0 or ends[i] == height:
@@ -332,20 +360,7 @@ def _fill_background_holes(columns):
                     i += 1
                 else:
                     j += 1
-    root = _root(parent, outside)
-    holes = False
-    for i in range(count):
-        if _root(parent, i) != root:
-            holes = True
-            break
-    if not holes:
-        return np.empty((0, 0), np.bool_), False
-    filled = columns.copy()
-    for x in range(width):
-        for i in range(first[x], first[x + 1]):
-            if _root(parent, i) != root:
-                filled[x, starts[i]:ends[i]] = True
-    return filled, True
+    return parent
 
 
 @numba.njit(cache=True, nogil=True)
@@ -360,7 +375,7 @@ def _root(parent, i):
 def _join(parent, i, j):
     a, b = _root(parent, i), _root(parent, j)
     if a != b:
-        parent[min(a, b)] = max(a, b)  # the outside (the largest index) stays a root
+        parent[min(a, b)] = max(a, b)
 
 
 def masks_to_rle(masks: np.ndarray) -> list[dict]:
