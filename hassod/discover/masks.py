@@ -79,8 +79,8 @@ def postprocess_masks(
         :func:`postprocess_to_rles` gives the same masks without ever holding
         one at the original size.
     """
-    indices, crops = _unzip(_postprocessed_crops(masks, out_size, settings or MaskFilterSettings()))
-    return _pasted(crops, out_size), indices
+    kept = list(_postprocessed_crops(masks, out_size, settings or MaskFilterSettings()))
+    return _pasted([crop for _, crop in kept], out_size), np.array([index for index, _ in kept], dtype=np.int64)
 
 
 def postprocess_to_rles(
@@ -92,13 +92,10 @@ def postprocess_to_rles(
     can reach, so the cost and memory of a mask follow its size, not the
     photo's: a small part of a 64-megapixel photo costs what it covers.
     """
-    indices, crops = _unzip(_postprocessed_crops(masks, out_size, settings or MaskFilterSettings()))
-    return crops_to_rle(crops, out_size), indices
-
-
-def _unzip(kept: Iterator[tuple[int, MaskCrop]]) -> tuple[np.ndarray, list[MaskCrop]]:
-    pairs = list(kept)
-    return np.array([i for i, _ in pairs], dtype=np.int64), [c for _, c in pairs]
+    # Each crop is encoded as soon as it is made: only one is held at a time.
+    kept = [(index, crops_to_rle([crop], out_size)[0])
+            for index, crop in _postprocessed_crops(masks, out_size, settings or MaskFilterSettings())]
+    return [rle for _, rle in kept], np.array([index for index, _ in kept], dtype=np.int64)
 
 
 def _postprocessed_crops(
