@@ -88,7 +88,10 @@ class EfficientNetLite0(Backbone):
 
     def __init__(self, net: nn.Module, weights_id: str) -> None:
         super().__init__()
-        self.net = net
+        # Channels-last convolutions: a 480 px forward takes ~100 ms instead of
+        # ~125 ms on one CPU core (~71 vs ~79 ms on two), same values up to
+        # float rounding (~1e-7).
+        self.net = net.to(memory_format=torch.channels_last)
         self.stage_dims = tuple(int(net.blocks[s][-1].conv_pwl.out_channels) for s in FEATURE_STAGES)
         self.dim = sum(self.stage_dims)
         self.weights_id = weights_id
@@ -101,7 +104,7 @@ class EfficientNetLite0(Backbone):
     def stage_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Raw outputs of the stride-8/16/32 stages for (B, 3, H, W) input."""
         net = self.net
-        x = net.bn1(net.conv_stem(x))
+        x = net.bn1(net.conv_stem(x.contiguous(memory_format=torch.channels_last)))
         outputs = []
         for index, stage in enumerate(net.blocks[: FEATURE_STAGES[-1] + 1]):
             x = stage(x)
@@ -117,7 +120,7 @@ class EfficientNetLite0(Backbone):
         for feature in stages[1:]:
             scaled.append(F.interpolate(feature.float(), size=grid, mode="bilinear", align_corners=False))
         normalised = [F.normalize(feature, dim=1) for feature in scaled]
-        return torch.cat(normalised, dim=1) / math.sqrt(len(normalised))
+        return (torch.cat(normalised, dim=1) / math.sqrt(len(normalised))).contiguous()
 
     def classify(self, images: Sequence[np.ndarray], size: ImageSize = 224) -> torch.Tensor:
         """ImageNet-1k logits (B, 1000) for RGB uint8 images, resized to ``size``."""
