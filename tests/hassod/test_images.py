@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hassod.images import ImageError, list_images, load_rgb
+from hassod.images import ImageError, list_images, load_rgb, resize_image
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -58,3 +58,22 @@ def test_list_images_recursive_sorted_without_hidden(tmp_path):
     assert [p.relative_to(tmp_path).as_posix() for p in list_images([tmp_path])] == ["1.png", "b/2.jpg"]
     with pytest.raises(FileNotFoundError):
         list_images([tmp_path / "missing"])
+
+
+def test_resize_is_antialiased_bilinear_like_torch():
+    # PIL's resampling on uint8 pixels must agree with torch's antialiased
+    # bilinear (align_corners=False) within one intensity level.
+    import torch
+    import torch.nn.functional as F
+
+    image = np.random.default_rng(0).integers(0, 256, (97, 131, 3), dtype=np.uint8)
+    for size in ((40, 50), (97, 131), (150, 200)):
+        ours = resize_image(image, size)
+        tensor = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+        reference = F.interpolate(tensor, size=size, mode="bilinear", antialias=True, align_corners=False)
+        reference = reference[0].round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+        assert ours.shape == (*size, 3) and ours.dtype == np.uint8
+        assert np.abs(ours.astype(int) - reference.astype(int)).max() <= 1
+    checkerboard = (np.indices((64, 64)).sum(axis=0) % 2 * 255).astype(np.uint8)
+    grey = resize_image(np.repeat(checkerboard[:, :, None], 3, axis=2), (8, 8))
+    assert np.abs(grey.astype(int) - 128).max() <= 2  # averaged, not sampled
