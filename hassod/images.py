@@ -96,13 +96,30 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(H, W, 3) uint8 → (*size, 3) uint8 (size = (height, width) pixels), bilinear with antialiasing,
-    so colours stay true on downscaling.
+    """(H, W, 3) uint8 → (*size, 3) uint8 (size = (height, width) pixels), bilinear with antialiasing
+    (torch's, in float32, rounded once at the end), so colours stay true on downscaling.
 
-    PIL's resampling, which works on the uint8 pixels: torch's antialiased
-    bilinear (the same filter, within one intensity level) needs a float32 copy
-    of the photo, 768 MB at 64 MP, and twice the time.
+    The filter is separable, so the rows are resampled a strip at a time and
+    then the columns: the float32 copies are of one strip and of the narrow
+    intermediate, not of the whole photo (768 MB at 64 MP), and it is 2x
+    faster. The result is the same as one 2-D call. Resamplers that round to
+    uint8 between the two passes (PIL, torch on uint8) differ by one level on
+    ~7% of pixels and gave a lower box AR@100 in bench_discover (9.5 vs 10.0).
     """
-    height, width = size
-    pixels = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
-    return np.array(pixels.resize((width, height), Image.Resampling.BILINEAR), dtype=np.uint8)
+    import torch  # here: every command line imports this module, most never resize
+    import torch.nn.functional as F
+
+    height, width = image.shape[:2]
+    pixels = torch.from_numpy(np.ascontiguousarray(image, dtype=np.uint8)).permute(2, 0, 1)[None]
+    step = max(1, _RESIZE_STRIP_ELEMENTS // (3 * width))
+    strips = [
+        F.interpolate(pixels[:, :, top:top + step].float(), size=(min(step, height - top), size[1]),
+                      mode="bilinear", antialias=True, align_corners=False)
+        for top in range(0, height, step)
+    ]
+    resized = F.interpolate(torch.cat(strips, dim=2), size=size, mode="bilinear", antialias=True, align_corners=False)
+    return resized[0].round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+
+
+# Elements of the float32 strips resize_image converts at a time (16 MB).
+_RESIZE_STRIP_ELEMENTS = 1 << 22
