@@ -11,8 +11,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ..images import resample
 
 ImageSize = int | tuple[int, int]
 
@@ -79,13 +80,12 @@ class Backbone(nn.Module):
                 raise ValueError(f"expected an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
             # torch refuses to wrap read-only arrays (e.g. PIL-backed ones) without a warning: copy those.
             pixels = torch.from_numpy(np.require(image, requirements=["C", "W"])).to(device)
-            pixels = pixels.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
             # Antialiasing matters when shrinking large photos to 480 px: without
             # it the patch features see aliased high frequencies.
-            batch.append(F.interpolate(pixels, size=(height, width), mode="bilinear", align_corners=False, antialias=True))
+            batch.append(resample(pixels.permute(2, 0, 1).unsqueeze(0), (height, width)))
         if not batch:
             raise ValueError("prepare() needs at least one image")
-        return (torch.cat(batch).clamp_(0.0, 1.0) - mean) / std
+        return (torch.cat(batch).div_(255.0).clamp_(0.0, 1.0) - mean) / std
 
     def extract(self, images: Sequence[np.ndarray], size: ImageSize = 480) -> torch.Tensor:
         """Patch-grid features of images: (B, dim, height // patch, width // patch) float32."""

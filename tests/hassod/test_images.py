@@ -62,8 +62,8 @@ def test_list_images_recursive_sorted_without_hidden(tmp_path):
 
 @pytest.mark.parametrize("strip_elements", [1 << 22, 3 * 131 * 5, 1])
 def test_resize_in_strips_equals_torchs_antialiased_bilinear(monkeypatch, strip_elements):
-    # Rows are resampled a strip at a time (5 rows, 1 row), then the columns:
-    # the result must be exactly one 2-D torch call, down and up.
+    # resample works on rows a strip at a time (5 rows, 1 row), then on the
+    # columns: the result must be exactly one 2-D torch call, down and up.
     import torch
     import torch.nn.functional as F
 
