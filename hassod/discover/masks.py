@@ -399,6 +399,8 @@ def _run_lengths(crop: MaskCrop, height: int, total: int) -> np.ndarray:
     """COCO run lengths (uint32, column-major, starting with a run of 0s) of a
     frame of ``height`` rows and ``total`` pixels that is 0 outside the crop."""
     top, left, columns = crop
+    if columns.size == 0:
+        return np.array([total], np.uint32)
     width, crop_height = columns.shape
     # Every change of value ends a run; so does the frame's end, unless a change is there.
     ends_at_last_pixel = (left + width) * height == total and top + crop_height == height and columns[-1, -1]

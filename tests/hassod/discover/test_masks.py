@@ -220,6 +220,9 @@ def test_crops_encode_like_their_frames():
     frame[0, :, 3:5] = True
     assert crops_to_rle([MaskCrop(0, 3, full)], (6, 5)) == _pycocotools_rles(frame)
     assert crops_to_rle([], (6, 5)) == []
+    empty = _pycocotools_rles(np.zeros((1, 6, 5), bool))
+    assert crops_to_rle([MaskCrop(0, 0, np.zeros((0, 0), bool))], (6, 5)) == empty
+    assert crops_to_rle([MaskCrop(2, 1, np.zeros((3, 0), bool))], (6, 5)) == empty
 
 
 def test_rle_post_processing_of_no_masks():
