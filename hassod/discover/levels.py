@@ -19,23 +19,23 @@ from .masks import coded_rles, masks_to_rle, rle_areas
 
 WHOLE, PART, SUBPART = 0, 1, 2
 
+
 def intersection_matrix(masks: np.ndarray) -> np.ndarray:
     """(N, H, W) bool -> (N, N) int64 with [a, b] = |A∩B| in pixels (diagonal = areas).
 
     Dense masks go through :func:`rle_intersections`, the one counting path
     that discovery and detection use (exact for any image size).
     """
-    if len(masks) == 0:
-        return np.zeros((0, 0), dtype=np.int64)
     return rle_intersections(masks_to_rle(masks))
 
 
 def rle_intersections(rles: list[dict]) -> np.ndarray:
     """N COCO RLEs (``counts`` str or bytes) -> (N, N) int64 with [a, b] = |A∩B| in pixels.
 
-    Counted without decoding a mask: pycocotools' RLE IoU with every B flagged "crowd" is |A∩B| / |A|, and it
-    skips pairs whose boxes do not meet. Memory is O(N² + runs), so a thousand
-    detections on a 24-megapixel photo cost kilobytes of masks, not gigabytes.
+    Counted without decoding a mask: pycocotools' RLE IoU with every B flagged
+    "crowd" is |A∩B| / |A|, and it skips pairs whose boxes do not meet. Memory
+    is O(N² + runs), so a thousand detections on a 24-megapixel photo cost
+    kilobytes of masks, not gigabytes.
     """
     count = len(rles)
     if count == 0:

@@ -138,7 +138,7 @@ def _resized_crops(masks: np.ndarray, out_size: tuple[int, int]) -> Iterator[Mas
         big = F.interpolate(values[:, None], size=(height, width), mode="bilinear",
                             align_corners=False, antialias=True)
         for frame in (big[:, 0] > 0.5).numpy():
-            yield _tight(MaskCrop(0, 0, frame.T))
+            yield MaskCrop(0, 0, frame.T)
 
 
 Taps = tuple[np.ndarray, np.ndarray, np.ndarray]
