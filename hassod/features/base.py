@@ -88,6 +88,10 @@ class Backbone(nn.Module):
         return (torch.cat(batch).div_(255.0).clamp_(0.0, 1.0) - mean) / std
 
     def extract(self, images: Sequence[np.ndarray], size: ImageSize = 480) -> torch.Tensor:
-        """Patch-grid features of images: (B, dim, height // patch, width // patch) float32."""
+        """Patch-grid features of images: (B, dim, height // patch, width // patch) float32.
+
+        Each image's features are channels-last in memory (``[i].permute(1, 2, 0)``
+        is contiguous): the merge reads them patch by patch without a copy.
+        """
         with torch.inference_mode():
             return self(self.prepare(images, size))

@@ -57,6 +57,8 @@ def test_feature_grid_is_mean_of_per_scale_cosines(offline_lite0, photos):
     features = offline_lite0.extract(photos[:1], size=480)
     assert features.shape == (1, 472, 60, 60)
     assert offline_lite0.dim == 472 and offline_lite0.stage_dims == (40, 112, 320)
+    # Channels-last memory: the merge takes each image's (h, w, C) view as is.
+    assert features[0].permute(1, 2, 0).is_contiguous()
     torch.testing.assert_close(features.norm(dim=1), torch.ones(1, 60, 60), rtol=1e-5, atol=1e-5)
 
     with torch.inference_mode():

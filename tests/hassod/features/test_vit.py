@@ -135,6 +135,7 @@ def test_extract_prepares_and_runs_without_grad(vits16):
     torch.testing.assert_close(vits16.prepare(images[1:])[0], expected, rtol=1e-5, atol=1e-5)
     features = vits16.extract(images, size=(64, 96))
     assert features.shape == (2, 384, 4, 6)
+    assert all(f.permute(1, 2, 0).is_contiguous() for f in features)  # channels-last, as the merge reads it
     assert vits16.grid_shape(64, 96) == (4, 6)
     assert not features.requires_grad
     with torch.no_grad():
