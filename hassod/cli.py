@@ -25,6 +25,7 @@ def _thresholds(value: str | None) -> tuple[float, ...] | None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="hassod-search", message="%(package)s %(version)s")
 def main() -> None:
     """Unsupervised hierarchical object discovery (HASSOD) and region search for image collections."""
 

@@ -102,3 +102,11 @@ def test_the_command_line_starts_without_the_heavy_libraries():
     code = f"import sys, retrieval.cli; print(','.join(m for m in {heavy!r} if m in sys.modules))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == ""
+
+
+def test_version_is_the_project_version():
+    import tomllib
+
+    version = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["version"]
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"hassod-search {version}"
