@@ -221,7 +221,7 @@ def _level_id(level: str | int | None) -> int | None:
 
 
 def check_box(box: Sequence[float], size: tuple[int, int]) -> np.ndarray:
-    """The box as a (4,) float array, or :class:`QueryError` when it is malformed or outside the image."""
+    """The box as a (4,) float array, or :class:`QueryError` when it is malformed or not inside the image."""
     height, width = size
     values = np.asarray(box, dtype=np.float64).reshape(-1)
     if values.shape != (4,) or not np.isfinite(values).all():
@@ -229,6 +229,9 @@ def check_box(box: Sequence[float], size: tuple[int, int]) -> np.ndarray:
     x0, y0, x1, y1 = values
     if x1 <= x0 or y1 <= y0:
         raise QueryError(f"box {x0:g},{y0:g},{x1:g},{y1:g} is empty: need x1 > x0 and y1 > y0")
-    if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
-        raise QueryError(f"box {x0:g},{y0:g},{x1:g},{y1:g} lies outside the {width}x{height} query image")
+    limits = ((f"x0 {x0:g} < 0", x0 < 0), (f"y0 {y0:g} < 0", y0 < 0),
+              (f"x1 {x1:g} > width {width}", x1 > width), (f"y1 {y1:g} > height {height}", y1 > height))
+    off = ", ".join(text for text, crossed in limits if crossed)
+    if off:
+        raise QueryError(f"box {x0:g},{y0:g},{x1:g},{y1:g} is not inside the {width}x{height} query image ({off})")
     return values

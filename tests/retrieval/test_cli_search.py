@@ -65,7 +65,7 @@ def test_errors_are_one_line_and_exit_2(built_index, tmp_path):
     fails(["search", "--index", str(tmp_path / "nowhere"), "--query", query], "no index at")
     (tmp_path / "empty").mkdir()
     fails(["search", "--index", str(tmp_path / "empty"), "--query", query], "no index at")
-    fails(["search", "--index", str(index_dir), "--query", query, "--box", "400,10,600,100"], "outside the 480x320")
+    fails(["search", "--index", str(index_dir), "--query", query, "--box", "400,10,600,100"], "not inside the 480x320 query image (x1 600 > width 480)")
     fails(["search", "--index", str(index_dir), "--query", query, "--box", "50,50,50,90"], "is empty")
     fails(["search", "--index", str(index_dir), "--query", query, "--box", "1,2,3"], "expected 4 numbers")
     notes = tmp_path / "notes.txt"
