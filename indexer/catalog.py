@@ -386,6 +386,20 @@ class Catalog:
         with self._session() as s:
             return np.fromiter(s.scalars(query), dtype=np.int64)
 
+    def region_ids_of_images(self, image_ids: Iterable[int], level: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(region ids, their image ids), both (N,) int64, of the regions of
+        these images (of one level if given), ordered by image id, then region id."""
+        ids = sorted(set(int(i) for i in image_ids))
+        pairs: list[tuple[int, int]] = []
+        with self._session() as s:
+            for chunk in _chunks(ids):
+                query = select(_Region.image_id, _Region.id).where(_Region.image_id.in_(chunk))
+                if level is not None:
+                    query = query.where(_Region.level == level)
+                pairs += s.execute(query.order_by(_Region.image_id, _Region.id)).all()
+        owners, regions = np.array(pairs, dtype=np.int64).reshape(-1, 2).T
+        return regions, owners
+
     def region_ids_by_image(self) -> dict[str, np.ndarray]:
         """Region ids per image path, ascending (N_i,) int64; images without regions map to empty arrays."""
         with self._session() as s:

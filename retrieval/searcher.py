@@ -9,8 +9,9 @@ crop of an indexed region finds that region first. Results are images, each
 with its best-matching region; with ``level`` only regions of that level are
 searched (through a FAISS id filter, so k images come back whenever k exist).
 Without a box the whole image is a multi-instance query: its own regions are
-found by the index's region source, each searches the index, and a database
-image scores the sum over query regions of its best match.
+found by the index's region source, each searches the index, and every image
+found scores the mean over query regions of its best match among all its
+regions (computed from its stored vectors, so a score does not depend on k).
 """
 from __future__ import annotations
 
@@ -156,7 +157,7 @@ class Searcher:
         return self._filters[level]
 
     def _rank(self, queries: np.ndarray, level: int | None, k: int) -> list[Match]:
-        """Images ranked by the sum over query rows of their best region's similarity."""
+        """Images ranked by the mean over query rows of their best region's similarity."""
         if k < 1:
             raise QueryError("k must be at least 1")
         allowed = self._allowed(level)
@@ -168,8 +169,40 @@ class Searcher:
             if len(best) >= k or wanted >= available:
                 break
             wanted = min(wanted * 4, available)
+        if len(queries) > 1:
+            best = self._rescore(queries, list(best), level)
         ranked = sorted(best.values(), key=lambda m: (-m.score, m.image_id))
         return ranked[:k]
+
+    def _rescore(self, queries: np.ndarray, image_ids: list[int], level: int | None) -> dict[int, Match]:
+        """Exact scores of candidate images for a multi-row query: the mean over
+        rows of the best similarity among all the image's (allowed) regions.
+
+        The nearest-neighbour lists only see each row's top regions, so an
+        image missing from one row's list would score 0 there, and the total
+        would depend on how deep the lists went (on k). Cost: one product of
+        the rows with the candidates' stored vectors, whose reconstruction
+        reads the whole id map of IVF indexes (VectorStore.reconstruct).
+        """
+        region_ids, owners = self.catalog.region_ids_of_images(image_ids, level)
+        stored = self.store.contains(region_ids)
+        region_ids, owners = region_ids[stored], owners[stored]
+        if region_ids.size == 0:
+            return {}
+        similarities = np.ascontiguousarray(queries, dtype=np.float32) @ self.store.reconstruct(region_ids).T
+        starts = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1]])
+        scores = np.maximum.reduceat(similarities, starts, axis=1).mean(axis=0)
+        # An image's shown region: its single best match to any query row.
+        row_best = similarities.max(axis=0)
+        ends = np.r_[starts[1:], owners.size]
+        chosen = [int(region_ids[a + np.argmax(row_best[a:b])]) for a, b in zip(starts, ends)]
+        records = {r.id: r for r in self.catalog.regions(chosen)}
+        images = self.catalog.images_by_id(owners[starts].tolist())
+        return {
+            int(image_id): Match(images[image_id].path, int(image_id), region_id, float(score),
+                                 tuple(records[region_id].box), records[region_id].level)
+            for image_id, region_id, score in zip(owners[starts].tolist(), chosen, scores)
+        }
 
     def _best_per_image(self, scores: np.ndarray, ids: np.ndarray) -> dict[int, Match]:
         valid = ids >= 0

@@ -160,6 +160,13 @@ def test_level_filter_and_ids_by_image(catalog: Catalog) -> None:
     assert {k: v.tolist() for k, v in by_image.items()} == {
         "a.jpg": [1, 2, 3, 4, 5, 6, 7], "b.jpg": [8, 9, 10, 11], "empty.jpg": [], "bad.jpg": [],
     }
+    image_ids = {image.path: image.id for image in catalog.images()}
+    regions, owners = catalog.region_ids_of_images([image_ids["b.jpg"], image_ids["a.jpg"], image_ids["empty.jpg"]])
+    assert regions.tolist() == list(range(1, 12)) and regions.dtype == owners.dtype == np.int64
+    assert owners.tolist() == [image_ids["a.jpg"]] * 7 + [image_ids["b.jpg"]] * 4
+    regions, owners = catalog.region_ids_of_images([image_ids["b.jpg"], image_ids["a.jpg"]], level=1)
+    assert regions.tolist() == [2, 3, 5, 6, 9, 10]
+    assert [r.size for r in catalog.region_ids_of_images([image_ids["bad.jpg"]])] == [0, 0]
     assert catalog.stats() == {
         "images_ok": 3, "images_error": 1, "regions": 11,
         "regions_by_level": {"whole": 2, "part": 6, "subpart": 3},
