@@ -387,6 +387,15 @@ class Catalog:
         with self._session() as s:
             return np.fromiter(s.scalars(query), dtype=np.int64)
 
+    def image_ids_of_regions(self, region_ids: Iterable[int]) -> list[int]:
+        """The distinct image ids of these regions, ascending; unknown region ids are left out."""
+        ids = sorted({int(i) for i in region_ids})
+        owners: set[int] = set()
+        with self._session() as s:
+            for chunk in _chunks(ids):
+                owners.update(s.scalars(select(_Region.image_id).where(_Region.id.in_(chunk)).distinct()))
+        return sorted(owners)
+
     def region_ids_of_images(self, image_ids: Iterable[int], level: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(region ids, their image ids), both (N,) int64, of the regions of
         these images (of one level if given), ordered by image id, then region id."""

@@ -165,16 +165,21 @@ class Searcher:
         wanted = min(max(k * _CANDIDATES_PER_IMAGE, 32), max(available, 1))
         while True:
             scores, ids = self.store.search(np.ascontiguousarray(queries, dtype=np.float32), wanted, allowed)
-            best = self._best_per_image(scores, ids)
-            if len(best) >= k or wanted >= available:
+            if len(queries) == 1:
+                best = self._best_per_image(scores[0], ids[0])
+                found = len(best)
+            else:  # only the candidate images matter here: _rescore scores them
+                candidates = self.catalog.image_ids_of_regions(ids[ids >= 0])
+                found = len(candidates)
+            if found >= k or wanted >= available:
                 break
             wanted = min(wanted * 4, available)
         if len(queries) > 1:
-            best = self._rescore(queries, list(best), level)
+            best = self._rescore(queries, candidates, level)
         ranked = sorted(best.values(), key=lambda m: (-m.score, m.image_id))
         return ranked[:k]
 
-    def _rescore(self, queries: np.ndarray, image_ids: list[int], level: int | None) -> dict[int, Match]:
+    def _rescore(self, queries: np.ndarray, image_ids: Sequence[int], level: int | None) -> dict[int, Match]:
         """Exact scores of candidate images for a multi-row query: the mean over
         rows of the best similarity among all the image's (allowed) regions.
 
@@ -205,26 +210,18 @@ class Searcher:
         }
 
     def _best_per_image(self, scores: np.ndarray, ids: np.ndarray) -> dict[int, Match]:
+        """One query row's hits, best first ((k,) scores and region ids, -1
+        padded) → each image's best region."""
         valid = ids >= 0
-        records = {r.id: r for r in self.catalog.regions(np.unique(ids[valid]).tolist())}
-        images = self.catalog.images_by_id(sorted({r.image_id for r in records.values()}))
-        totals: dict[int, float] = {}
-        best: dict[int, tuple[float, int]] = {}
-        for row in range(len(ids)):
-            seen: set[int] = set()
-            for score, region_id in zip(scores[row], ids[row]):
-                record = records.get(int(region_id))
-                if record is None or record.image_id in seen:
-                    continue  # an image counts once per query row: its best region
-                seen.add(record.image_id)
-                totals[record.image_id] = totals.get(record.image_id, 0.0) + float(score)
-                if record.image_id not in best or score > best[record.image_id][0]:
-                    best[record.image_id] = (float(score), record.id)
-        matches = {}
-        for image_id, total in totals.items():
-            record = records[best[image_id][1]]
-            matches[image_id] = Match(images[image_id].path, image_id, record.id, total / len(ids),
-                                      tuple(record.box), record.level)
+        scores, ids = scores[valid], ids[valid]
+        records = {r.id: r for r in self.catalog.regions(ids.tolist())}
+        images = self.catalog.images_by_id({r.image_id for r in records.values()})
+        matches: dict[int, Match] = {}
+        for score, region_id in zip(scores, ids.tolist()):
+            record = records.get(region_id)
+            if record is not None and record.image_id not in matches:
+                matches[record.image_id] = Match(images[record.image_id].path, record.image_id, record.id,
+                                                 float(score), tuple(record.box), record.level)
         return matches
 
 

@@ -167,6 +167,8 @@ def test_level_filter_and_ids_by_image(catalog: Catalog) -> None:
     regions, owners = catalog.region_ids_of_images([image_ids["b.jpg"], image_ids["a.jpg"]], level=1)
     assert regions.tolist() == [2, 3, 5, 6, 9, 10]
     assert [r.size for r in catalog.region_ids_of_images([image_ids["bad.jpg"]])] == [0, 0]
+    assert catalog.image_ids_of_regions(np.array([9, 2, 3, 999])) == sorted([image_ids["a.jpg"], image_ids["b.jpg"]])
+    assert catalog.image_ids_of_regions([]) == []
     assert catalog.stats() == {
         "images_ok": 3, "images_error": 1, "regions": 11,
         "regions_by_level": {"whole": 2, "part": 6, "subpart": 3},
