@@ -583,11 +583,6 @@ class VectorStore:
             faiss.downcast_index(ivf.quantizer).hnsw.efSearch = 64
         ivf.cp.niter = self.settings.kmeans_iters
         ivf.cp.spherical = True  # unit-norm centroids, so inner-product assignment is not biased by norm
-        if plan.kind == "ivfpq":
-            # The factory turns on polysemous training (re-ordering codes for Hamming
-            # filtering, which searches here never use): 266 s of a 267 s training
-            # of IVF18,PQ108 on 722 vectors, one thread.
-            faiss.downcast_index(ivf).do_polysemous_training = False
         if plan.kind == "pqfs":
             # Codes of the vectors themselves, not of their residuals to the list centroid: one
             # lookup table per query instead of one per probed list, and on 1M random vectors
@@ -653,7 +648,13 @@ class VectorStore:
         # pqfs trains m/2 tiny 16-centroid k-means whose OpenMP regions only add barrier
         # waits: PQ216x4fs on 15.8k vectors trained in 2.1 s on one thread, 57 s on two.
         threads = _omp_threads(1) if isinstance(index, faiss.IndexRefine) else contextlib.nullcontext()
-        pq = getattr(faiss.downcast_index(ivf), "pq", None)
+        scan = faiss.downcast_index(ivf)
+        if isinstance(scan, faiss.IndexIVFPQ):
+            # faiss's factory turns on polysemous training (re-ordering codes for Hamming
+            # filtering, which searches here never use): 266 s of a 267 s training of
+            # IVF18,PQ108 on 722 vectors, one thread. Also for factory strings.
+            scan.do_polysemous_training = False
+        pq = getattr(scan, "pq", None)
         if pq is not None and 0 < sample.shape[0] < pq.ksub:
             # faiss k-means wants at least ksub points: a first batch that small is repeated
             # (the codebooks are retrained when the collection grows, see needs_rebuild)

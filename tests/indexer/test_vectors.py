@@ -297,11 +297,13 @@ def test_hnsw_allowed_ids(clustered, exact_filter_max):
         assert _recall(found, truth) >= 0.9
 
 
-def test_ivfpq_trains_only_what_its_search_uses(clustered):
+@pytest.mark.parametrize("index_type", ["ivfpq", "IVF16,PQ16"])
+def test_ivfpq_trains_only_what_its_search_uses(clustered, index_type):
     ids, vectors, _, queries = clustered
-    store = filled_store("ivfpq", ids[:2000], vectors[:2000])
+    store = filled_store(index_type, ids[:2000], vectors[:2000])
     ivf = faiss.downcast_index(faiss.extract_index_ivf(store._index))
     # Polysemous training (the factory's default) took minutes even for a few hundred vectors.
-    assert store.kind == "ivfpq" and not ivf.do_polysemous_training
+    assert store.kind == ("ivfpq" if index_type == "ivfpq" else "factory")
+    assert isinstance(ivf, faiss.IndexIVFPQ) and not ivf.do_polysemous_training
     truth = ids[:2000][np.argsort(-(queries @ vectors[:2000].T), axis=1)[:, :10]]
     assert _recall(store.search(queries, 10)[1], truth) >= 0.8
