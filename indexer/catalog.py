@@ -399,7 +399,7 @@ class Catalog:
     def region_ids_of_images(self, image_ids: Iterable[int], level: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(region ids, their image ids), both (N,) int64, of the regions of
         these images (of one level if given), ordered by image id, then region id."""
-        ids = sorted(set(int(i) for i in image_ids))
+        ids = sorted({int(i) for i in image_ids})
         pairs: list[Row] = []
         with self._session() as s:
             for chunk in _chunks(ids):

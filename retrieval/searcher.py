@@ -163,8 +163,9 @@ class Searcher:
         allowed = self._allowed(level)
         available = len(self.store) if level is None else len(self.catalog.region_ids(level))
         wanted = min(max(k * _CANDIDATES_PER_IMAGE, 32), max(available, 1))
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
         while True:
-            scores, ids = self.store.search(np.ascontiguousarray(queries, dtype=np.float32), wanted, allowed)
+            scores, ids = self.store.search(queries, wanted, allowed)
             if len(queries) == 1:
                 best = self._best_per_image(scores[0], ids[0])
                 found = len(best)
@@ -180,7 +181,7 @@ class Searcher:
         return ranked[:k]
 
     def _rescore(self, queries: np.ndarray, image_ids: Sequence[int], level: int | None) -> dict[int, Match]:
-        """Exact scores of candidate images for a multi-row query: the mean over
+        """Exact scores of candidate images for a multi-row (Q, dim) float32 query: the mean over
         rows of the best similarity among all the image's (allowed) regions.
 
         The nearest-neighbour lists only see each row's top regions, so an
@@ -194,7 +195,7 @@ class Searcher:
         region_ids, owners = region_ids[stored], owners[stored]
         if region_ids.size == 0:
             return {}
-        similarities = np.ascontiguousarray(queries, dtype=np.float32) @ self.store.reconstruct(region_ids).T
+        similarities = queries @ self.store.reconstruct(region_ids).T
         starts = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1]])
         scores = np.maximum.reduceat(similarities, starts, axis=1).mean(axis=0)
         # An image's shown region: its single best match to any query row.
