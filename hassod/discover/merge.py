@@ -381,24 +381,33 @@ def _drift_units(moved):
     return np.int64(np.ceil((moved * (1.0 + 1e-6) + 1e-12) * 4294967296.0)) + 2
 
 
+def _heap_jit(signature: str):
+    """Compile a heap helper for exactly ``signature``. Without one, numba
+    compiles a helper again for every pattern of constant arguments at its
+    call sites (``_place_down(heap, 0, 0, ...)`` is typed ``Literal[int](0)``):
+    the merge had 49 specializations, and the first run of every worker spent
+    a third of its ~14 s compile on the repeats."""
+    return numba.njit(signature, cache=True, nogil=True, _nrt=False)
+
+
 # --------------------------------------------------------------------------
 # Binary heaps over rows of a (capacity, 4) int64 array. A heap is the rows
 # ``o .. o + size - 1`` of its array; functions take the offset ``o`` and index
 # the array directly (from when every view cost two reference-count updates).
 
 
-@numba.njit(cache=True, nogil=True, _nrt=False)
+@_heap_jit("boolean(int64[:, ::1], int64, int64)")
 def _before(heap, i, j):
     """Whether absolute row i comes before row j."""
     return heap[i, _KEY] > heap[j, _KEY] or (heap[i, _KEY] == heap[j, _KEY] and heap[i, _CODE] < heap[j, _CODE])
 
 
-@numba.njit(cache=True, nogil=True, _nrt=False)
+@_heap_jit("void(int64[:, ::1], int64, int64, int64, int64, int64)")
 def _set_row(heap, row, key, code, a, b):
     heap[row, _KEY], heap[row, _CODE], heap[row, _A], heap[row, _B] = key, code, a, b
 
 
-@numba.njit(cache=True, nogil=True, _nrt=False)
+@_heap_jit("void(int64[:, ::1], int64, int64)")
 def _copy_row(heap, dst, src):
     heap[dst, _KEY], heap[dst, _CODE], heap[dst, _A], heap[dst, _B] = (
         heap[src, _KEY],
@@ -408,7 +417,7 @@ def _copy_row(heap, dst, src):
     )
 
 
-@numba.njit(cache=True, nogil=True, _nrt=False)
+@_heap_jit("void(int64[:, ::1], int64, int64, int64, int64, int64, int64)")
 def _place_up(heap, o, pos, key, code, a, b):
     """Put the row (key, code, a, b) into the hole at ``pos``, moving it up."""
     while pos > 0:
@@ -420,7 +429,7 @@ def _place_up(heap, o, pos, key, code, a, b):
     _set_row(heap, o + pos, key, code, a, b)
 
 
-@numba.njit(cache=True, nogil=True, _nrt=False)
+@_heap_jit("void(int64[:, ::1], int64, int64, int64, int64, int64, int64, int64)")
 def _place_down(heap, o, pos, size, key, code, a, b):
     """Put the row (key, code, a, b) into the hole at ``pos``, moving it down."""
     while True:
@@ -436,18 +445,18 @@ def _place_down(heap, o, pos, size, key, code, a, b):
     _set_row(heap, o + pos, key, code, a, b)
 
 
-@numba.njit(cache=True, nogil=True, _nrt=False)
+@_heap_jit("void(int64[:, ::1], int64, int64, int64)")
 def _sift_down(heap, o, pos, size):
     _place_down(heap, o, pos, size, heap[o + pos, _KEY], heap[o + pos, _CODE], heap[o + pos, _A], heap[o + pos, _B])
 
 
-@numba.njit(cache=True, nogil=True, _nrt=False)
+@_heap_jit("void(int64[:, ::1], int64, int64, int64, int64, int64, int64)")
 def _replace_top(heap, o, size, key, code, a, b):
     """Replace the top row by (key, code, a, b) and restore heap order."""
     _place_down(heap, o, 0, size, key, code, a, b)
 
 
-@numba.njit(cache=True, nogil=True, _nrt=False)
+@_heap_jit("int64(int64[:, ::1], int64, int64)")
 def _pop(heap, o, size):
     """Remove the top row; returns the new size."""
     size -= 1
@@ -457,7 +466,7 @@ def _pop(heap, o, size):
     return size
 
 
-@numba.njit(cache=True, nogil=True, _nrt=False)
+@_heap_jit("int64(int64[:, ::1], int64)")
 def _rival(heap, size):
     """Index of the better child of the root, or 0 if the root has none
     (the global heap, offset 0)."""
@@ -491,7 +500,7 @@ def _room(arena, end, start, length, cap, region, extra):
     return end + new_cap, 0
 
 
-@numba.njit(cache=True, nogil=True, _nrt=False)
+@_heap_jit("void(int64[:, ::1], int64[::1], int64[::1], int64, int64, int64, int64, int64, int64)")
 def _local_push(local, start, length, region, key, code, other, other_version, own_version):
     _place_up(local, start[region], length[region], key, code, other, (other_version << 32) | own_version)
     length[region] += 1
