@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from .console import fail, report
+from .console import Commands, fail, report
 from .convert_cli import convert
 from .detect_cli import detect, evaluate_command
 from .images import DEFAULT_MAX_PIXELS
@@ -24,7 +24,7 @@ def _thresholds(value: str | None) -> tuple[float, ...] | None:
     return parsed
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="hassod-search", message="%(package)s %(version)s")
 def main() -> None:
     """Unsupervised hierarchical object discovery (HASSOD) and region search for image collections."""

@@ -1,16 +1,58 @@
 """Console output shared by every `hassod` command: one-line errors and run summaries."""
 from __future__ import annotations
 
+import errno
 import json
+import sqlite3
 import sys
 
 import click
+
+# A full disk (or quota, or file-size limit) while writing: every long job
+# saves its finished work as it goes, so the same command continues.
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_NOT_ALLOWED = {errno.EACCES, errno.EPERM, errno.EROFS}
+_RETRY = "finished work is saved: make room and run the same command again to continue"
 
 
 def fail(message: str) -> None:
     """Print a one-line error and exit with status 2 (bad input, not a crash)."""
     click.echo(f"error: {message}", err=True)
     sys.exit(2)
+
+
+def storage_error(exc: BaseException) -> str | None:
+    """A one-line message for a write refused by the storage (full disk, no permission), else None.
+
+    Looks through the chain of causes, because torch, SQLAlchemy and process
+    pools re-raise such errors wrapped in their own exception types.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _FULL | _NOT_ALLOWED:
+            where = f": {exc.filename}" if exc.filename else ""
+            reason = f"{(exc.strerror or str(exc)).lower()}{where}"
+            return f"{reason}; {_RETRY}" if exc.errno in _FULL else reason
+        if isinstance(exc, sqlite3.OperationalError) and any(
+            text in str(exc) for text in ("disk is full", "disk I/O error", "readonly database")
+        ):
+            return f"the index catalog cannot be written ({exc}); {_RETRY}"
+        exc = getattr(exc, "orig", None) or exc.__cause__ or exc.__context__
+    return None
+
+
+class Commands(click.Group):
+    """The ``hassod`` command group: a write refused by the storage ends in a one-line error, not a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            message = storage_error(exc)
+            if message is None:
+                raise
+            fail(message)
 
 
 def report(summary, problems: list[tuple[str, str]], verb: str, as_json: bool) -> None:

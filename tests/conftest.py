@@ -1,6 +1,10 @@
 """Fixtures shared by the whole suite: the real-photo data folder and bad input files."""
 from __future__ import annotations
 
+import resource
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +41,28 @@ def bad_inputs(tmp_path: Path, coco128_images: list[Path]) -> dict[str, Path]:
     # A 1-bit image is tiny on disk yet has many pixels: the size check must refuse it unread.
     Image.new("1", (9000, 8000)).save(huge)
     return {p.stem: p for p in folder.iterdir()}
+
+
+def limit_file_size(nbytes: int) -> None:
+    """Make writes past ``nbytes`` of any file fail with EFBIG in this process and its children.
+
+    A real refused write, like a full disk, without mounting a small file
+    system (which needs privileges). SIGXFSZ would kill the process instead.
+    """
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+@contextmanager
+def file_size_limit(nbytes: int) -> Iterator[None]:
+    """:func:`limit_file_size` for the ``with`` block only."""
+    limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.getsignal(signal.SIGXFSZ)
+    limit_file_size(nbytes)
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
 
 
 def write_image(path: Path, array: np.ndarray, **save_args) -> Path:

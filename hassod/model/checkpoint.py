@@ -41,14 +41,40 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, settings: D
     payload = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(),
                "settings": dataclasses.asdict(settings), **extra}
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
     try:
-        torch.save(payload, temp)
+        # Unbuffered: a buffered file would fail again on close, hiding the path.
+        with os.fdopen(handle, "wb", buffering=0) as file:
+            sink = _WriteErrorKeeper(file, str(path))
+            try:
+                torch.save(payload, sink)
+            except RuntimeError as exc:
+                raise (sink.error or exc) from exc
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
     return path
+
+
+class _WriteErrorKeeper:
+    """A binary file for ``torch.save`` that keeps the OSError of a failed write.
+
+    torch reports a failed write (a full disk) only as a RuntimeError such as
+    "unexpected pos 704 vs 598"; the OSError kept here says what happened.
+    """
+
+    def __init__(self, file: Any, name: str):
+        self.file, self.name, self.error = file, name, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = OSError(exc.errno, exc.strerror, self.name)
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -18,6 +18,7 @@ from pycocotools.coco import COCO
 
 from hassod.cli import main
 from hassod.discover.levels import coverage_matrix
+from tests.conftest import limit_file_size
 
 
 def _odd_images(folder: Path, photo: Path) -> None:
@@ -120,6 +121,34 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, coco128_images):
     assert [im["file_name"] for im in resumed["images"]] == [im["file_name"] for im in fresh["images"]]
     keys = ("image_id", "segmentation", "bbox", "hier_level", "parent_id", "score")
     assert [[a[k] for k in keys] for a in resumed["annotations"]] == [[a[k] for k in keys] for a in fresh["annotations"]]
+
+
+def test_a_refused_write_is_one_line_and_the_run_continues(tmp_path, coco128_images):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for photo in coco128_images[6:8]:
+        shutil.copy(photo, folder)
+    args = ["discover", str(folder), "--workers", "1", "--batch-size", "1"]
+    reference = tmp_path / "reference.json"
+    assert CliRunner().invoke(main, [*args, "--out", str(reference)]).exit_code == 0
+    # Room for the settings line and the first image's record, not the second's.
+    lines = Path(str(reference) + ".progress.jsonl").read_bytes().splitlines(keepends=True)
+    room = len(lines[0]) + len(lines[1]) + len(lines[2]) // 2
+
+    out = tmp_path / "pseudo.json"
+    refused = subprocess.run([sys.executable, "-m", "hassod.cli", *args, "--out", str(out)], capture_output=True,
+                             text=True, timeout=300, preexec_fn=lambda: limit_file_size(room))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert refused.stderr.strip().splitlines()[-1] == (
+        "error: file too large; finished work is saved: make room and run the same command again to continue")
+    assert not out.exists()
+
+    resumed = CliRunner().invoke(main, [*args, "--out", str(out)])
+    assert resumed.exit_code == 0, resumed.output
+    assert "(1 resumed from an earlier run)" in resumed.output
+    keys = ("image_id", "segmentation", "bbox", "hier_level", "parent_id")
+    assert [[a[k] for k in keys] for a in json.loads(out.read_text())["annotations"]] == [
+        [a[k] for k in keys] for a in json.loads(reference.read_text())["annotations"]]
 
 
 def test_clear_errors(tmp_path):

@@ -21,6 +21,7 @@ from indexer.layout import catalog_url
 from indexer.regions import CocoRegions, DiscoveryRegions
 from indexer.whitening import PCAWhitening
 from retrieval.searcher import Searcher
+from tests.conftest import limit_file_size
 
 
 def box_iou(a, b) -> float:
@@ -129,6 +130,31 @@ def _images_in_catalog(index_dir: Path) -> int:
             return db.execute("select count(*) from images").fetchone()[0]
     except sqlite3.OperationalError:
         return 0
+
+
+def test_a_refused_write_is_one_line_and_the_build_continues(tmp_path, instance_folder, offline_backbone):
+    folder, truth = instance_folder
+    index_dir = tmp_path / "index"
+    command = [sys.executable, "-m", "retrieval.cli", "index", "build", str(folder), "--index", str(index_dir),
+               "--regions", str(truth), "--device", "cpu"]
+    # The catalog (with its write-ahead log) outgrows 150 KB after a few images, as if the disk filled up.
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                             preexec_fn=lambda: limit_file_size(150_000))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert refused.stderr.strip().splitlines()[-1] == (
+        "error: the index catalog cannot be written (disk I/O error); "
+        "finished work is saved: make room and run the same command again to continue")
+    assert 0 < _images_in_catalog(index_dir) < len(list(folder.glob("*.png")))
+
+    summary = _build(folder, truth, index_dir, offline_backbone)
+    assert summary.removed == 0
+    assert _catalog_dump(catalog_url(index_dir)) == _catalog_dump(catalog_url(_fresh(folder, truth, tmp_path, offline_backbone)))
+
+
+def _fresh(folder: Path, truth: Path, tmp_path: Path, backbone) -> Path:
+    index_dir = tmp_path / "fresh"
+    _build(folder, truth, index_dir, backbone)
+    return index_dir
 
 
 def test_killed_build_leaves_a_usable_index_and_resumes_without_duplicates(

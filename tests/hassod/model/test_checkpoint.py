@@ -1,11 +1,15 @@
 """Checkpoint round trip and clear errors for wrong files."""
 from __future__ import annotations
 
-import torch
-import pytest
+import errno
 
+import pytest
+import torch
+
+from hassod.console import storage_error
 from hassod.model import CheckpointError, DetectorSettings, load_detector, read_checkpoint, save_checkpoint
 
+from tests.conftest import file_size_limit
 from .conftest import scene_sample
 
 
@@ -49,3 +53,15 @@ def test_checkpoint_errors(tmp_path, tiny_model, tiny_settings):
     torch.save(data, path)
     with pytest.raises(CheckpointError, match="level_predictor"):
         load_detector(path)
+
+
+def test_a_refused_write_names_the_file_and_keeps_the_old_checkpoint(tmp_path, tiny_model, tiny_settings):
+    path = save_checkpoint(tmp_path / "ckpt.pth", tiny_model, tiny_settings, iteration=1)
+    size = path.stat().st_size
+    with file_size_limit(size // 2), pytest.raises(OSError) as refused:
+        save_checkpoint(path, tiny_model, tiny_settings, iteration=2)
+    # torch alone reports only "unexpected pos ..."; the cause and the destination are kept.
+    assert refused.value.errno == errno.EFBIG and refused.value.filename == str(path)
+    assert storage_error(refused.value).startswith(f"file too large: {path}; finished work is saved")
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]  # no temp file left behind
+    assert path.stat().st_size == size and read_checkpoint(path)["iteration"] == 1
