@@ -12,15 +12,12 @@ from indexer.cli import index
 
 
 def _parse_box(value: str | None) -> tuple[float, ...] | None:
-    if value is None:
-        return None
+    from .searcher import QueryError, parse_box
+
     try:
-        box = tuple(float(v) for v in value.split(","))
-    except ValueError:
-        raise click.BadParameter(f"expected x0,y0,x1,y1 in pixels, got {value!r}") from None
-    if len(box) != 4:
-        raise click.BadParameter(f"expected 4 numbers x0,y0,x1,y1, got {len(box)}")
-    return box
+        return None if value is None else parse_box(value)
+    except QueryError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @click.command()
@@ -79,8 +76,50 @@ def search(index_dir, query, box, region_id, level, k, weights, detector, device
             click.echo(f"results page: {html_out}")
 
 
+@click.command()
+@click.option("--index", "index_dir", required=True, type=click.Path(path_type=Path), help="Index directory.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0: any free port.")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Backbone weights, as at build.")
+@click.option("--detector", type=click.Path(exists=True, dir_okay=False),
+              help="The index's detector checkpoint, if moved since the build (whole-image queries).")
+@click.option("--device", default="auto", show_default=True)
+def serve(index_dir, host, port, weights, detector, device):
+    """Serve the index: a web page to draw a query box on any image, and the HTTP API behind it."""
+    import socket
+
+    import uvicorn
+
+    from hassod.features import WeightsNotFoundError
+    from indexer.catalog import IncompatibleIndexError
+    from indexer.layout import IndexNotFoundError
+
+    from .searcher import Searcher
+    from .server import create_app
+
+    try:
+        searcher = Searcher(index_dir, device=None if device == "auto" else device, weights=weights,
+                            detector=detector)
+    except (IndexNotFoundError, IncompatibleIndexError, WeightsNotFoundError) as exc:
+        fail(str(exc))
+    # Bound here, not by uvicorn, so that a busy port is a one-line error.
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+        listener.listen(128)  # connections wait in the backlog until the app has started
+    except OSError as exc:
+        searcher.close()
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    bound_port = listener.getsockname()[1]
+    click.echo(f"serving {index_dir} on http://{host}:{bound_port}/ (Ctrl+C to stop)")
+    server = uvicorn.Server(uvicorn.Config(create_app(searcher), log_level="warning"))
+    server.run(sockets=[listener])
+
+
 main.add_command(index)
 main.add_command(search)
+main.add_command(serve)
 app = main
 
 if __name__ == "__main__":

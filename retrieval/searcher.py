@@ -251,6 +251,17 @@ def _level_id(level: str | int | None) -> int | None:
     return int(level)
 
 
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    """"x0,y0,x1,y1" (pixels) → four floats, or :class:`QueryError` saying what is wrong."""
+    try:
+        box = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise QueryError(f"expected x0,y0,x1,y1 in pixels, got {text!r}") from None
+    if len(box) != 4:
+        raise QueryError(f"expected 4 numbers x0,y0,x1,y1, got {len(box)}")
+    return box  # type: ignore[return-value]
+
+
 def check_box(box: Sequence[float], size: tuple[int, int]) -> np.ndarray:
     """The box as a (4,) float array, or :class:`QueryError` when it is malformed or not inside the image."""
     height, width = size

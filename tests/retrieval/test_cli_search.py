@@ -11,18 +11,6 @@ from click.testing import CliRunner
 from retrieval.cli import app
 
 
-@pytest.fixture
-def built_index(tmp_path, instance_folder):
-    folder, truth = instance_folder
-    index_dir = tmp_path / "index"
-    result = CliRunner().invoke(app, ["index", "build", str(folder), "--index", str(index_dir),
-                                      "--regions", str(truth), "--device", "cpu", "--json"])
-    assert result.exit_code == 0, result.output
-    summary = json.loads(result.output.strip().splitlines()[-1])
-    assert summary["added"] == 8 and summary["errors"] == []
-    return folder, index_dir
-
-
 def test_search_prints_ranked_results_and_writes_html(built_index, instance_scenes, tmp_path):
     folder, index_dir = built_index
     box = instance_scenes[0].boxes[0]

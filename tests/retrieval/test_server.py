@@ -1,0 +1,127 @@
+"""`hassod serve`: the HTTP API gives the library's answers, the page is served, errors are 400s with the CLI's words."""
+from __future__ import annotations
+
+import io
+import json
+import re
+import socket
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+from click.testing import CliRunner
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from retrieval.cli import app as cli
+from retrieval.searcher import Searcher
+from retrieval.server import create_app
+
+
+@pytest.fixture
+def served(built_index, offline_backbone):
+    """(folder, searcher, client): one searcher answers both the library calls and the HTTP ones."""
+    folder, index_dir = built_index
+    searcher = Searcher(index_dir, backbone=offline_backbone)
+    with TestClient(create_app(searcher)) as client:
+        yield folder, searcher, client
+
+
+def _expected(searcher: Searcher, matches) -> list[dict]:
+    images = searcher.catalog.images_by_id(m.image_id for m in matches)
+    return [(m.image_id, m.region_id, pytest.approx(m.score, abs=1e-6), list(m.box), m.level_name,
+             images[m.image_id].width, images[m.image_id].height) for m in matches]
+
+
+def _got(results: list[dict]) -> list[tuple]:
+    assert [r["rank"] for r in results] == list(range(1, len(results) + 1))
+    return [(r["image_id"], r["region_id"], r["score"], r["box"], r["level"], r["width"], r["height"])
+            for r in results]
+
+
+def test_box_and_region_queries_give_the_library_answers(served, instance_scenes):
+    folder, searcher, client = served
+    query = folder / "scene_00.png"
+    box = [float(v) for v in instance_scenes[0].boxes[0]]
+    expected = searcher.search(query, box=box, k=4)
+    response = client.post("/api/search", files={"image": query.read_bytes()},
+                           data={"box": ",".join(map(str, box)), "k": "4"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["query"] == {"width": 480, "height": 320, "box": box}
+    assert _got(body["results"]) == _expected(searcher, expected)
+    first = body["results"][0]
+    assert first["path"].endswith("scene_00.png") and first["score"] == pytest.approx(1.0, abs=1e-4)
+
+    subparts = client.post("/api/search", files={"image": query.read_bytes()},
+                           data={"box": "5,5,200,200", "level": "subpart", "k": "4"}).json()["results"]
+    assert [r["level"] for r in subparts] == ["subpart"] * 4
+
+    similar = client.get(f"/api/regions/{first['region_id']}/similar", params={"k": 3}).json()["results"]
+    assert _got(similar) == _expected(searcher, searcher.search_region(first["region_id"], k=3))
+
+
+def test_pictures_stats_and_page(served, instance_scenes):
+    _, searcher, client = served
+    response = client.get("/api/images/1", params={"side": 200})
+    assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+    picture = Image.open(io.BytesIO(response.content))
+    record = searcher.catalog.images_by_id([1])[1]
+    assert max(picture.size) == 200
+    assert picture.size[0] / picture.size[1] == pytest.approx(record.width / record.height, abs=0.01)
+    assert client.get("/api/images/999").status_code == 404
+
+    stats = client.get("/api/stats").json()
+    assert stats["images_ok"] == 8 and stats["regions"] == sum(len(s.masks) for s in instance_scenes)
+    assert stats["vectors"]["size"] == stats["regions"] and stats["backbone"] == "efficientnet_lite0"
+
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "/api/search" in page.text and "/api/images/" in page.text
+
+
+def test_bad_queries_are_400_with_the_command_line_message(served, tmp_path):
+    folder, _, client = served
+    photo = (folder / "scene_00.png").read_bytes()
+
+    def refused(data: dict, message: str, image: bytes = photo, status: int = 400) -> None:
+        response = client.post("/api/search", files={"image": image}, data=data)
+        assert response.status_code == status, response.text
+        assert message in json.dumps(response.json()["detail"]), response.text
+
+    refused({"box": "400,10,600,100"}, "not inside the 480x320 query image (x1 600 > width 480)")
+    refused({"box": "50,50,50,90"}, "is empty")
+    refused({"box": "1,2,3"}, "expected 4 numbers x0,y0,x1,y1, got 3")
+    refused({"box": "a,b,c,d"}, "expected x0,y0,x1,y1 in pixels")
+    refused({"level": "wing"}, "unknown level 'wing'")
+    refused({}, "not an image", image=b"hello")
+    refused({"k": "0"}, "greater than or equal to 1", status=422)
+    assert client.get("/api/regions/999999/similar").json()["detail"] == "no region 999999 in this index"
+
+
+def test_serve_command(built_index):
+    _, index_dir = built_index
+    missing = CliRunner().invoke(cli, ["serve", "--index", str(index_dir.parent / "nowhere")])
+    assert missing.exit_code == 2 and "no index at" in missing.output
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    taken = CliRunner().invoke(cli, ["serve", "--index", str(index_dir), "--port", str(busy.getsockname()[1])])
+    busy.close()
+    assert taken.exit_code == 2 and "cannot listen on 127.0.0.1:" in taken.output
+
+    server = subprocess.Popen([sys.executable, "-m", "retrieval.cli", "serve", "--index", str(index_dir),
+                               "--port", "0", "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        line = server.stdout.readline()  # printed once the index is loaded and the port bound
+        url = re.search(r"http://\S+/", line)
+        assert url, line + server.stderr.read()
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxy for localhost
+        with direct.open(url.group(0) + "api/stats", timeout=60) as response:
+            assert json.load(response)["images_ok"] == 8
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
