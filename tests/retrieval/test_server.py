@@ -14,15 +14,30 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from hassod.synthetic import save_scenes
+from indexer.build import build_index
+from indexer.descriptors import RegionDescriber
+from indexer.regions import CocoRegions
 from retrieval.cli import app as cli
 from retrieval.searcher import Searcher
 from retrieval.server import create_app
 
 
-@pytest.fixture
-def served(built_index, offline_backbone):
+@pytest.fixture(scope="module")
+def scenes_index(tmp_path_factory, instance_scenes, offline_backbone):
+    """(folder of the 8 scenes, index directory of their true regions), built once: these tests only read it."""
+    root = tmp_path_factory.mktemp("served")
+    folder = root / "collection"
+    truth = save_scenes(instance_scenes, folder, root / "truth.json")
+    build_index(sorted(folder.glob("*.png")), root / "index", CocoRegions(truth), RegionDescriber(offline_backbone),
+                show_progress=False)
+    return folder, root / "index"
+
+
+@pytest.fixture(scope="module")
+def served(scenes_index, offline_backbone):
     """(folder, searcher, client): one searcher answers both the library calls and the HTTP ones."""
-    folder, index_dir = built_index
+    folder, index_dir = scenes_index
     searcher = Searcher(index_dir, backbone=offline_backbone)
     with TestClient(create_app(searcher)) as client:
         yield folder, searcher, client
@@ -100,8 +115,8 @@ def test_bad_queries_are_400_with_the_command_line_message(served, tmp_path):
     assert client.get("/api/regions/999999/similar").json()["detail"] == "no region 999999 in this index"
 
 
-def test_serve_command(built_index):
-    _, index_dir = built_index
+def test_serve_command(scenes_index):
+    _, index_dir = scenes_index
     missing = CliRunner().invoke(cli, ["serve", "--index", str(index_dir.parent / "nowhere")])
     assert missing.exit_code == 2 and "no index at" in missing.output
 
