@@ -35,11 +35,14 @@ from hassod.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb
 
 from .searcher import Match, QueryError, Searcher, check_box, parse_box
 
-MAX_UPLOAD_BYTES = 100 * 2**20
+MAX_UPLOAD_BYTES = 100 * 2**20  # a query photo, even a 64 MP one, is far below this
 
 
-def create_app(searcher: Searcher) -> FastAPI:
-    """The web application over an open :class:`Searcher` (closed when the app shuts down)."""
+def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
+    """The web application over an open :class:`Searcher` (closed when the app shuts down).
+
+    An uploaded query image over ``max_upload_bytes`` is refused (413) unread.
+    """
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hassod-search")
 
     async def on_worker(fn: Callable[..., Any], *args: Any) -> Any:
@@ -68,9 +71,9 @@ def create_app(searcher: Searcher) -> FastAPI:
         level: str | None = Form(None, description="Only match regions of this level: whole, part or subpart."),
         k: int = Form(10, ge=1, le=1000, description="Number of images."),
     ) -> dict[str, Any]:
-        data = await image.read(MAX_UPLOAD_BYTES + 1)
-        if len(data) > MAX_UPLOAD_BYTES:
-            raise HTTPException(status_code=413, detail=f"image file over {MAX_UPLOAD_BYTES // 2**20} MB")
+        data = await image.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            raise HTTPException(status_code=413, detail=f"image file over the limit of {max_upload_bytes:,} bytes")
 
         def run() -> dict[str, Any]:
             start = time.perf_counter()

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from click.testing import CliRunner
@@ -140,3 +141,26 @@ def test_serve_command(scenes_index):
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+def test_concurrent_queries_get_their_own_answers(served, instance_scenes):
+    folder, searcher, client = served
+    queries = [(folder / f"scene_0{i}.png", instance_scenes[i].boxes[0]) for i in range(4)]
+    expected = [_expected(searcher, searcher.search(path, box=box, k=3)) for path, box in queries]
+
+    def ask(query) -> list[tuple]:
+        path, box = query
+        response = client.post("/api/search", files={"image": path.read_bytes()},
+                               data={"box": ",".join(map(str, box)), "k": "3"})
+        return _got(response.json()["results"])
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(ask, queries * 2)) == expected * 2
+
+
+def test_an_oversized_upload_is_refused_unread(scenes_index, offline_backbone):
+    folder, index_dir = scenes_index
+    photo = (folder / "scene_00.png").read_bytes()
+    with TestClient(create_app(Searcher(index_dir, backbone=offline_backbone), max_upload_bytes=1000)) as client:
+        response = client.post("/api/search", files={"image": photo})
+    assert response.status_code == 413 and response.json()["detail"] == "image file over the limit of 1,000 bytes"
