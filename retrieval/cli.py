@@ -20,6 +20,20 @@ def _parse_box(value: str | None) -> tuple[float, ...] | None:
         raise click.BadParameter(str(exc)) from None
 
 
+def _open_searcher(index_dir: Path, device: str, weights: str | None, detector: str | None):
+    """The index's Searcher, or a one-line error (no index, another backbone, missing weights)."""
+    from hassod.features import WeightsNotFoundError
+    from indexer.catalog import IncompatibleIndexError
+    from indexer.layout import IndexNotFoundError
+
+    from .searcher import Searcher
+
+    try:
+        return Searcher(index_dir, device=None if device == "auto" else device, weights=weights, detector=detector)
+    except (IndexNotFoundError, IncompatibleIndexError, WeightsNotFoundError) as exc:
+        fail(str(exc))
+
+
 @click.command()
 @click.option("--index", "index_dir", required=True, type=click.Path(path_type=Path), help="Index directory.")
 @click.option("--query", type=click.Path(path_type=Path), help="Query image.")
@@ -35,20 +49,12 @@ def _parse_box(value: str | None) -> tuple[float, ...] | None:
 @click.option("--html", "html_out", type=click.Path(dir_okay=False, path_type=Path), help="Write a results page.")
 def search(index_dir, query, box, region_id, level, k, weights, detector, device, as_json, html_out):
     """Find the images of the index that contain the query region, best first, with the matched box."""
-    from hassod.features import WeightsNotFoundError
-    from indexer.catalog import IncompatibleIndexError
-    from indexer.layout import IndexNotFoundError
-
     from .html import write_results_page
-    from .searcher import QueryError, Searcher, check_box, load_query
+    from .searcher import QueryError, check_box, load_query
 
     if (query is None) == (region_id is None):
         fail("give either --query IMAGE (optionally with --box) or --region ID")
-    try:
-        searcher = Searcher(index_dir, device=None if device == "auto" else device, weights=weights,
-                            detector=detector)
-    except (IndexNotFoundError, IncompatibleIndexError, WeightsNotFoundError) as exc:
-        fail(str(exc))
+    searcher = _open_searcher(index_dir, device, weights, detector)
     try:
         if region_id is not None:
             matches = searcher.search_region(region_id, level=level, k=k)
@@ -90,18 +96,9 @@ def serve(index_dir, host, port, weights, detector, device):
 
     import uvicorn
 
-    from hassod.features import WeightsNotFoundError
-    from indexer.catalog import IncompatibleIndexError
-    from indexer.layout import IndexNotFoundError
-
-    from .searcher import Searcher
     from .server import create_app
 
-    try:
-        searcher = Searcher(index_dir, device=None if device == "auto" else device, weights=weights,
-                            detector=detector)
-    except (IndexNotFoundError, IncompatibleIndexError, WeightsNotFoundError) as exc:
-        fail(str(exc))
+    searcher = _open_searcher(index_dir, device, weights, detector)
     # Bound here, not by uvicorn, so that a busy port is a one-line error.
     listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -385,8 +385,8 @@ def _heap_jit(signature: str):
     """Compile a heap helper for exactly ``signature``. Without one, numba
     compiles a helper again for every pattern of constant arguments at its
     call sites (``_place_down(heap, 0, 0, ...)`` is typed ``Literal[int](0)``):
-    the merge had 49 specializations, and the first run of every worker spent
-    a third of its ~14 s compile on the repeats."""
+    49 specializations instead of 31, ~2 s of the ~16 s that the first merge
+    of every worker spends compiling."""
     return numba.njit(signature, cache=True, nogil=True, _nrt=False)
 
 
