@@ -28,8 +28,9 @@ from hassod.images import DEFAULT_MAX_PIXELS, load_rgb
 from hassod.model import CheckpointError
 from indexer.catalog import LEVEL_NAMES, IncompatibleIndexError
 from indexer.descriptors import DescriptorSettings, RegionDescriber
-from indexer.layout import IndexNotFoundError, open_existing, whitening_path
+from indexer.layout import IndexNotFoundError, open_existing, vectors_path, whitening_path
 from indexer.regions import DetectorRegions, DiscoveryRegions, QuerySourceError, query_regions
+from indexer.vectors import VectorStore
 from indexer.whitening import PCAWhitening
 
 # Region candidates fetched per wanted image on the first try; doubled until
@@ -78,6 +79,9 @@ class Searcher:
         backbone: Backbone | None = None,
         detector: str | os.PathLike | None = None,
     ):
+        self._vectors = vectors_path(Path(index_dir))
+        # Taken before loading: a save in between then shows as a change at the next refresh.
+        self._vectors_stamp = _stamp(self._vectors) if self._vectors.exists() else None
         self.catalog, self.store = open_existing(Path(index_dir))
         self.config = self.catalog.get_config()
         if backbone is None:
@@ -106,6 +110,21 @@ class Searcher:
 
     def close(self) -> None:
         self.catalog.close()
+
+    def refresh(self) -> bool:
+        """Reload the vectors if a build has replaced them since they were loaded; True when it did.
+
+        For a long-lived searcher (`hassod serve`) next to later `hassod index
+        build` runs: the catalog is read live, the vector file is swapped
+        atomically by every save, so one ``stat`` tells whether to reload.
+        """
+        stamp = _stamp(self._vectors)
+        if stamp == self._vectors_stamp:
+            return False
+        self.store = VectorStore.load(self._vectors)
+        self._filters.clear()
+        self._vectors_stamp = stamp
+        return True
 
     def search(
         self,
@@ -224,6 +243,12 @@ class Searcher:
                 matches[record.image_id] = Match(images[record.image_id].path, record.image_id, record.id,
                                                  float(score), tuple(record.box), record.level)
         return matches
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """Which file is at ``path`` now: (inode, size, mtime in ns)."""
+    info = path.stat()
+    return info.st_ino, info.st_size, info.st_mtime_ns
 
 
 def load_query(image: str | os.PathLike | np.ndarray) -> np.ndarray:

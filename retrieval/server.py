@@ -11,7 +11,8 @@ Endpoints (JSON unless noted; boxes are xyxy pixels of the upright original imag
 - ``GET /api/stats``: the counts of `hassod index stats`.
 
 A query that cannot be answered is a 400 whose ``detail`` is the one-line
-message of the command line. The backbone, catalog and FAISS index are
+message of the command line. A later `hassod index build` into the same
+directory is picked up by the next request (:meth:`Searcher.refresh`). The backbone, catalog and FAISS index are
 loaded once; every call that touches them runs on one dedicated thread (the
 SQLite connection and the torch model stay on the thread that made them, and
 queries do not compete for the cores).
@@ -77,6 +78,7 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> 
 
         def run() -> dict[str, Any]:
             start = time.perf_counter()
+            searcher.refresh()
             pixels = load_rgb(io.BytesIO(data), DEFAULT_MAX_PIXELS)
             crop = None if not box else tuple(float(v) for v in check_box(parse_box(box), pixels.shape[:2]))
             matches = searcher.search(pixels, box=crop, level=level or None, k=k)
@@ -90,6 +92,7 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> 
     async def similar(region_id: int, k: int = Query(10, ge=1, le=1000), level: str | None = None) -> dict[str, Any]:
         def run() -> dict[str, Any]:
             start = time.perf_counter()
+            searcher.refresh()
             matches = searcher.search_region(region_id, level=level, k=k)
             return {"results": _results(searcher, matches), "seconds": time.perf_counter() - start}
 
@@ -110,6 +113,7 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> 
     @app.get("/api/stats")
     async def stats() -> dict[str, Any]:
         def run() -> dict[str, Any]:
+            searcher.refresh()
             return {**searcher.catalog.stats(), "vectors": searcher.store.info(),
                     "backbone": searcher.config["backbone"], "descriptor": searcher.config["descriptor"]}
 

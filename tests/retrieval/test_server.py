@@ -164,3 +164,27 @@ def test_an_oversized_upload_is_refused_unread(scenes_index, offline_backbone):
     with TestClient(create_app(Searcher(index_dir, backbone=offline_backbone), max_upload_bytes=1000)) as client:
         response = client.post("/api/search", files={"image": photo})
     assert response.status_code == 413 and response.json()["detail"] == "image file over the limit of 1,000 bytes"
+
+
+def test_a_later_build_is_picked_up_without_a_restart(tmp_path, instance_scenes, offline_backbone):
+    folder = tmp_path / "collection"
+    truth = save_scenes(instance_scenes, folder, tmp_path / "truth.json")
+    paths = sorted(folder.glob("*.png"))
+
+    def build(images) -> None:
+        build_index(images, tmp_path / "index", CocoRegions(truth), RegionDescriber(offline_backbone),
+                    show_progress=False)
+
+    build(paths[:4])
+    box = ",".join(map(str, instance_scenes[6].boxes[0]))
+    with TestClient(create_app(Searcher(tmp_path / "index", backbone=offline_backbone))) as client:
+        def top() -> dict:
+            response = client.post("/api/search", files={"image": paths[6].read_bytes()}, data={"box": box, "k": "1"})
+            return response.json()["results"][0]
+
+        assert client.get("/api/stats").json()["images_ok"] == 4
+        assert not top()["path"].endswith("scene_06.png")
+        build(paths)  # a build while serving: the next request sees the 8 images and their vectors
+        assert client.get("/api/stats").json()["vectors"]["size"] == sum(len(s.masks) for s in instance_scenes)
+        found = top()
+        assert found["path"].endswith("scene_06.png") and found["score"] == pytest.approx(1.0, abs=1e-4)
