@@ -81,7 +81,7 @@ class Searcher:
     ):
         self._vectors = vectors_path(Path(index_dir))
         # Taken before loading: a save in between then shows as a change at the next refresh.
-        self._vectors_stamp = _stamp(self._vectors) if self._vectors.exists() else None
+        self._vectors_stamp = _stamp(self._vectors)
         self.catalog, self.store = open_existing(Path(index_dir))
         self.config = self.catalog.get_config()
         if backbone is None:
@@ -119,7 +119,7 @@ class Searcher:
         atomically by every save, so one ``stat`` tells whether to reload.
         """
         stamp = _stamp(self._vectors)
-        if stamp == self._vectors_stamp:
+        if stamp is None or stamp == self._vectors_stamp:  # unchanged, or removed: keep what is loaded
             return False
         self.store = VectorStore.load(self._vectors)
         self._filters.clear()
@@ -246,8 +246,11 @@ class Searcher:
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:
-    """Which file is at ``path`` now: (inode, size, mtime in ns)."""
-    info = path.stat()
+    """Which file is at ``path`` now: (inode, size, mtime in ns); None when there is none."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return None
     return info.st_ino, info.st_size, info.st_mtime_ns
 
 
