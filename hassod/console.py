@@ -8,6 +8,8 @@ import sys
 
 import click
 
+from .device import DeviceError
+
 # A full disk (or quota, or file-size limit) while writing: every long job
 # saves its finished work as it goes, so the same command continues.
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -43,11 +45,14 @@ def storage_error(exc: BaseException) -> str | None:
 
 
 class Commands(click.Group):
-    """The ``hassod`` command group: a write refused by the storage ends in a one-line error, not a traceback."""
+    """The ``hassod`` command group: a device that is not there, or a write refused by the
+    storage, ends in a one-line error, not a traceback, whichever command met it."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except DeviceError as exc:
+            fail(str(exc))
         except Exception as exc:
             message = storage_error(exc)
             if message is None:
