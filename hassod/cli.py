@@ -32,7 +32,7 @@ def main() -> None:
 
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="COCO JSON file to write.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="COCO JSON file to write.")
 @click.option("--backbone", default="efficientnet_lite0", show_default=True, help="Feature backbone name.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Backbone weight file.")
 @click.option("--thresholds", help="Merge thresholds, e.g. 0.4,0.2,0.1 (default: the backbone's).")

@@ -43,7 +43,7 @@ def build(images, index_dir, detector, regions_json, db_url, backbone, weights, 
     from .build import IncompatibleSourceError, build_index
     from .catalog import IncompatibleIndexError
     from .descriptors import RegionDescriber, default_settings
-    from .regions import CocoRegions, DiscoveryRegions, detector_regions
+    from .regions import CocoRegions, DiscoveryRegions, RegionsFileError, detector_regions
 
     paths = list_images(images)
     if not paths:
@@ -68,7 +68,7 @@ def build(images, index_dir, detector, regions_json, db_url, backbone, weights, 
         summary = build_index(paths, index_dir, source, describer, db_url=db_url,
                               index_type=index_type, show_progress=not as_json)
     except (WeightsNotFoundError, WeightsFormatError, IncompatibleIndexError, IncompatibleSourceError,
-            NotImplementedError) as exc:
+            RegionsFileError, NotImplementedError) as exc:
         fail(str(exc))
     report(summary, summary.errors, "unreadable", as_json)
 

@@ -124,7 +124,7 @@ class CocoRegions:
     def __init__(self, coco_json: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS):
         path = Path(coco_json)
         raw = path.read_bytes()
-        data = json.loads(raw)
+        data = _read_coco(raw, path)
         root = Path(data.get("info", {}).get("root") or path.parent)
         anns_by_image: dict[int, list[dict[str, Any]]] = {}
         for ann in data.get("annotations", []):
@@ -151,6 +151,30 @@ class CocoRegions:
                 yield ImageRegions(path, None, [], str(exc))
                 continue
             yield ImageRegions(path, image, _coco_regions(entry[1], image.shape[:2]))
+
+
+class RegionsFileError(ValueError):
+    """A regions file that is not a COCO file of images and annotations with masks."""
+
+
+_IMAGE_KEYS = ("id", "file_name")
+_ANNOTATION_KEYS = ("id", "image_id", "bbox", "area", "segmentation")
+
+
+def _read_coco(raw: bytes, path: Path) -> dict[str, Any]:
+    """The parsed COCO file, checked up front so that a bad file fails before any image is indexed."""
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RegionsFileError(f"{path} is not a JSON file ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise RegionsFileError(f"{path} is not a COCO file: it has no 'images' list")
+    for kind, keys in (("images", _IMAGE_KEYS), ("annotations", _ANNOTATION_KEYS)):
+        for i, item in enumerate(data.get(kind, [])):
+            missing = [k for k in keys if not isinstance(item, dict) or k not in item]
+            if missing:
+                raise RegionsFileError(f"{path}: {kind}[{i}] has no {', '.join(missing)}")
+    return data
 
 
 def _coco_regions(anns: list[dict[str, Any]], size: tuple[int, int]) -> list[Region]:

@@ -172,6 +172,24 @@ def _probe_host(url: str, timeout: float) -> str:
         return f"{host}: {exc}"
 
 
+def _load_failure(exc: Exception) -> str:
+    """One line saying why torch.load / safetensors refused a file.
+
+    torch's refusal under ``weights_only=True`` is a page of advice to turn the
+    check off; the line that matters comes after "WeightsUnpickler error:".
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    marker = next((i for i, line in enumerate(lines) if "WeightsUnpickler error:" in line), None)
+    if marker is not None:
+        reason = lines[marker].split("WeightsUnpickler error:", 1)[1].strip()
+        if not reason and marker + 1 < len(lines):
+            reason = lines[marker + 1]
+        # "...was not an allowed global by default. Please use add_safe_globals...": keep the fact.
+        return f"not a tensor-only PyTorch file ({reason.split('. Please')[0]})"
+    first = lines[0] if lines else repr(exc)
+    return f"{type(exc).__name__}: {first}"
+
+
 def read_state_dict(path: str | os.PathLike, checkpoint_keys: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """Tensors of a ``.pth``/``.bin``/``.safetensors`` weight file, on the CPU.
 
@@ -181,15 +199,15 @@ def read_state_dict(path: str | os.PathLike, checkpoint_keys: tuple[str, ...] = 
     allowed because DINO stores its command-line arguments in checkpoints.
     """
     path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return dict(load_file(str(path), device="cpu"))
     try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return dict(load_file(str(path), device="cpu"))
         with torch.serialization.safe_globals([argparse.Namespace]):
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - unpickling raises many types
-        raise WeightsFormatError(f"cannot read weight file {path}: {exc}") from exc
+        raise WeightsFormatError(f"cannot read weight file {path}: {_load_failure(exc)}") from exc
     if not isinstance(loaded, Mapping):
         raise WeightsFormatError(f"{path} holds a {type(loaded).__name__}, not a state dict")
     for key in checkpoint_keys:

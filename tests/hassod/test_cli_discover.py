@@ -171,6 +171,10 @@ def test_clear_errors(tmp_path):
     result = runner.invoke(main, ["discover", str(photo), "--out", str(tmp_path / "o.json"), "--thresholds", "2,1"])
     assert result.exit_code == 2 and "between -1 and 1" in result.output
 
+    # Checked before any work, not when the finished results are written.
+    result = runner.invoke(main, ["discover", str(photo), "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "is a directory" in result.output
+
 
 @pytest.mark.parametrize("change", [["--thresholds", "0.7,0.5"]])
 def test_resume_with_other_settings_is_refused(tmp_path, change):

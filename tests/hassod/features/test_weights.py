@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 
 import huggingface_hub.constants
@@ -102,6 +103,24 @@ def test_read_state_dict_rejects_non_tensor_files(tmp_path):
     torch.save([1, 2, 3], path)
     with pytest.raises(W.WeightsFormatError, match="not a state dict"):
         W.read_state_dict(path)
+
+
+def test_unreadable_weight_files_are_one_line_errors(tmp_path):
+    cases = {
+        "notes.pth": (b"{not weights", "not a tensor-only PyTorch file (Unsupported operand 123)"),
+        "broken.safetensors": (b"x" * 16, "SafetensorError: Error while deserializing header"),
+    }
+    for name, (data, reason) in cases.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save({"when": datetime.date(2024, 1, 1)}, tmp_path / "objects.pth")
+    cases["objects.pth"] = (None, "not a tensor-only PyTorch file (Unsupported global: GLOBAL datetime.date "
+                                  "was not an allowed global by default)")
+    for name, (_, reason) in cases.items():
+        with pytest.raises(W.WeightsFormatError) as refused:
+            W.read_state_dict(tmp_path / name)
+        message = str(refused.value)
+        # torch's own text is a page of advice to turn the safety check off: only the reason is kept.
+        assert message.startswith(f"cannot read weight file {tmp_path / name}: {reason}") and "\n" not in message
 
 
 def test_strip_prefixes_any_order():
