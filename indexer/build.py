@@ -27,9 +27,9 @@ from tqdm import tqdm
 
 from .catalog import Catalog, ImageRecord, IncompatibleIndexError, NewRegion
 from .descriptors import RegionDescriber
-from .layout import catalog_url, vectors_path, whitening_path
+from .layout import catalog_url, remember_catalog, vectors_path, whitening_path
 from .regions import ImageRegions, RegionSource
-from .vectors import VectorStore
+from .vectors import VectorStore, validate_index_type
 from .whitening import PCAWhitening
 
 
@@ -129,10 +129,14 @@ def build_index(
     """
     timings = {} if timings is None else timings
     start = time.perf_counter()
+    validate_index_type(index_type, describer.dim)  # before anything is written
     index_dir = Path(index_dir)
-    index_dir.mkdir(parents=True, exist_ok=True)
+    if not db_url:
+        index_dir.mkdir(parents=True, exist_ok=True)  # the SQLite catalog lives inside
     summary = BuildSummary()
     with Catalog(catalog_url(index_dir, db_url)) as catalog:
+        if db_url:  # opened: now the directory may point to it
+            remember_catalog(index_dir, db_url)
         learned = PCAWhitening.load(whitening_path(index_dir)) if whitening_path(index_dir).exists() else None
         whitening = _resolve_whitening(whitening, learned)
         config = index_config(describer, source, whitening)

@@ -40,6 +40,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine, Row, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 FORMAT_VERSION = 1
@@ -60,6 +61,10 @@ _Id64 = BigInteger().with_variant(Integer, "sqlite")
 
 class IncompatibleIndexError(RuntimeError):
     """The index was built with another backbone, weights or descriptor than requested."""
+
+
+class CatalogUnavailableError(RuntimeError):
+    """The catalog's database cannot be opened: a malformed URL, an unknown driver, or no server there."""
 
 
 @dataclass(frozen=True)
@@ -204,8 +209,12 @@ class Catalog:
     """
 
     def __init__(self, url: str) -> None:
-        self.engine = _make_engine(url)
-        _Base.metadata.create_all(self.engine)
+        try:
+            self.engine = _make_engine(url)
+            _Base.metadata.create_all(self.engine)
+        except (ArgumentError, NoSuchModuleError, OperationalError) as exc:
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            raise CatalogUnavailableError(f"cannot open the catalog at {_shown(url)}: {reason}") from None
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         with self._session.begin() as s:
             for name, table in _COUNTED.items():
@@ -432,6 +441,14 @@ class Catalog:
             "regions": sum(by_level.values()),
             "regions_by_level": {name: by_level.get(i, 0) for i, name in enumerate(LEVEL_NAMES)},
         }
+
+
+def _shown(url: str) -> str:
+    """``url`` without its password, to print."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
 
 
 def _make_engine(url: str) -> Engine:

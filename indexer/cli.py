@@ -41,9 +41,10 @@ def build(images, index_dir, detector, regions_json, db_url, backbone, weights, 
     from hassod.images import list_images
 
     from .build import IncompatibleSourceError, build_index
-    from .catalog import IncompatibleIndexError
+    from .catalog import CatalogUnavailableError, IncompatibleIndexError
     from .descriptors import RegionDescriber, default_settings
     from .regions import CocoRegions, DiscoveryRegions, RegionsFileError, detector_regions
+    from .vectors import IndexTypeError
 
     paths = list_images(images)
     if not paths:
@@ -68,7 +69,7 @@ def build(images, index_dir, detector, regions_json, db_url, backbone, weights, 
         summary = build_index(paths, index_dir, source, describer, db_url=db_url,
                               index_type=index_type, show_progress=not as_json)
     except (WeightsNotFoundError, WeightsFormatError, IncompatibleIndexError, IncompatibleSourceError,
-            RegionsFileError, NotImplementedError) as exc:
+            RegionsFileError, CatalogUnavailableError, IndexTypeError, NotImplementedError) as exc:
         fail(str(exc))
     report(summary, summary.errors, "unreadable", as_json)
 
@@ -78,11 +79,12 @@ def build(images, index_dir, detector, regions_json, db_url, backbone, weights, 
 @click.option("--json", "as_json", is_flag=True)
 def stats(index_dir, as_json):
     """Images, regions per level, vector index type and size of the index at INDEX_DIR."""
+    from .catalog import CatalogUnavailableError
     from .layout import IndexNotFoundError, open_existing, vectors_path
 
     try:
         catalog, store = open_existing(index_dir)
-    except IndexNotFoundError as exc:
+    except (IndexNotFoundError, CatalogUnavailableError) as exc:
         fail(str(exc))
     with catalog:
         info = {**catalog.stats(), "vectors": store.info(), "config": catalog.get_config(),

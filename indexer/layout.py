@@ -24,16 +24,24 @@ class IndexNotFoundError(FileNotFoundError):
 
 
 def catalog_url(index_dir: Path, db_url: str | None = None) -> str:
-    """The catalog URL of the index at ``index_dir``; ``db_url`` (at build time) overrides and is remembered."""
-    index_dir = Path(index_dir)
-    pointer = index_dir / POINTER_FILE
+    """The catalog URL of the index at ``index_dir``; ``db_url`` (at build time) overrides it.
+
+    The index remembers a ``db_url`` only once a build has opened it
+    (:func:`remember_catalog`), so a mistyped URL does not stick to the directory.
+    """
     if db_url:
-        index_dir.mkdir(parents=True, exist_ok=True)
-        pointer.write_text(json.dumps({"catalog": db_url}))
         return db_url
+    pointer = Path(index_dir) / POINTER_FILE
     if pointer.exists():
         return json.loads(pointer.read_text())["catalog"]
-    return f"sqlite:///{(index_dir / CATALOG_FILE).resolve()}"
+    return f"sqlite:///{(Path(index_dir) / CATALOG_FILE).resolve()}"
+
+
+def remember_catalog(index_dir: Path, db_url: str) -> None:
+    """Point the index at ``index_dir`` to the catalog at ``db_url`` for later builds and searches."""
+    index_dir = Path(index_dir)
+    index_dir.mkdir(parents=True, exist_ok=True)
+    (index_dir / POINTER_FILE).write_text(json.dumps({"catalog": db_url}))
 
 
 def vectors_path(index_dir: Path) -> Path:

@@ -351,7 +351,12 @@ def choose_nlist(n_target: int, n_available: int, settings: VectorStoreSettings)
     return max(1, min(wanted, n_available // settings.min_train_per_list))
 
 
-def _validate_index_type(index_type: str, dim: int) -> None:
+class IndexTypeError(ValueError):
+    """An ``--index-type`` that is neither a named kind nor a usable faiss factory string."""
+
+
+def validate_index_type(index_type: str, dim: int) -> None:
+    """Raise :class:`IndexTypeError` unless ``index_type`` can hold ``dim``-d region vectors."""
     if not isinstance(index_type, str):
         raise TypeError(f"index_type must be a string, got {type(index_type).__name__}")
     if index_type == "auto" or index_type in NAMED_KINDS:
@@ -359,11 +364,13 @@ def _validate_index_type(index_type: str, dim: int) -> None:
     try:
         probe = faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
-        raise ValueError(f"index_type {index_type!r} is neither one of auto, {', '.join(NAMED_KINDS)} "
-                         f"nor a faiss factory string: {exc}") from None
+        # faiss prefixes its reason with the C++ function and source line.
+        reason = str(exc).strip().splitlines()[0].rsplit(": ", 1)[-1]
+        raise IndexTypeError(f"index type {index_type!r} is neither one of auto, {', '.join(NAMED_KINDS)} "
+                             f"nor a faiss factory string ({reason})") from None
     if not isinstance(faiss.downcast_index(probe), faiss.IndexIVF):
-        raise ValueError(f"factory string {index_type!r} must describe an IVF index (e.g. 'IVF1024,SQ8'): "
-                         "only IVF indexes keep region ids natively and support removal")
+        raise IndexTypeError(f"factory string {index_type!r} must describe an IVF index (e.g. 'IVF1024,SQ8'): "
+                             "only IVF indexes keep region ids natively and support removal")
 
 
 @contextlib.contextmanager
@@ -389,7 +396,7 @@ class VectorStore:
                  expected_size: int | None = None):
         if not isinstance(dim, (int, np.integer)) or dim < 1:
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
-        _validate_index_type(index_type, int(dim))
+        validate_index_type(index_type, int(dim))
         self.dim = int(dim)
         self.index_type = index_type
         self.settings = settings
@@ -549,7 +556,7 @@ class VectorStore:
         originally given. Holds the old and the new index in memory together.
         """
         if index_type is not None:
-            _validate_index_type(index_type, self.dim)
+            validate_index_type(index_type, self.dim)
             self.index_type = index_type
         if expected_size is not None:
             self.expected_size = expected_size

@@ -24,7 +24,7 @@ def _open_searcher(index_dir: Path, device: str, weights: str | None, detector: 
     """The index's Searcher, or a one-line error (no index, another backbone, missing weights)."""
     from hassod.device import resolve_device
     from hassod.features import WeightsNotFoundError
-    from indexer.catalog import IncompatibleIndexError
+    from indexer.catalog import CatalogUnavailableError, IncompatibleIndexError
     from indexer.layout import IndexNotFoundError
 
     from .searcher import Searcher
@@ -32,7 +32,7 @@ def _open_searcher(index_dir: Path, device: str, weights: str | None, detector: 
     resolve_device(device)  # a device that is not there is the first thing to say
     try:
         return Searcher(index_dir, device=None if device == "auto" else device, weights=weights, detector=detector)
-    except (IndexNotFoundError, IncompatibleIndexError, WeightsNotFoundError) as exc:
+    except (IndexNotFoundError, IncompatibleIndexError, CatalogUnavailableError, WeightsNotFoundError) as exc:
         fail(str(exc))
 
 

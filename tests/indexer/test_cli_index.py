@@ -1,0 +1,31 @@
+"""`hassod index build` refuses a bad catalog URL or index type in one line, before writing anything."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from retrieval.cli import app
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--db", "postgresql://someone:secret@127.0.0.1:1/nowhere"],
+     "cannot open the catalog at postgresql://someone:***@127.0.0.1:1/nowhere: connection failed"),
+    (["--db", "nosuchdb://x"], "cannot open the catalog at nosuchdb://x: Can't load plugin: sqlalchemy.dialects:nosuchdb"),
+    (["--db", "not a url"], "cannot open the catalog at not a url: Could not parse SQLAlchemy URL"),
+    (["--index-type", "bogus"], "index type 'bogus' is neither one of auto, flat, ivf, ivfsq, ivfpq, hnsw, pqfs "
+                                "nor a faiss factory string (could not parse index string bogus)"),
+    (["--index-type", "Flat"], "factory string 'Flat' must describe an IVF index"),
+])
+def test_refused_before_anything_is_written(tmp_path, coco128_images, option, message):
+    regions = tmp_path / "regions.json"
+    regions.write_text(json.dumps({"images": [], "annotations": []}))
+    index_dir = tmp_path / "index"
+    result = CliRunner().invoke(app, ["index", "build", str(coco128_images[0]), "--index", str(index_dir),
+                                      "--regions", str(regions), "--device", "cpu", *option])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"error: {message}") and len(result.output.splitlines()) == 1
+    assert "secret" not in result.output
+    # Nothing left behind: in particular no pointer to a catalog that never opened.
+    assert not index_dir.exists()
