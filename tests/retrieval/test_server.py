@@ -92,6 +92,9 @@ def test_pictures_stats_and_page(served, instance_scenes):
     assert stats["images_ok"] == 8 and stats["regions"] == sum(len(s.masks) for s in instance_scenes)
     assert stats["vectors"]["size"] == stats["regions"] and stats["backbone"] == "efficientnet_lite0"
 
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/api/search", "/api/regions/{region_id}/similar", "/api/images/{image_id}", "/api/stats"} <= set(paths)
+
     page = client.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "/api/search" in page.text and "/api/images/" in page.text
