@@ -294,6 +294,17 @@ class Catalog:
         with self._session() as s:
             return [_image_record(r) for r in s.scalars(select(_Image).order_by(_Image.path))]
 
+    def indexed_images(self, offset: int = 0, limit: int = 100) -> tuple[int, list[ImageRecord]]:
+        """(number of indexed images, the ``limit`` of them after the first ``offset``), ordered by path.
+
+        Images in error are left out: this is what can be shown and queried.
+        """
+        with self._session() as s:
+            total = s.scalar(select(func.count()).select_from(_Image).where(_Image.status == "ok"))
+            rows = s.scalars(select(_Image).where(_Image.status == "ok").order_by(_Image.path)
+                             .offset(offset).limit(limit))
+            return int(total), [_image_record(r) for r in rows]
+
     def images_by_id(self, ids: Iterable[int]) -> dict[int, ImageRecord]:
         """Images by id (e.g. the ``image_id`` of search hits); missing ids are left out."""
         ids = sorted(set(ids))

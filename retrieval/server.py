@@ -3,8 +3,10 @@
 Endpoints (JSON unless noted; boxes are xyxy pixels of the upright original image):
 
 - ``GET /``: the web page (upload an image, drag a box, see where it appears).
-- ``POST /api/search``: multipart form ``image`` (file), ``box`` ("x0,y0,x1,y1";
-  absent: the whole image), ``level`` (whole | part | subpart), ``k``.
+- ``POST /api/search``: multipart form ``image`` (file) or ``image_id`` (an indexed
+  image), ``box`` ("x0,y0,x1,y1"; absent: the whole image), ``level`` (whole | part |
+  subpart), ``k``.
+- ``GET /api/images?offset=&limit=``: the indexed images (id, path, size, regions), by path.
 - ``GET /api/regions/{region_id}/similar?k=&level=``: an indexed region as the query.
 - ``GET /api/images/{image_id}?side=``: an indexed image as a JPEG whose longer side is at
   most ``side`` pixels (only images of the catalog are served).
@@ -67,19 +69,23 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> 
 
     @app.post("/api/search")
     async def search(
-        image: UploadFile = File(..., description="The query image."),
+        image: UploadFile | None = File(None, description="The query image (or give image_id)."),
+        image_id: int | None = Form(None, description="An indexed image as the query (instead of a file)."),
         box: str | None = Form(None, description="x0,y0,x1,y1 in query-image pixels; absent: the whole image."),
         level: str | None = Form(None, description="Only match regions of this level: whole, part or subpart."),
         k: int = Form(10, ge=1, le=1000, description="Number of images."),
     ) -> dict[str, Any]:
-        data = await image.read(max_upload_bytes + 1)
-        if len(data) > max_upload_bytes:
+        if (image is None) == (image_id is None):
+            raise HTTPException(status_code=400, detail="give either image (a file) or image_id (an indexed image)")
+        data = None if image is None else await image.read(max_upload_bytes + 1)
+        if data is not None and len(data) > max_upload_bytes:
             raise HTTPException(status_code=413, detail=f"image file over the limit of {max_upload_bytes:,} bytes")
 
         def run() -> dict[str, Any]:
             start = time.perf_counter()
             searcher.refresh()
-            pixels = load_rgb(io.BytesIO(data), DEFAULT_MAX_PIXELS)
+            source = io.BytesIO(data) if data is not None else _indexed_path(searcher, image_id)
+            pixels = load_rgb(source, DEFAULT_MAX_PIXELS)
             crop = None if not box else tuple(float(v) for v in check_box(parse_box(box), pixels.shape[:2]))
             matches = searcher.search(pixels, box=crop, level=level or None, k=k)
             height, width = pixels.shape[:2]
@@ -95,6 +101,17 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> 
             searcher.refresh()
             matches = searcher.search_region(region_id, level=level, k=k)
             return {"results": _results(searcher, matches), "seconds": time.perf_counter() - start}
+
+        return await on_worker(run)
+
+    @app.get("/api/images")
+    async def images(offset: int = Query(0, ge=0), limit: int = Query(48, ge=1, le=1000)) -> dict[str, Any]:
+        """The indexed images, ordered by path, ``limit`` of them after the first ``offset``."""
+        def run() -> dict[str, Any]:
+            searcher.refresh()
+            total, page = searcher.catalog.indexed_images(offset, limit)
+            return {"total": total, "images": [{"id": i.id, "path": i.path, "width": i.width, "height": i.height,
+                                                "regions": i.n_regions} for i in page]}
 
         return await on_worker(run)
 
@@ -120,6 +137,13 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> 
         return await on_worker(run)
 
     return app
+
+
+def _indexed_path(searcher: Searcher, image_id: int) -> str:
+    found = searcher.catalog.images_by_id([image_id]).get(image_id)
+    if found is None or found.status != "ok":
+        raise QueryError(f"no image {image_id} in this index")
+    return found.path
 
 
 def _results(searcher: Searcher, matches: list[Match]) -> list[dict[str, Any]]:

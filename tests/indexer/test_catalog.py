@@ -275,3 +275,14 @@ def test_plain_postgresql_url_uses_psycopg(postgres_url: str) -> None:
     with Catalog(postgres_url.replace("postgresql+psycopg://", "postgresql://")) as cat:
         assert cat.engine.dialect.driver == "psycopg"
         assert cat.replace_image(_image("a.jpg"), _regions(2)) == [1, 2]
+
+
+def test_indexed_images_pages_by_path_without_errors(catalog: Catalog) -> None:
+    for name in ["d.jpg", "b.jpg", "e.jpg", "a.jpg"]:
+        catalog.replace_image(_image(name), _regions(2))
+    catalog.record_error("c.jpg", "", 0, 1.0, "not an image")
+    total, first = catalog.indexed_images(0, 3)
+    assert total == 4 and [i.path for i in first] == ["a.jpg", "b.jpg", "d.jpg"]
+    assert first[0].n_regions == 2 and first[0].width == 64
+    assert [i.path for i in catalog.indexed_images(3, 3)[1]] == ["e.jpg"]
+    assert catalog.indexed_images(10, 3) == (4, [])

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -77,6 +78,21 @@ def test_box_and_region_queries_give_the_library_answers(served, instance_scenes
     similar = client.get(f"/api/regions/{first['region_id']}/similar", params={"k": 3}).json()["results"]
     assert _got(similar) == _expected(searcher, searcher.search_region(first["region_id"], k=3))
 
+    # The same query by the id of the indexed image instead of an upload.
+    by_id = client.post("/api/search", data={"image_id": str(first["image_id"]), "box": ",".join(map(str, box)),
+                                             "k": "4"}).json()
+    assert by_id["query"] == body["query"] and by_id["results"] == body["results"]
+
+
+def test_indexed_images_are_listed_by_path_in_pages(served):
+    folder, searcher, client = served
+    listed = client.get("/api/images", params={"offset": 2, "limit": 3}).json()
+    assert listed["total"] == 8
+    assert [Path(i["path"]).name for i in listed["images"]] == ["scene_02.png", "scene_03.png", "scene_04.png"]
+    record = searcher.catalog.images_by_id([listed["images"][0]["id"]])[listed["images"][0]["id"]]
+    assert listed["images"][0] == {"id": record.id, "path": record.path, "width": record.width,
+                                   "height": record.height, "regions": record.n_regions}
+
 
 def test_pictures_stats_and_page(served, instance_scenes):
     _, searcher, client = served
@@ -116,6 +132,9 @@ def test_bad_queries_are_400_with_the_command_line_message(served, tmp_path):
     refused({"level": "wing"}, "unknown level 'wing'")
     refused({}, "not an image", image=b"hello")
     refused({"k": "0"}, "greater than or equal to 1", status=422)
+    refused({"image_id": "1"}, "give either image (a file) or image_id")
+    assert client.post("/api/search", data={"image_id": "999"}).json()["detail"] == "no image 999 in this index"
+    assert client.post("/api/search", data={}).json()["detail"].startswith("give either image")
     assert client.get("/api/regions/999999/similar").json()["detail"] == "no region 999999 in this index"
 
 
