@@ -38,6 +38,10 @@ from indexer.whitening import PCAWhitening
 _CANDIDATES_PER_IMAGE = 8
 
 
+# Similarities within this of an image's best count as tied when choosing the region to show.
+_SHOWN_TIE = 1e-4
+
+
 class QueryError(ValueError):
     """A query that cannot be answered as asked (bad box, unreadable image, unknown level)."""
 
@@ -217,10 +221,15 @@ class Searcher:
         similarities = queries @ self.store.reconstruct(region_ids).T
         starts = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1]])
         scores = np.maximum.reduceat(similarities, starts, axis=1).mean(axis=0)
-        # An image's shown region: its single best match to any query row.
-        row_best = similarities.max(axis=0)
+        # An image's shown region: its single best match to any query row. Near-ties (the query's own
+        # image, or a duplicate, matches many regions at ~1.0) go to the region most like the query as
+        # a whole (highest mean over rows), not to whichever float rounding favoured.
+        row_best, row_mean = similarities.max(axis=0), similarities.mean(axis=0)
         ends = np.r_[starts[1:], owners.size]
-        chosen = [int(region_ids[a + np.argmax(row_best[a:b])]) for a, b in zip(starts, ends)]
+        chosen = []
+        for a, b in zip(starts, ends):
+            near = a + np.flatnonzero(row_best[a:b] >= row_best[a:b].max() - _SHOWN_TIE)
+            chosen.append(int(region_ids[near[np.argmax(row_mean[near])]]))
         records = {r.id: r for r in self.catalog.regions(chosen)}
         images = self.catalog.images_by_id(owners[starts].tolist())
         return {

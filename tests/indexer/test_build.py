@@ -254,10 +254,17 @@ def test_whole_image_query_finds_its_regions_as_the_build_did(tmp_path, instance
     try:
         matches = searcher.search(paths[0], k=3)
         query_source = searcher._query_source
+        rows = searcher._image_regions(load_rgb(paths[0]))
+        own, _ = searcher.catalog.region_ids_of_images([matches[0].image_id], None)
+        similarities = rows @ searcher.store.reconstruct(own).T
     finally:
         searcher.close()
     assert matches[0].path == str(paths[0].resolve())
     assert query_source.settings.thresholds == (0.7, 0.5)
+    # The query's own regions all match at ~1.0: the one shown is the most like the whole query.
+    best = similarities.max(axis=0)
+    tied = np.flatnonzero(best >= best.max() - 1e-4)
+    assert len(tied) > 1 and matches[0].region_id == own[tied[np.argmax(similarities[:, tied].mean(axis=0))]]
     with Catalog(catalog_url(tmp_path / "index")) as catalog:
         image_id = next(image.id for image in catalog.images() if image.path == str(paths[0].resolve()))
         stored = [r.box for r in catalog.regions(catalog.region_ids().tolist()) if r.image_id == image_id]

@@ -56,7 +56,12 @@ def test_whole_image_query_scores_every_image_by_all_its_regions(tmp_path, insta
     # The same images and scores whatever k is.
     assert [m.image_id for m in top] == [m.image_id for m in everything[:3]]
     np.testing.assert_allclose([m.score for m in top], [m.score for m in everything[:3]], rtol=1e-6)
-    for match in everything:  # the region shown is the image's best match to any query row
+    for match in everything:
+        # The region shown is the image's best match to any query row; among near-ties (the query's own
+        # image matches many of its regions at ~1.0) the one most like the query as a whole.
         mine = owners == match.image_id
-        best = similarities[:, mine].max()
-        assert similarities[:, ids == match.region_id].max() >= best - 1e-5
+        best = similarities[:, mine].max(axis=0)
+        tied = ids[mine][best >= best.max() - 1e-4]
+        assert match.region_id in tied
+        means = similarities[:, np.isin(ids, tied)].mean(axis=0)
+        assert similarities[:, ids == match.region_id].mean() >= means.max() - 1e-5
