@@ -230,7 +230,7 @@ class Searcher:
         for a, b in zip(starts, ends):
             near = a + np.flatnonzero(row_best[a:b] >= row_best[a:b].max() - _SHOWN_TIE)
             chosen.append(int(region_ids[near[np.argmax(row_mean[near])]]))
-        records = {r.id: r for r in self.catalog.regions(chosen)}
+        records = self.catalog.region_places(chosen)
         images = self.catalog.images_by_id(owners[starts].tolist())
         return {
             int(image_id): Match(images[image_id].path, int(image_id), region_id, float(score),
@@ -243,7 +243,7 @@ class Searcher:
         padded) → each image's best region."""
         valid = ids >= 0
         scores, ids = scores[valid], ids[valid]
-        records = {r.id: r for r in self.catalog.regions(ids.tolist())}
+        records = self.catalog.region_places(ids.tolist())
         images = self.catalog.images_by_id({r.image_id for r in records.values()})
         matches: dict[int, Match] = {}
         for score, region_id in zip(scores, ids.tolist()):

@@ -286,3 +286,14 @@ def test_indexed_images_pages_by_path_without_errors(catalog: Catalog) -> None:
     assert first[0].n_regions == 2 and first[0].width == 64
     assert [i.path for i in catalog.indexed_images(3, 3)[1]] == ["e.jpg"]
     assert catalog.indexed_images(10, 3) == (4, [])
+
+
+def test_region_places_match_the_full_rows(catalog: Catalog) -> None:
+    catalog.replace_image(_image("a.jpg"), _regions(5))
+    catalog.replace_image(_image("b.jpg", seed=1), _regions(3, seed=1))
+    ids = catalog.region_ids().tolist()
+    places = catalog.region_places([ids[6], ids[1], 999_999])
+    assert sorted(places) == sorted([ids[1], ids[6]])
+    for record in catalog.regions([ids[1], ids[6]]):
+        place = places[record.id]
+        assert (place.image_id, place.box, place.level) == (record.image_id, record.box, record.level)
