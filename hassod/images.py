@@ -61,8 +61,8 @@ def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> n
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageError(
-                    f"image too large: {width}x{height} = {width * height / 1e6:.0f} MP "
-                    f"exceeds the limit of {max_pixels / 1e6:.0f} MP (raise --max-pixels)"
+                    f"image too large: {width}x{height} = {width * height / 1e6:.3g} MP "
+                    f"exceeds the limit of {max_pixels / 1e6:.3g} MP (raise --max-pixels)"
                 )
             if width == 0 or height == 0:
                 raise ImageError("image has zero size")

@@ -8,6 +8,7 @@ import click
 
 from hassod.cli import main
 from hassod.console import fail
+from hassod.images import DEFAULT_MAX_PIXELS
 from indexer.cli import index
 
 
@@ -47,9 +48,11 @@ def _open_searcher(index_dir: Path, device: str, weights: str | None, detector: 
 @click.option("--detector", type=click.Path(exists=True, dir_okay=False),
               help="The index's detector checkpoint, if moved since the build (whole-image queries).")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1),
+              help="Refuse query images larger than this.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON lines.")
 @click.option("--html", "html_out", type=click.Path(dir_okay=False, path_type=Path), help="Write a results page.")
-def search(index_dir, query, box, region_id, level, k, weights, detector, device, as_json, html_out):
+def search(index_dir, query, box, region_id, level, k, weights, detector, device, max_pixels, as_json, html_out):
     """Find the images of the index that contain the query region, best first, with the matched box."""
     from .html import write_results_page
     from .searcher import QueryError, check_box, load_query
@@ -62,7 +65,7 @@ def search(index_dir, query, box, region_id, level, k, weights, detector, device
             matches = searcher.search_region(region_id, level=level, k=k)
             pixels, crop_box = None, None
         else:
-            pixels = load_query(query)
+            pixels = load_query(query, max_pixels)
             crop_box = None if box is None else tuple(check_box(_parse_box(box), pixels.shape[:2]))
             matches = searcher.search(pixels, box=crop_box, level=level, k=k)
     except QueryError as exc:
@@ -92,7 +95,9 @@ def search(index_dir, query, box, region_id, level, k, weights, detector, device
 @click.option("--detector", type=click.Path(exists=True, dir_okay=False),
               help="The index's detector checkpoint, if moved since the build (whole-image queries).")
 @click.option("--device", default="auto", show_default=True)
-def serve(index_dir, host, port, weights, detector, device):
+@click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1),
+              help="Refuse query images larger than this.")
+def serve(index_dir, host, port, weights, detector, device, max_pixels):
     """Serve the index: a web page to draw a query box on any image, and the HTTP API behind it."""
     import socket
 
@@ -112,7 +117,7 @@ def serve(index_dir, host, port, weights, detector, device):
         fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
     bound_port = listener.getsockname()[1]
     click.echo(f"serving {index_dir} on http://{host}:{bound_port}/ (Ctrl+C to stop)")
-    server = uvicorn.Server(uvicorn.Config(create_app(searcher), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(searcher, max_pixels=max_pixels), log_level="warning"))
     server.run(sockets=[listener])
 
 

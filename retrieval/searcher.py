@@ -263,7 +263,8 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
     return info.st_ino, info.st_size, info.st_mtime_ns
 
 
-def load_query(image: str | os.PathLike | np.ndarray) -> np.ndarray:
+def load_query(image: str | os.PathLike | np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The query as (H, W, 3) uint8 RGB, or :class:`QueryError` (unreadable, not an image, over ``max_pixels``)."""
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise QueryError(f"query image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
@@ -271,7 +272,7 @@ def load_query(image: str | os.PathLike | np.ndarray) -> np.ndarray:
     from hassod.images import ImageError
 
     try:
-        return load_rgb(image, DEFAULT_MAX_PIXELS)
+        return load_rgb(image, max_pixels)
     except (ImageError, FileNotFoundError) as exc:
         raise QueryError(f"query image {image}: {exc}") from None
 

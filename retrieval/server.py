@@ -41,10 +41,12 @@ from .searcher import Match, QueryError, Searcher, check_box, parse_box
 MAX_UPLOAD_BYTES = 100 * 2**20  # a query photo, even a 64 MP one, is far below this
 
 
-def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
+def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> FastAPI:
     """The web application over an open :class:`Searcher` (closed when the app shuts down).
 
-    An uploaded query image over ``max_upload_bytes`` is refused (413) unread.
+    An uploaded query image over ``max_upload_bytes`` is refused (413) unread;
+    one over ``max_pixels`` pixels (or an indexed one) is refused (400) before decoding.
     """
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hassod-search")
 
@@ -85,7 +87,7 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> 
             start = time.perf_counter()
             searcher.refresh()
             source = io.BytesIO(data) if data is not None else _indexed_path(searcher, image_id)
-            pixels = load_rgb(source, DEFAULT_MAX_PIXELS)
+            pixels = load_rgb(source, max_pixels)
             crop = None if not box else tuple(float(v) for v in check_box(parse_box(box), pixels.shape[:2]))
             matches = searcher.search(pixels, box=crop, level=level or None, k=k)
             height, width = pixels.shape[:2]

@@ -56,6 +56,8 @@ def test_errors_are_one_line_and_exit_2(built_index, tmp_path):
     fails(["search", "--index", str(index_dir), "--query", query, "--box", "400,10,600,100"], "not inside the 480x320 query image (x1 600 > width 480)")
     fails(["search", "--index", str(index_dir), "--query", query, "--box", "50,50,50,90"], "is empty")
     fails(["search", "--index", str(index_dir), "--query", query, "--box", "1,2,3"], "expected 4 numbers")
+    fails(["search", "--index", str(index_dir), "--query", query, "--max-pixels", "1000"],
+          "image too large: 480x320 = 0.154 MP exceeds the limit of 0.001 MP")
     notes = tmp_path / "notes.txt"
     notes.write_text("hello")
     fails(["search", "--index", str(index_dir), "--query", str(notes)], "not an image")

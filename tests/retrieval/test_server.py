@@ -180,12 +180,17 @@ def test_concurrent_queries_get_their_own_answers(served, instance_scenes):
         assert list(pool.map(ask, queries * 2)) == expected * 2
 
 
-def test_an_oversized_upload_is_refused_unread(scenes_index, offline_backbone):
+def test_oversized_queries_are_refused_before_decoding(scenes_index, offline_backbone):
     folder, index_dir = scenes_index
     photo = (folder / "scene_00.png").read_bytes()
     with TestClient(create_app(Searcher(index_dir, backbone=offline_backbone), max_upload_bytes=1000)) as client:
         response = client.post("/api/search", files={"image": photo})
     assert response.status_code == 413 and response.json()["detail"] == "image file over the limit of 1,000 bytes"
+    with TestClient(create_app(Searcher(index_dir, backbone=offline_backbone), max_pixels=1000)) as client:
+        for query in ({"files": {"image": photo}}, {"data": {"image_id": "1"}}):
+            response = client.post("/api/search", **query)
+            assert response.status_code == 400
+            assert "image too large: 480x320 = 0.154 MP exceeds the limit of 0.001 MP" in response.json()["detail"]
 
 
 def test_a_later_build_is_picked_up_without_a_restart(tmp_path, instance_scenes, offline_backbone):
