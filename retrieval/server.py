@@ -13,11 +13,11 @@ Endpoints (JSON unless noted; boxes are xyxy pixels of the upright original imag
 - ``GET /api/stats``: the counts of `hassod index stats`.
 
 A query that cannot be answered is a 400 whose ``detail`` is the one-line
-message of the command line. A later `hassod index build` into the same
-directory is picked up by the next request (:meth:`Searcher.refresh`). The backbone, catalog and FAISS index are
-loaded once; every call that touches them runs on one dedicated thread (the
-SQLite connection and the torch model stay on the thread that made them, and
-queries do not compete for the cores).
+message of the command line. The backbone, catalog and FAISS index are loaded
+once; every call that touches them runs on one dedicated thread (the SQLite
+connection and the torch model stay on the thread that made them, and queries
+do not compete for the cores), after :meth:`Searcher.refresh`, so that a later
+`hassod index build` into the same directory is seen by the next request.
 """
 from __future__ import annotations
 
@@ -50,9 +50,13 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES,
     """
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hassod-search")
 
-    async def on_worker(fn: Callable[..., Any], *args: Any) -> Any:
+    def refreshed(fn: Callable[[], Any]) -> Any:
+        searcher.refresh()
+        return fn()
+
+    async def on_worker(fn: Callable[[], Any]) -> Any:
         try:
-            return await asyncio.wrap_future(worker.submit(fn, *args))
+            return await asyncio.wrap_future(worker.submit(refreshed, fn))
         except (QueryError, ImageError) as exc:
             raise HTTPException(status_code=400, detail=str(exc)) from None
 
@@ -85,7 +89,6 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES,
 
         def run() -> dict[str, Any]:
             start = time.perf_counter()
-            searcher.refresh()
             source = io.BytesIO(data) if data is not None else _indexed_path(searcher, image_id)
             pixels = load_rgb(source, max_pixels)
             crop = None if not box else tuple(float(v) for v in check_box(parse_box(box), pixels.shape[:2]))
@@ -100,7 +103,6 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES,
     async def similar(region_id: int, k: int = Query(10, ge=1, le=1000), level: str | None = None) -> dict[str, Any]:
         def run() -> dict[str, Any]:
             start = time.perf_counter()
-            searcher.refresh()
             matches = searcher.search_region(region_id, level=level, k=k)
             return {"results": _results(searcher, matches), "seconds": time.perf_counter() - start}
 
@@ -110,7 +112,6 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES,
     async def images(offset: int = Query(0, ge=0), limit: int = Query(48, ge=1, le=1000)) -> dict[str, Any]:
         """The indexed images, ordered by path, ``limit`` of them after the first ``offset``."""
         def run() -> dict[str, Any]:
-            searcher.refresh()
             total, page = searcher.catalog.indexed_images(offset, limit)
             return {"total": total, "images": [{"id": i.id, "path": i.path, "width": i.width, "height": i.height,
                                                 "regions": i.n_regions} for i in page]}
@@ -124,7 +125,7 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES,
         if found is None or found.status != "ok":
             raise HTTPException(status_code=404, detail=f"no image {image_id} in this index")
         try:
-            jpeg = await asyncio.to_thread(_jpeg_thumbnail, found.path, side)
+            jpeg = await asyncio.to_thread(_jpeg_thumbnail, found.path, side, max_pixels)
         except (OSError, ImageError) as exc:
             raise HTTPException(status_code=404, detail=f"image {image_id} cannot be read: {exc}") from None
         return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
@@ -132,7 +133,6 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES,
     @app.get("/api/stats")
     async def stats() -> dict[str, Any]:
         def run() -> dict[str, Any]:
-            searcher.refresh()
             return {**searcher.catalog.stats(), "vectors": searcher.store.info(),
                     "backbone": searcher.config["backbone"], "descriptor": searcher.config["descriptor"]}
 
@@ -158,10 +158,10 @@ def _results(searcher: Searcher, matches: list[Match]) -> list[dict[str, Any]]:
     ]
 
 
-def _jpeg_thumbnail(path: str, side: int) -> bytes:
+def _jpeg_thumbnail(path: str, side: int, max_pixels: int) -> bytes:
     """The image at ``path``, upright, its longer side at most ``side`` pixels, as JPEG bytes."""
     with Image.open(path) as picture:
-        if picture.width * picture.height > DEFAULT_MAX_PIXELS:
+        if picture.width * picture.height > max_pixels:
             raise ImageError("image too large to show")
         picture.draft("RGB", (side, side))  # JPEG: decode at a reduced scale, far faster than full size
         picture = ImageOps.exif_transpose(picture).convert("RGB")
