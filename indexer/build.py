@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from .catalog import Catalog, ImageRecord, IncompatibleIndexError, NewRegion
 from .descriptors import RegionDescriber
-from .layout import catalog_url, remember_catalog, vectors_path, whitening_path
+from .layout import catalog_url, exclusive_build, remember_catalog, vectors_path, whitening_path
 from .regions import ImageRegions, RegionSource
 from .vectors import VectorStore, validate_index_type
 from .whitening import PCAWhitening
@@ -137,57 +137,58 @@ def build_index(
     with Catalog(catalog_url(index_dir, db_url)) as catalog:
         if db_url:  # opened: now the directory may point to it
             remember_catalog(index_dir, db_url)
-        learned = PCAWhitening.load(whitening_path(index_dir)) if whitening_path(index_dir).exists() else None
-        whitening = _resolve_whitening(whitening, learned)
-        config = index_config(describer, source, whitening)
-        _check_config(catalog, config)
-        dim = describer.dim if whitening is None else config["whitening"]["dim"]
-        store = _open_vectors(index_dir, dim, index_type)
-        if whitening is not None and learned is None and len(store):
-            raise IncompatibleIndexError("this index already holds vectors without whitening; "
-                                         "build into a new --index directory to whiten")
-        _reconcile(catalog, store)
-        sink = _VectorSink(store, whitening, learned, whitening_path(index_dir))
+        with exclusive_build(index_dir):  # one build at a time: see exclusive_build
+            learned = PCAWhitening.load(whitening_path(index_dir)) if whitening_path(index_dir).exists() else None
+            whitening = _resolve_whitening(whitening, learned)
+            config = index_config(describer, source, whitening)
+            _check_config(catalog, config)
+            dim = describer.dim if whitening is None else config["whitening"]["dim"]
+            store = _open_vectors(index_dir, dim, index_type)
+            if whitening is not None and learned is None and len(store):
+                raise IncompatibleIndexError("this index already holds vectors without whitening; "
+                                             "build into a new --index directory to whiten")
+            _reconcile(catalog, store)
+            sink = _VectorSink(store, whitening, learned, whitening_path(index_dir))
 
-        states = [_file_state(p) for p in paths]
-        current = {s.path for s in states}
-        known = {record.path: record for record in catalog.images()}
-        gone = [path for path in known if path not in current]
-        store.remove(np.asarray(catalog.delete_images(gone), dtype=np.int64))
-        summary.removed = len(gone)
-        by_image = catalog.region_ids_by_image()
-        todo, hashes = [], {}
-        for state in states:
-            record = known.get(state.path)
-            if record is not None and _unchanged(record, state, by_image.get(state.path), store, hashes):
-                summary.unchanged += 1
-            else:
-                todo.append(state)
+            states = [_file_state(p) for p in paths]
+            current = {s.path for s in states}
+            known = {record.path: record for record in catalog.images()}
+            gone = [path for path in known if path not in current]
+            store.remove(np.asarray(catalog.delete_images(gone), dtype=np.int64))
+            summary.removed = len(gone)
+            by_image = catalog.region_ids_by_image()
+            todo, hashes = [], {}
+            for state in states:
+                record = known.get(state.path)
+                if record is not None and _unchanged(record, state, by_image.get(state.path), store, hashes):
+                    summary.unchanged += 1
+                else:
+                    todo.append(state)
 
-        states_by_path = {s.path: s for s in todo}
-        with tqdm(total=len(todo), unit="img", disable=not show_progress) as bar:
-            results = _timed(source.regions([s.path for s in todo]), timings, "regions")
-            for done, result in enumerate(results, start=1):
-                state = states_by_path[result.path]
-                old = by_image.get(result.path, np.zeros(0, np.int64))
-                content_hash = hashes.get(result.path) or _hash(result.path)
-                if result.path in known:
-                    summary.updated += 1
-                else:
-                    summary.added += 1
-                if result.error is not None:
-                    catalog.record_error(result.path, content_hash, state.size, state.mtime, result.error)
-                    summary.errors.append((result.path, result.error))
-                else:
-                    summary.regions += _store_image(catalog, sink, describer, result, state, content_hash, timings)
-                store.remove(old)
-                bar.update()
-                if done % save_every == 0:
-                    store.save(vectors_path(index_dir))
-        sink.flush()
-        if catalog.get_config() is None:
-            catalog.set_config(config)
-        store.save(vectors_path(index_dir))
+            states_by_path = {s.path: s for s in todo}
+            with tqdm(total=len(todo), unit="img", disable=not show_progress) as bar:
+                results = _timed(source.regions([s.path for s in todo]), timings, "regions")
+                for done, result in enumerate(results, start=1):
+                    state = states_by_path[result.path]
+                    old = by_image.get(result.path, np.zeros(0, np.int64))
+                    content_hash = hashes.get(result.path) or _hash(result.path)
+                    if result.path in known:
+                        summary.updated += 1
+                    else:
+                        summary.added += 1
+                    if result.error is not None:
+                        catalog.record_error(result.path, content_hash, state.size, state.mtime, result.error)
+                        summary.errors.append((result.path, result.error))
+                    else:
+                        summary.regions += _store_image(catalog, sink, describer, result, state, content_hash, timings)
+                    store.remove(old)
+                    bar.update()
+                    if done % save_every == 0:
+                        store.save(vectors_path(index_dir))
+            sink.flush()
+            if catalog.get_config() is None:
+                catalog.set_config(config)
+            store.save(vectors_path(index_dir))
     summary.seconds = time.perf_counter() - start
     return summary
 

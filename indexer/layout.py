@@ -4,10 +4,15 @@
 ``DIR/catalog.sqlite``  the catalog, unless ``--db URL`` put it elsewhere
 ``DIR/index.json``      ``{"catalog": URL}`` when the catalog lives elsewhere
 ``DIR/whitening.npz``   the PCA-whitening of the vectors, when built with one (indexer.whitening)
+``DIR/build.lock``      locked (flock) while a build writes the index
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from .catalog import Catalog
@@ -17,6 +22,7 @@ VECTORS_FILE = "vectors.faiss"
 CATALOG_FILE = "catalog.sqlite"
 POINTER_FILE = "index.json"
 WHITENING_FILE = "whitening.npz"
+LOCK_FILE = "build.lock"
 
 
 class IndexNotFoundError(FileNotFoundError):
@@ -42,6 +48,35 @@ def remember_catalog(index_dir: Path, db_url: str) -> None:
     index_dir = Path(index_dir)
     index_dir.mkdir(parents=True, exist_ok=True)
     (index_dir / POINTER_FILE).write_text(json.dumps({"catalog": db_url}))
+
+
+class IndexBusyError(RuntimeError):
+    """Another build is writing this index."""
+
+
+@contextlib.contextmanager
+def exclusive_build(index_dir: Path) -> Iterator[None]:
+    """Hold the index's build lock for the ``with`` block, or raise :class:`IndexBusyError`.
+
+    Two builds at once would each save their own vector file over the other's
+    while both write catalog rows, leaving regions without vectors. The lock
+    is the kernel's (flock): it goes with the process, even one killed with
+    SIGKILL, so there is never a stale lock to delete by hand.
+    """
+    path = Path(index_dir) / LOCK_FILE
+    handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(handle, 32, 0).decode(errors="replace").strip() or "?"
+            raise IndexBusyError(f"another `hassod index build` (pid {holder}) is writing {index_dir}; "
+                                 "run this one when it has finished") from None
+        os.ftruncate(handle, 0)
+        os.pwrite(handle, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(handle)  # releases the lock
 
 
 def vectors_path(index_dir: Path) -> Path:

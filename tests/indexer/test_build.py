@@ -313,3 +313,23 @@ def test_whitening_needs_enough_vectors(tmp_path, instance_folder, offline_backb
     build_index(paths, tmp_path / "index", CocoRegions(truth), RegionDescriber(offline_backbone),
                 show_progress=False, whitening=WhiteningSettings(dim=4))
     assert Searcher(tmp_path / "index", backbone=offline_backbone).store.dim == 4
+
+
+def test_a_second_build_of_the_same_index_is_refused_while_one_runs(tmp_path, instance_folder, offline_backbone):
+    import fcntl
+
+    from indexer.layout import IndexBusyError
+
+    folder, truth = instance_folder
+    index_dir = tmp_path / "index"
+    index_dir.mkdir()
+    # Held the way a running build holds it; a second open file of the same lock conflicts, even in one process.
+    with open(index_dir / "build.lock", "w") as running:
+        fcntl.flock(running, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        running.write("4242")
+        running.flush()
+        with pytest.raises(IndexBusyError, match=r"another `hassod index build` \(pid 4242\) is writing"):
+            _build(folder, truth, index_dir, offline_backbone)
+    assert not (index_dir / "vectors.faiss").exists()
+    summary = _build(folder, truth, index_dir, offline_backbone)  # the lock went with its holder
+    assert summary.added == 8 and (index_dir / "build.lock").read_text() == str(os.getpid())
