@@ -9,6 +9,7 @@ import sys
 import click
 
 from .device import DeviceError
+from .locks import BusyError
 
 # A full disk (or quota, or file-size limit) while writing: every long job
 # saves its finished work as it goes, so the same command continues.
@@ -45,13 +46,14 @@ def storage_error(exc: BaseException) -> str | None:
 
 
 class Commands(click.Group):
-    """The ``hassod`` command group: a device that is not there, or a write refused by the
-    storage, ends in a one-line error, not a traceback, whichever command met it."""
+    """The ``hassod`` command group: a device that is not there, an output another run is
+    writing, or a write refused by the storage ends in a one-line error, not a traceback,
+    whichever command met it."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except DeviceError as exc:
+        except (DeviceError, BusyError) as exc:
             fail(str(exc))
         except Exception as exc:
             message = storage_error(exc)

@@ -43,7 +43,6 @@ def build(images, index_dir, detector, regions_json, db_url, backbone, weights, 
     from .build import IncompatibleSourceError, build_index
     from .catalog import CatalogUnavailableError, IncompatibleIndexError
     from .descriptors import RegionDescriber, default_settings
-    from .layout import IndexBusyError
     from .regions import CocoRegions, DiscoveryRegions, RegionsFileError, detector_regions
     from .vectors import IndexTypeError
 
@@ -70,7 +69,7 @@ def build(images, index_dir, detector, regions_json, db_url, backbone, weights, 
         summary = build_index(paths, index_dir, source, describer, db_url=db_url,
                               index_type=index_type, show_progress=not as_json)
     except (WeightsNotFoundError, WeightsFormatError, IncompatibleIndexError, IncompatibleSourceError,
-            RegionsFileError, CatalogUnavailableError, IndexTypeError, IndexBusyError, NotImplementedError) as exc:
+            RegionsFileError, CatalogUnavailableError, IndexTypeError, NotImplementedError) as exc:
         fail(str(exc))
     report(summary, summary.errors, "unreadable", as_json)
 

@@ -9,11 +9,10 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
+
+from hassod.locks import exclusive
 
 from .catalog import Catalog
 from .vectors import VectorStore
@@ -50,33 +49,14 @@ def remember_catalog(index_dir: Path, db_url: str) -> None:
     (index_dir / POINTER_FILE).write_text(json.dumps({"catalog": db_url}))
 
 
-class IndexBusyError(RuntimeError):
-    """Another build is writing this index."""
-
-
-@contextlib.contextmanager
-def exclusive_build(index_dir: Path) -> Iterator[None]:
-    """Hold the index's build lock for the ``with`` block, or raise :class:`IndexBusyError`.
+def exclusive_build(index_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """The index's build lock, for the ``with`` block, or :class:`hassod.locks.BusyError`.
 
     Two builds at once would each save their own vector file over the other's
-    while both write catalog rows, leaving regions without vectors. The lock
-    is the kernel's (flock): it goes with the process, even one killed with
-    SIGKILL, so there is never a stale lock to delete by hand.
+    while both write catalog rows, leaving regions without vectors.
     """
-    path = Path(index_dir) / LOCK_FILE
-    handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(handle, 32, 0).decode(errors="replace").strip() or "?"
-            raise IndexBusyError(f"another `hassod index build` (pid {holder}) is writing {index_dir}; "
-                                 "run this one when it has finished") from None
-        os.ftruncate(handle, 0)
-        os.pwrite(handle, str(os.getpid()).encode(), 0)
-        yield
-    finally:
-        os.close(handle)  # releases the lock
+    return exclusive(Path(index_dir) / LOCK_FILE,
+                     f"another `hassod index build` (pid {{pid}}) is writing {index_dir}; run this one when it has finished")
 
 
 def vectors_path(index_dir: Path) -> Path:

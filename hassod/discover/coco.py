@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..locks import lock_or_refuse
+
 LEVEL_NAMES = ("whole", "part", "subpart")
 
 
@@ -44,20 +46,27 @@ class ProgressLog:
     """Append-only JSON-lines log of finished images, keyed by path.
 
     The first line records the settings; resuming with different settings is
-    refused rather than mixing pseudo-labels of two configurations.
+    refused rather than mixing pseudo-labels of two configurations. The log is
+    locked (flock) while open: a second run on the same output is refused
+    rather than doing every image twice and interleaving their lines.
     """
 
     def __init__(self, path: Path, settings: dict[str, Any]):
         self.path = Path(path)
         self.settings = json.loads(json.dumps(settings))
         self.done: dict[str, ImageRecord] = {}
-        if self.path.exists():
-            self._load()
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "w", encoding="utf-8") as handle:
-                handle.write(json.dumps({"settings": self.settings}) + "\n")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._handle = open(self.path, "a", encoding="utf-8")
+        try:
+            lock_or_refuse(self._handle, f"another run is writing {self.path}; run this one when it has finished")
+            if self.path.stat().st_size:
+                self._load()
+            else:
+                self._handle.write(json.dumps({"settings": self.settings}) + "\n")
+                self._handle.flush()
+        except BaseException:
+            self._handle.close()
+            raise
 
     def _load(self) -> None:
         raw = self.path.read_bytes()

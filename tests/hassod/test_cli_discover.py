@@ -176,6 +176,22 @@ def test_clear_errors(tmp_path):
     assert result.exit_code == 2 and "is a directory" in result.output
 
 
+def test_a_second_run_on_the_same_output_is_refused_while_one_runs(tmp_path):
+    import fcntl
+
+    photo = tmp_path / "p.png"
+    Image.new("RGB", (64, 64), (90, 20, 200)).save(photo)
+    out = tmp_path / "o.json"
+    progress = Path(str(out) + ".progress.jsonl")
+    with open(progress, "a") as running:  # held the way a running discover holds it
+        fcntl.flock(running, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = CliRunner().invoke(main, ["discover", str(photo), "--out", str(out), "--workers", "1"])
+    assert result.exit_code == 2 and result.output == f"error: another run is writing {progress}; run this one when it has finished\n"
+    assert progress.read_text() == "" and not out.exists()  # the running one's log is untouched
+    result = CliRunner().invoke(main, ["discover", str(photo), "--out", str(out), "--workers", "1"])
+    assert result.exit_code == 0 and len(json.loads(out.read_text())["images"]) == 1
+
+
 @pytest.mark.parametrize("change", [["--thresholds", "0.7,0.5"]])
 def test_resume_with_other_settings_is_refused(tmp_path, change):
     photo = tmp_path / "p.png"

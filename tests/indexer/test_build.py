@@ -318,7 +318,7 @@ def test_whitening_needs_enough_vectors(tmp_path, instance_folder, offline_backb
 def test_a_second_build_of_the_same_index_is_refused_while_one_runs(tmp_path, instance_folder, offline_backbone):
     import fcntl
 
-    from indexer.layout import IndexBusyError
+    from hassod.locks import BusyError
 
     folder, truth = instance_folder
     index_dir = tmp_path / "index"
@@ -328,7 +328,7 @@ def test_a_second_build_of_the_same_index_is_refused_while_one_runs(tmp_path, in
         fcntl.flock(running, fcntl.LOCK_EX | fcntl.LOCK_NB)
         running.write("4242")
         running.flush()
-        with pytest.raises(IndexBusyError, match=r"another `hassod index build` \(pid 4242\) is writing"):
+        with pytest.raises(BusyError, match=r"another `hassod index build` \(pid 4242\) is writing"):
             _build(folder, truth, index_dir, offline_backbone)
     assert not (index_dir / "vectors.faiss").exists()
     summary = _build(folder, truth, index_dir, offline_backbone)  # the lock went with its holder
