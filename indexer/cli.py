@@ -46,6 +46,8 @@ def build(images, index_dir, detector, regions_json, db_url, backbone, weights, 
     from .regions import CocoRegions, DiscoveryRegions, RegionsFileError, detector_regions
     from .vectors import IndexTypeError
 
+    if detector and regions_json:
+        fail("give either --detector (regions from a trained detector) or --regions (from a COCO file), not both")
     paths = list_images(images)
     if not paths:
         fail(f"no files found in {', '.join(map(str, images))}")

@@ -45,6 +45,7 @@ import torch
 
 from hassod.features.weights import WeightsFormatError, strip_prefixes
 from hassod.model.backbone import IMAGENET_MEAN, IMAGENET_STD, RESNET_PREFIXES
+from hassod.model.checkpoint import CHECKPOINT_FORMAT
 
 # Mean Teacher checkpoints of the reference hold both models; the teacher is the one evaluated.
 TEACHER_PREFIX = "modelTeacher."
@@ -227,4 +228,6 @@ def read_detectron2_file(path: str | os.PathLike) -> dict[str, Any]:
         raise WeightsFormatError(f"cannot read {path}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(data, Mapping):
         raise WeightsFormatError(f"{path} holds a {type(data).__name__}, not a state dict")
+    if data.get("format") == CHECKPOINT_FORMAT:
+        raise WeightsFormatError(f"{path} is already a hassod detector checkpoint: use it as it is")
     return dict(data)

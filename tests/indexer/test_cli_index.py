@@ -29,3 +29,14 @@ def test_refused_before_anything_is_written(tmp_path, coco128_images, option, me
     assert "secret" not in result.output
     # Nothing left behind: in particular no pointer to a catalog that never opened.
     assert not index_dir.exists()
+
+
+def test_detector_and_regions_exclude_each_other(tmp_path, coco128_images):
+    regions = tmp_path / "regions.json"
+    regions.write_text(json.dumps({"images": [], "annotations": []}))
+    checkpoint = tmp_path / "detector.pth"
+    checkpoint.write_bytes(b"never read")
+    result = CliRunner().invoke(app, ["index", "build", str(coco128_images[0]), "--index", str(tmp_path / "index"),
+                                      "--regions", str(regions), "--detector", str(checkpoint)])
+    assert result.exit_code == 2 and result.output.startswith("error: give either --detector")
+    assert not (tmp_path / "index").exists()

@@ -187,6 +187,8 @@ def test_convert_command_writes_a_loadable_checkpoint(d2_state, tmp_path):
     model, settings = load_detector(out)
     assert settings == DetectorSettings()
     assert torch.equal(model.roi_heads.stages[2].level_predictor.weight, d2_state["roi_heads.box_predictor.2.level_predictor.weight"])
+    again = CliRunner().invoke(convert, [str(out), "--out", str(tmp_path / "again.pth")])
+    assert again.exit_code != 0 and "is already a hassod detector checkpoint" in again.output
     (tmp_path / "bad.pkl").write_bytes(b"nope")
     result = CliRunner().invoke(convert, [str(tmp_path / "bad.pkl"), "--out", str(tmp_path / "x.pth")])
     assert result.exit_code != 0 and "cannot read" in result.output
