@@ -1,13 +1,16 @@
 """`hassod train`: the click command over :func:`hassod.train.loop.train`."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import click
 
 from .console import fail
+from .locks import exclusive
 
 
 @click.command()
@@ -76,9 +79,10 @@ def train(pseudo, images_dir, out, backbone, backbone_weights, random_init, size
                              lr_decay=lr_decay, checkpoint_period=checkpoint_period, eval_period=eval_period,
                              device=device, amp=not no_amp, seed=seed, workers=workers)
     try:
-        result = run_training(settings, detector, pseudo, images_dir, out, backbone_weights=backbone_weights,
-                              resume=resume, eval_gt=eval_gt, eval_images=eval_images, random_init=random_init,
-                              progress=not as_json)
+        with _one_run_per_folder(out):
+            result = run_training(settings, detector, pseudo, images_dir, out, backbone_weights=backbone_weights,
+                                  resume=resume, eval_gt=eval_gt, eval_images=eval_images, random_init=random_init,
+                                  progress=not as_json)
     except TrainError as exc:
         fail(str(exc))
     summary = {
@@ -99,6 +103,19 @@ def train(pseudo, images_dir, out, backbone, backbone_weights, random_init, size
         ev = result.evaluations[-1]
         line += f"; box AR@100 {ev.get('AR@100', float('nan')):.3f} AP {ev.get('AP', float('nan')):.3f}"
     click.echo(line)
+
+
+def _one_run_per_folder(out: Path) -> contextlib.AbstractContextManager[None]:
+    """The run folder's lock, held by the process that writes it (rank 0 of a torchrun launch).
+
+    Without it a second `hassod train` into the same folder would write its
+    checkpoints over the first's until the first had saved ``last.pth``.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    Path(out).mkdir(parents=True, exist_ok=True)
+    return exclusive(Path(out) / "train.lock",
+                     f"another `hassod train` (pid {{pid}}) is writing {out}; run this one when it has finished")
 
 
 def _image_sizes(sizes: str | None, test_size: int | None, max_size: int | None) -> dict[str, object]:

@@ -106,6 +106,26 @@ def test_cli_trains_and_reports(pseudo, tmp_path):
     assert missing.exit_code == 2 and "no such pseudo-label file" in missing.output
 
 
+def test_a_second_training_into_the_same_folder_is_refused_while_one_runs(pseudo, tmp_path):
+    import fcntl
+
+    from hassod.cli import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    args = ["train", "--pseudo", str(pseudo), "--out", str(out), "--backbone", "tiny", "--random-init",
+            "--batch-size", "2", "--iterations", "1", "--warmup", "0", "--device", "cpu", "--workers", "0"]
+    with open(out / "train.lock", "w") as running:  # held the way a running training holds it
+        fcntl.flock(running, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        running.write("4242")
+        running.flush()
+        refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 2, refused.output
+    assert refused.output == f"error: another `hassod train` (pid 4242) is writing {out}; run this one when it has finished\n"
+    assert sorted(p.name for p in out.iterdir()) == ["train.lock"]
+    assert CliRunner().invoke(main, args).exit_code == 0 and (out / "model_final.pth").exists()
+
+
 def test_cli_image_sizes_reach_the_saved_model(pseudo, tmp_path):
     out = tmp_path / "sized"
     args = ["--pseudo", str(pseudo), "--out", str(out), "--backbone", "tiny", "--batch-size", "2", "--iterations", "1",
