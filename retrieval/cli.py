@@ -37,6 +37,23 @@ def _open_searcher(index_dir: Path, device: str, weights: str | None, detector: 
         fail(str(exc))
 
 
+_SEARCHER_OPTIONS = (
+    click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Backbone weights, as at build."),
+    click.option("--detector", type=click.Path(exists=True, dir_okay=False),
+                 help="The index's detector checkpoint, if moved since the build (whole-image queries)."),
+    click.option("--device", default="auto", show_default=True),
+    click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1),
+                 help="Refuse query images larger than this."),
+)
+
+
+def _searcher_options(command):
+    """The options with which search and serve open an index and read query images."""
+    for option in reversed(_SEARCHER_OPTIONS):
+        command = option(command)
+    return command
+
+
 @click.command()
 @click.option("--index", "index_dir", required=True, type=click.Path(path_type=Path), help="Index directory.")
 @click.option("--query", type=click.Path(path_type=Path), help="Query image.")
@@ -44,12 +61,7 @@ def _open_searcher(index_dir: Path, device: str, weights: str | None, detector: 
 @click.option("--region", "region_id", type=int, help="Query by an indexed region id instead of an image.")
 @click.option("--level", type=click.Choice(["whole", "part", "subpart"]), help="Only match regions of this level.")
 @click.option("-k", "k", default=10, show_default=True, type=click.IntRange(min=1), help="Number of images.")
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Backbone weights, as at build.")
-@click.option("--detector", type=click.Path(exists=True, dir_okay=False),
-              help="The index's detector checkpoint, if moved since the build (whole-image queries).")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1),
-              help="Refuse query images larger than this.")
+@_searcher_options
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON lines.")
 @click.option("--html", "html_out", type=click.Path(dir_okay=False, path_type=Path), help="Write a results page.")
 def search(index_dir, query, box, region_id, level, k, weights, detector, device, max_pixels, as_json, html_out):
@@ -91,12 +103,7 @@ def search(index_dir, query, box, region_id, level, k, weights, detector, device
 @click.option("--index", "index_dir", required=True, type=click.Path(path_type=Path), help="Index directory.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0: any free port.")
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Backbone weights, as at build.")
-@click.option("--detector", type=click.Path(exists=True, dir_okay=False),
-              help="The index's detector checkpoint, if moved since the build (whole-image queries).")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1),
-              help="Refuse query images larger than this.")
+@_searcher_options
 def serve(index_dir, host, port, weights, detector, device, max_pixels):
     """Serve the index: a web page to draw a query box on any image, and the HTTP API behind it."""
     import socket
