@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import click
@@ -63,7 +62,7 @@ def train(pseudo, images_dir, out, backbone, backbone_weights, random_init, size
     """
     from .device import resolve_device
     from .model import DetectorSettings
-    from .train.loop import TrainError, TrainSettings
+    from .train.loop import TrainError, TrainSettings, launch_rank
     from .train.loop import train as run_training
 
     if backbone_weights and random_init:
@@ -79,7 +78,7 @@ def train(pseudo, images_dir, out, backbone, backbone_weights, random_init, size
                              lr_decay=lr_decay, checkpoint_period=checkpoint_period, eval_period=eval_period,
                              device=device, amp=not no_amp, seed=seed, workers=workers)
     try:
-        with _one_run_per_folder(out):
+        with _one_run_per_folder(out, main_process=launch_rank() == 0):
             result = run_training(settings, detector, pseudo, images_dir, out, backbone_weights=backbone_weights,
                                   resume=resume, eval_gt=eval_gt, eval_images=eval_images, random_init=random_init,
                                   progress=not as_json)
@@ -105,13 +104,13 @@ def train(pseudo, images_dir, out, backbone, backbone_weights, random_init, size
     click.echo(line)
 
 
-def _one_run_per_folder(out: Path) -> contextlib.AbstractContextManager[None]:
+def _one_run_per_folder(out: Path, main_process: bool) -> contextlib.AbstractContextManager[None]:
     """The run folder's lock, held by the process that writes it (rank 0 of a torchrun launch).
 
     Without it a second `hassod train` into the same folder would write its
     checkpoints over the first's until the first had saved ``last.pth``.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
+    if not main_process:
         return contextlib.nullcontext()
     Path(out).mkdir(parents=True, exist_ok=True)
     return exclusive(Path(out) / "train.lock",

@@ -142,12 +142,17 @@ def settings_differences(saved: dict[str, Any], current: dict[str, Any], free: f
     return sorted(k for k in set(saved) | set(current) if k not in free and saved.get(k) != current.get(k))
 
 
+def launch_rank() -> int:
+    """This process's rank in a torchrun launch (WORLD_SIZE > 1), 0 without one: rank 0 writes the run folder."""
+    return int(os.environ["RANK"]) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
 def setup_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
     """Join the torchrun process group when WORLD_SIZE > 1; returns (rank info, this process's device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo(), resolve_device(device_name)
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local = launch_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     base = resolve_device(device_name)
     if base.type == "cuda":
         torch.cuda.set_device(local)
