@@ -35,6 +35,7 @@ from fastapi.responses import HTMLResponse, Response
 from PIL import Image, ImageOps
 
 from hassod.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb
+from indexer.catalog import ImageRecord
 
 from .searcher import Match, QueryError, Searcher, check_box, parse_box
 
@@ -121,8 +122,8 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES,
     @app.get("/api/images/{image_id}", response_class=Response,
              responses={200: {"content": {"image/jpeg": {}}}, 404: {}})
     async def picture(image_id: int, side: int = Query(640, ge=16, le=4096)) -> Response:
-        found = await on_worker(lambda: searcher.catalog.images_by_id([image_id]).get(image_id))
-        if found is None or found.status != "ok":
+        found = await on_worker(lambda: _indexed_image(searcher, image_id))
+        if found is None:
             raise HTTPException(status_code=404, detail=f"no image {image_id} in this index")
         try:
             jpeg = await asyncio.to_thread(_jpeg_thumbnail, found.path, side, max_pixels)
@@ -141,9 +142,15 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES,
     return app
 
 
-def _indexed_path(searcher: Searcher, image_id: int) -> str:
+def _indexed_image(searcher: Searcher, image_id: int) -> ImageRecord | None:
+    """The catalog record of an image the index holds regions of (not one in error), else None."""
     found = searcher.catalog.images_by_id([image_id]).get(image_id)
-    if found is None or found.status != "ok":
+    return found if found is not None and found.status == "ok" else None
+
+
+def _indexed_path(searcher: Searcher, image_id: int) -> str:
+    found = _indexed_image(searcher, image_id)
+    if found is None:
         raise QueryError(f"no image {image_id} in this index")
     return found.path
 
