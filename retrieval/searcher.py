@@ -18,20 +18,21 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from hassod.device import resolve_device
 from hassod.features import Backbone, build_backbone
 from hassod.images import DEFAULT_MAX_PIXELS, load_rgb
-from hassod.model import CheckpointError
 from indexer.catalog import LEVEL_NAMES, IncompatibleIndexError
 from indexer.descriptors import DescriptorSettings, RegionDescriber
 from indexer.layout import IndexNotFoundError, open_existing, vectors_path, whitening_path
-from indexer.regions import DetectorRegions, DiscoveryRegions, QuerySourceError, query_regions
 from indexer.vectors import VectorStore
 from indexer.whitening import PCAWhitening
+
+if TYPE_CHECKING:
+    from indexer.regions import DetectorRegions, DiscoveryRegions
 
 # Region candidates fetched per wanted image on the first try; doubled until
 # k distinct images are found or the (allowed) regions are exhausted.
@@ -158,6 +159,11 @@ class Searcher:
         thresholds, or the same detector checkpoint and options.
         """
         if self._query_source is None:
+            # Imported here: discovery and the detector take ~1 s to import,
+            # which box queries (most of `hassod search`'s calls) never need.
+            from hassod.model import CheckpointError
+            from indexer.regions import QuerySourceError, query_regions
+
             try:
                 self._query_source = query_regions(self.config.get("query_regions"), self.describer.backbone,
                                                    self._detector, self._device)
