@@ -21,19 +21,25 @@ def _parse_box(value: str | None) -> tuple[float, ...] | None:
         raise click.BadParameter(str(exc)) from None
 
 
-def _open_searcher(index_dir: Path, device: str, weights: str | None, detector: str | None):
-    """The index's Searcher, or a one-line error (no index, another backbone, missing weights)."""
+def _open_searcher(
+    index_dir: Path, device: str, weights: str | None, detector: str | None, load_backbone: bool = True
+):
+    """The index's Searcher, or a one-line error (no index, another backbone, missing weights).
+    Without ``load_backbone`` (region-id queries) torch is not even imported."""
     from hassod.device import resolve_device
-    from hassod.features import WeightsNotFoundError
     from indexer.catalog import CatalogUnavailableError, IncompatibleIndexError
     from indexer.layout import IndexNotFoundError
 
     from .searcher import Searcher
 
-    resolve_device(device)  # a device that is not there is the first thing to say
+    if load_backbone or device != "auto":  # "auto" is always there; checking it would import torch
+        resolve_device(device)  # a device that is not there is the first thing to say
     try:
-        return Searcher(index_dir, device=None if device == "auto" else device, weights=weights, detector=detector)
-    except (IndexNotFoundError, IncompatibleIndexError, CatalogUnavailableError, WeightsNotFoundError) as exc:
+        return Searcher(index_dir, device=None if device == "auto" else device, weights=weights, detector=detector,
+                        load_backbone=load_backbone)
+    except (IndexNotFoundError, IncompatibleIndexError, CatalogUnavailableError) as exc:
+        fail(str(exc))
+    except FileNotFoundError as exc:  # WeightsNotFoundError, whose module would import torch
         fail(str(exc))
 
 
@@ -71,7 +77,7 @@ def search(index_dir, query, box, region_id, level, k, weights, detector, device
 
     if (query is None) == (region_id is None):
         fail("give either --query IMAGE (optionally with --box) or --region ID")
-    searcher = _open_searcher(index_dir, device, weights, detector)
+    searcher = _open_searcher(index_dir, device, weights, detector, load_backbone=region_id is None)
     try:
         if region_id is not None:
             matches = searcher.search_region(region_id, level=level, k=k)

@@ -22,16 +22,17 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from hassod.device import resolve_device
-from hassod.features import Backbone, build_backbone
 from hassod.images import DEFAULT_MAX_PIXELS, load_rgb
 from indexer.catalog import LEVEL_NAMES, IncompatibleIndexError
-from indexer.descriptors import DescriptorSettings, RegionDescriber
 from indexer.layout import IndexNotFoundError, open_existing, vectors_path, whitening_path
 from indexer.vectors import VectorStore
 from indexer.whitening import PCAWhitening
 
+# torch, the backbone and the descriptors are imported when the first image
+# query needs them: ~4 s that a query by region id does without.
 if TYPE_CHECKING:
+    from hassod.features import Backbone
+    from indexer.descriptors import RegionDescriber
     from indexer.regions import DetectorRegions, DiscoveryRegions
 
 # Region candidates fetched per wanted image on the first try; doubled until
@@ -74,6 +75,9 @@ class Searcher:
         backbone: an already loaded backbone to use instead (checked the same way).
         detector: where the index's detector checkpoint is now, if it has moved
             since the build (only whole-image queries need it).
+        load_backbone: load and check the backbone now (a wrong ``weights`` is
+            reported here); False defers that to the first image query, for a
+            caller that only queries by region id.
     """
 
     def __init__(
@@ -83,26 +87,17 @@ class Searcher:
         weights: str | None = None,
         backbone: Backbone | None = None,
         detector: str | os.PathLike | None = None,
+        load_backbone: bool = True,
     ):
         self._vectors = vectors_path(Path(index_dir))
         # Taken before loading: a save in between then shows as a change at the next refresh.
         self._vectors_stamp = _stamp(self._vectors)
         self.catalog, self.store = open_existing(Path(index_dir))
         self.config = self.catalog.get_config()
-        if backbone is None:
-            backbone = build_backbone(self.config["backbone"], weights=weights, device=resolve_device(device))
-        if backbone.name != self.config["backbone"] or backbone.weights_id != self.config["weights"]:
-            raise IncompatibleIndexError(
-                f"index was built with {self.config['backbone']} weights {self.config['weights']}, "
-                f"but {backbone.name} weights {backbone.weights_id} were loaded; pass the same --weights file"
-            )
-        settings = dict(self.config["descriptor_settings"])
-        settings["layers"] = tuple(settings["layers"])
-        self.describer = RegionDescriber(backbone, DescriptorSettings(**settings))
-        if self.describer.name != self.config["descriptor"]:
-            raise IncompatibleIndexError(
-                f"index descriptor {self.config['descriptor']} cannot be rebuilt here (got {self.describer.name})"
-            )
+        self._backbone, self._weights, self._device, self._detector = backbone, weights, device, detector
+        self._describer: RegionDescriber | None = None
+        if load_backbone:
+            self._describer = self._load_describer()
         self.whitening = None
         if self.config.get("whitening"):
             path = whitening_path(Path(index_dir))
@@ -110,8 +105,36 @@ class Searcher:
                 raise IndexNotFoundError(f"the index at {index_dir} is whitened but {path.name} is missing")
             self.whitening = PCAWhitening.load(path)
         self._filters: dict[int, object] = {}
-        self._device, self._detector = device, detector
         self._query_source: DiscoveryRegions | DetectorRegions | None = None
+
+    @property
+    def describer(self) -> RegionDescriber:
+        """The index's region describer on its backbone, loaded and checked on first use."""
+        if self._describer is None:
+            self._describer = self._load_describer()
+        return self._describer
+
+    def _load_describer(self) -> RegionDescriber:
+        from hassod.device import resolve_device
+        from hassod.features import build_backbone
+        from indexer.descriptors import DescriptorSettings, RegionDescriber
+
+        backbone = self._backbone
+        if backbone is None:
+            backbone = build_backbone(self.config["backbone"], weights=self._weights, device=resolve_device(self._device))
+        if backbone.name != self.config["backbone"] or backbone.weights_id != self.config["weights"]:
+            raise IncompatibleIndexError(
+                f"index was built with {self.config['backbone']} weights {self.config['weights']}, "
+                f"but {backbone.name} weights {backbone.weights_id} were loaded; pass the same --weights file"
+            )
+        settings = dict(self.config["descriptor_settings"])
+        settings["layers"] = tuple(settings["layers"])
+        describer = RegionDescriber(backbone, DescriptorSettings(**settings))
+        if describer.name != self.config["descriptor"]:
+            raise IncompatibleIndexError(
+                f"index descriptor {self.config['descriptor']} cannot be rebuilt here (got {describer.name})"
+            )
+        return describer
 
     def close(self) -> None:
         self.catalog.close()

@@ -94,6 +94,39 @@ def test_the_command_line_starts_without_the_heavy_libraries():
     assert loaded == ""
 
 
+def test_a_region_query_needs_neither_torch_nor_the_backbone(built_index, instance_scenes, offline_backbone):
+    # A query by region id reads stored vectors only, so it skips the ~4 s of importing torch and loading
+    # the backbone; an image query on a searcher opened that way loads them then.
+    import subprocess
+    import sys
+
+    from retrieval.searcher import Searcher
+
+    folder, index_dir = built_index
+    code = (
+        "import json, sys\n"
+        "from click.testing import CliRunner\n"
+        "from retrieval.cli import app\n"
+        f"out = CliRunner().invoke(app, ['search', '--index', {str(index_dir)!r}, '--region', '3', '--json']).output\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules, 'rows': [json.loads(r) for r in out.splitlines()]}))"
+    )
+    report = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                       check=True).stdout)
+    assert report["torch"] is False
+    assert report["rows"][0]["region_id"] == 3 and report["rows"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert len(report["rows"]) == 8  # every scene, each once
+
+    box = instance_scenes[1].boxes[1]
+    lazy = Searcher(index_dir, backbone=offline_backbone, load_backbone=False)
+    eager = Searcher(index_dir, backbone=offline_backbone)
+    try:
+        assert [m.region_id for m in lazy.search_region(3)] == [r["region_id"] for r in report["rows"]]
+        assert lazy.search(folder / "scene_01.png", box=box, k=3) == eager.search(folder / "scene_01.png", box=box, k=3)
+    finally:
+        lazy.close()
+        eager.close()
+
+
 def test_version_is_the_project_version():
     import tomllib
 
