@@ -28,7 +28,6 @@ def _open_searcher(
     Without ``load_backbone`` (region-id queries) torch is not even imported."""
     from hassod.device import resolve_device
     from indexer.catalog import CatalogUnavailableError, IncompatibleIndexError
-    from indexer.layout import IndexNotFoundError
 
     from .searcher import Searcher
 
@@ -37,9 +36,8 @@ def _open_searcher(
     try:
         return Searcher(index_dir, device=None if device == "auto" else device, weights=weights, detector=detector,
                         load_backbone=load_backbone)
-    except (IndexNotFoundError, IncompatibleIndexError, CatalogUnavailableError) as exc:
-        fail(str(exc))
-    except FileNotFoundError as exc:  # WeightsNotFoundError, whose module would import torch
+    # FileNotFoundError: IndexNotFoundError, or WeightsNotFoundError (named here, its module imports torch).
+    except (FileNotFoundError, IncompatibleIndexError, CatalogUnavailableError) as exc:
         fail(str(exc))
 
 
