@@ -79,7 +79,10 @@ def search(index_dir, query, box, region_id, level, k, weights, detector, device
     try:
         if region_id is not None:
             matches = searcher.search_region(region_id, level=level, k=k)
-            pixels, crop_box = None, None
+            if html_out is not None:  # the page shows the query region in its own image
+                place = searcher.catalog.region_places([region_id])[region_id]
+                image = searcher.catalog.images_by_id([place.image_id])[place.image_id]
+                pixels, crop_box = load_query(image.path, max_pixels), place.box
         else:
             pixels = load_query(query, max_pixels)
             crop_box = None if box is None else tuple(check_box(_parse_box(box), pixels.shape[:2]))
@@ -97,8 +100,9 @@ def search(index_dir, query, box, region_id, level, k, weights, detector, device
             x0, y0, x1, y1 = match.box
             click.echo(f"{rank:3d}  {match.score:.3f}  {match.level_name:8s} "
                        f"[{x0:.0f},{y0:.0f},{x1:.0f},{y1:.0f}]  {match.path}")
-    if html_out is not None and pixels is not None:
-        write_results_page(html_out, pixels, crop_box, matches, title=f"hassod search: {query}")
+    if html_out is not None:
+        title = f"hassod search: {query}" if region_id is None else f"hassod search: region {region_id}"
+        write_results_page(html_out, pixels, crop_box, matches, title=title)
         if not as_json:
             click.echo(f"results page: {html_out}")
 

@@ -26,9 +26,13 @@ def test_search_prints_ranked_results_and_writes_html(built_index, instance_scen
     html = page.read_text()
     assert len(re.findall(r"<img src=\"data:image/jpeg;base64,", html)) == 2 + 3  # query, crop, results
 
+    region_page = tmp_path / "region.html"
     by_region = CliRunner().invoke(app, ["search", "--index", str(index_dir), "--region", str(rows[0]["region_id"]),
-                                         "-k", "1", "--json"])
+                                         "-k", "1", "--json", "--html", str(region_page)])
     assert json.loads(by_region.output)["region_id"] == rows[0]["region_id"]
+    # The region's own image and box stand for the query picture.
+    assert f"<title>hassod search: region {rows[0]['region_id']}</title>" in region_page.read_text()
+    assert len(re.findall(r"<img src=\"data:image/jpeg;base64,", region_page.read_text())) == 2 + 1
 
     subparts = CliRunner().invoke(app, ["search", "--index", str(index_dir), "--query", str(folder / "scene_00.png"),
                                         "--box", "5,5,200,200", "--level", "subpart", "-k", "4", "--json"])
