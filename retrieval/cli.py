@@ -75,6 +75,8 @@ def search(index_dir, query, box, region_id, level, k, weights, detector, device
 
     if (query is None) == (region_id is None):
         fail("give either --query IMAGE (optionally with --box) or --region ID")
+    if region_id is not None and box is not None:
+        fail("--box goes with --query: a --region query is that whole region")
     searcher = _open_searcher(index_dir, device, weights, detector, load_backbone=region_id is None)
     try:
         if region_id is not None:

@@ -67,6 +67,7 @@ def test_errors_are_one_line_and_exit_2(built_index, tmp_path):
     fails(["search", "--index", str(index_dir), "--query", str(notes)], "not an image")
     fails(["search", "--index", str(index_dir)], "give either --query")
     fails(["search", "--index", str(index_dir), "--region", "999999"], "no region 999999")
+    fails(["search", "--index", str(index_dir), "--region", "1", "--box", "1,2,30,40"], "--box goes with --query")
     empty_folder = tmp_path / "nothing"
     empty_folder.mkdir()
     fails(["index", "build", str(empty_folder), "--index", str(index_dir)], "no files found")
