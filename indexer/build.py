@@ -130,6 +130,8 @@ def build_index(
     timings = {} if timings is None else timings
     start = time.perf_counter()
     validate_index_type(index_type, describer.dim)  # before anything is written
+    if whitening is not None and whitening.dim is not None and whitening.dim > describer.dim:
+        raise WhiteningError(f"cannot whiten to {whitening.dim} dimensions: the descriptor has {describer.dim}")
     index_dir = Path(index_dir)
     if not db_url:
         index_dir.mkdir(parents=True, exist_ok=True)  # the SQLite catalog lives inside
@@ -144,9 +146,6 @@ def build_index(
             _check_config(catalog, config)
             dim = describer.dim if whitening is None else config["whitening"]["dim"]
             store = _open_vectors(index_dir, dim, index_type)
-            if whitening is not None and learned is None and len(store):
-                raise IncompatibleIndexError("this index already holds vectors without whitening; "
-                                             "build into a new --index directory to whiten")
             _reconcile(catalog, store)
             sink = _VectorSink(store, whitening, learned, whitening_path(index_dir))
 
@@ -197,6 +196,9 @@ def _check_config(catalog: Catalog, config: dict) -> None:
     saved = catalog.get_config()
     if saved is None:
         return
+    if config["whitening"] is not None and saved.get("whitening") is None:
+        raise IncompatibleIndexError("this index was built without whitening; "
+                                     "build into a new --index directory to whiten")
     catalog.check_compatible(config)
     if saved.get("region_source") != config["region_source"]:
         raise IncompatibleSourceError(

@@ -28,19 +28,23 @@ def index() -> None:
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Backbone weight file.")
 @click.option("--index-type", default="auto", show_default=True,
               help="auto, flat, ivf, ivfsq, ivfpq, hnsw, pqfs (descriptors without neighbourhood structure).")
+@click.option("--whiten", is_flag=True,
+              help="Learn a PCA-whitening of the descriptors at the first build; later builds and queries reuse it.")
+@click.option("--whiten-dim", type=click.IntRange(min=1),
+              help="Whiten (as --whiten) and reduce the stored vectors to this many dimensions.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--workers", default=None, type=click.IntRange(min=1), help="Discovery processes [CPU count].")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def build(images, index_dir, detector, regions_json, db_url, backbone, weights, index_type, device, workers, batch_size,
-          max_pixels, as_json):
+def build(images, index_dir, detector, regions_json, db_url, backbone, weights, index_type, whiten, whiten_dim, device,
+          workers, batch_size, max_pixels, as_json):
     """Index every whole, part and subpart region of IMAGES (files or folders); re-runs update it."""
     from hassod.device import resolve_device
     from hassod.features import WeightsFormatError, WeightsNotFoundError, build_backbone
     from hassod.images import list_images
 
-    from .build import IncompatibleSourceError, build_index
+    from .build import IncompatibleSourceError, WhiteningError, WhiteningSettings, build_index
     from .catalog import CatalogUnavailableError, IncompatibleIndexError
     from .descriptors import RegionDescriber, default_settings
     from .regions import CocoRegions, DiscoveryRegions, RegionsFileError, detector_regions
@@ -68,10 +72,11 @@ def build(images, index_dir, detector, regions_json, db_url, backbone, weights, 
             source = DiscoveryRegions(model, workers=workers or os.cpu_count() or 1, batch_size=batch_size,
                                       max_pixels=max_pixels)
         describer = RegionDescriber(model, default_settings(model))
+        whitening = WhiteningSettings(dim=whiten_dim) if whiten or whiten_dim else None
         summary = build_index(paths, index_dir, source, describer, db_url=db_url,
-                              index_type=index_type, show_progress=not as_json)
+                              index_type=index_type, show_progress=not as_json, whitening=whitening)
     except (WeightsNotFoundError, WeightsFormatError, IncompatibleIndexError, IncompatibleSourceError,
-            RegionsFileError, CatalogUnavailableError, IndexTypeError, NotImplementedError) as exc:
+            RegionsFileError, CatalogUnavailableError, IndexTypeError, WhiteningError, NotImplementedError) as exc:
         fail(str(exc))
     report(summary, summary.errors, "unreadable", as_json)
 
@@ -98,7 +103,8 @@ def stats(index_dir, as_json):
     vectors = info["vectors"]
     click.echo(f"images    {info['images_ok']} indexed, {info['images_error']} unreadable")
     click.echo(f"regions   {info['regions']} ({levels['whole']} whole, {levels['part']} part, {levels['subpart']} subpart)")
-    click.echo(f"vectors   {vectors['size']} x {vectors['dim']}, {vectors['kind']} index, "
+    whitened = f" (PCA-whitened from {info['config']['descriptor_dim']})" if info["config"].get("whitening") else ""
+    click.echo(f"vectors   {vectors['size']} x {vectors['dim']}{whitened}, {vectors['kind']} index, "
                f"{info['bytes_on_disk'] / 1e6:.1f} MB on disk")
     click.echo(f"backbone  {info['config']['backbone']} ({info['config']['descriptor']}); "
                f"regions from {info['config']['region_source']}")

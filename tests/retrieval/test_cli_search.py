@@ -73,6 +73,40 @@ def test_errors_are_one_line_and_exit_2(built_index, tmp_path):
     fails(["index", "build", str(empty_folder), "--index", str(index_dir)], "no files found")
 
 
+def test_whitening_is_chosen_at_the_first_build_and_kept(built_index, instance_folder, instance_scenes, tmp_path):
+    folder, truth = instance_folder
+    index_dir = tmp_path / "whitened"
+    runner = CliRunner()
+
+    def build(target: Path, *extra: str):
+        return runner.invoke(app, ["index", "build", str(folder), "--index", str(target), "--regions", str(truth),
+                                   "--device", "cpu", "--json", *extra])
+
+    assert build(index_dir, "--whiten-dim", "12").exit_code == 0
+    info = json.loads(runner.invoke(app, ["index", "stats", str(index_dir), "--json"]).output)
+    assert info["vectors"]["dim"] == 12 and info["config"]["whitening"] == {"dim": 12, "shrinkage": 0.8}
+    assert "12 (PCA-whitened from 432)" in runner.invoke(app, ["index", "stats", str(index_dir)]).output
+    # Later builds keep the index's whitening; another one is refused in one line.
+    again = build(index_dir)
+    assert again.exit_code == 0 and json.loads(again.output.splitlines()[-1])["unchanged"] == 8
+    refused = build(index_dir, "--whiten-dim", "6")
+    assert refused.exit_code == 2 and "whitened to 12 dimensions" in refused.output
+    # Queries are whitened the same way: a box around an indexed object finds that object first.
+    box = instance_scenes[0].boxes[0]
+    found = runner.invoke(app, ["search", "--index", str(index_dir), "--query", str(folder / "scene_00.png"),
+                                "--box", ",".join(map(str, box)), "-k", "1", "--json"])
+    top = json.loads(found.output)
+    assert Path(top["path"]).name == "scene_00.png" and top["score"] == pytest.approx(1.0, abs=1e-4)
+    assert top["box"] == [float(v) for v in box]
+
+    _, plain_index = built_index
+    unwhitened = build(plain_index, "--whiten")
+    assert unwhitened.exit_code == 2 and "built without whitening" in unwhitened.output
+    too_wide = build(tmp_path / "wide", "--whiten-dim", "5000")
+    assert too_wide.exit_code == 2 and "cannot whiten to 5000 dimensions: the descriptor has 432" in too_wide.output
+    assert not (tmp_path / "wide").exists()
+
+
 def test_index_built_with_another_backbone_is_refused(built_index, tmp_path):
     import timm
     import torch
