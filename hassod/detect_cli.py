@@ -94,9 +94,10 @@ def evaluate_command(gt_path, pred_path, checkpoint, images_path, levels, score_
                      batch_size, amp, max_pixels, as_json):
     """Class-agnostic box and mask AR / AP of detections against ground truth, overall and per predicted level.
 
-    Detections come from --pred, or from running --checkpoint on --images
-    (the detection options apply to that run only). Detections on images the
-    ground truth does not hold are ignored.
+    Detections come from --pred, or from running --checkpoint on --images.
+    --level, --score-thresh and --max-detections select from either the same
+    way; the other detection options apply to a --checkpoint run. Detections
+    on images the ground truth does not hold are ignored.
     """
     from .evaluation import GroundTruthError, check_ground_truth, evaluate_report, format_report, subset_images
 
@@ -109,15 +110,16 @@ def evaluate_command(gt_path, pred_path, checkpoint, images_path, levels, score_
         check_ground_truth(gt)
     except GroundTruthError as exc:
         fail(f"{gt_path}: {exc}")
+    options = _options(levels, score_thresh, max_detections)
     if pred_path is not None:
         detections, image_ids = _read_predictions(pred_path, gt)
+        detections = _selected(detections, options)
         if image_ids is not None:
             if not image_ids:
                 fail(f"none of the images of {pred_path} is in {gt_path}; do the file names match?")
             # Evaluate on the images the predictions cover: the others were never looked at.
             gt = subset_images(gt, image_ids)
     else:
-        options = _options(levels, score_thresh, max_detections)
         detector = _load_detector(checkpoint, device, options, amp)
         detections, image_ids = _detect_for_gt(detector, images_path, gt, batch_size, max_pixels)
         if not image_ids:
@@ -160,6 +162,22 @@ def _read_predictions(path: Path, gt: dict[str, Any]) -> tuple[list[dict[str, An
     if sidecar.exists():
         return _matched(data, _read_json(sidecar).get("images", []), gt)
     return data, None
+
+
+def _selected(detections: list[dict[str, Any]], options) -> list[dict[str, Any]]:
+    """The detections that a detector run with ``options`` (DetectOptions) keeps: score and level filters,
+    then the best ``max_detections`` per image (a stable sort, as the detector's)."""
+    if len(options.levels) < 3 and any("hier_level" not in d for d in detections):
+        fail("--level needs detections with 'hier_level' (as `hassod detect` and `hassod discover` write)")
+    kept = [d for d in detections
+            if d["score"] >= options.score_thresh and (len(options.levels) == 3 or d["hier_level"] in options.levels)]
+    per_image: dict[Any, int] = {}
+    selected = []
+    for d in sorted(kept, key=lambda d: -d["score"]):
+        per_image[d["image_id"]] = per_image.get(d["image_id"], 0) + 1
+        if per_image[d["image_id"]] <= options.max_detections:
+            selected.append(d)
+    return selected
 
 
 def _matched(

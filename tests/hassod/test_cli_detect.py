@@ -74,6 +74,16 @@ def test_detect_then_eval(tmp_path, tiny_checkpoint, scene_folder):
                                         "--max-detections", "50", "--device", "cpu", "--json"])
     assert direct.exit_code == 0, direct.output
     assert json.loads(direct.stdout) == report
+    # --level, --score-thresh and --max-detections select from --pred as a detector run with them does.
+    everything = tmp_path / "all.json"
+    assert _invoke(detect, [folder, "--checkpoint", tiny_checkpoint, "--out", everything, "--device", "cpu"]).exit_code == 0
+    count = len(json.loads(everything.read_text()))
+    for options in (["--max-detections", "5"], ["--level", "part", "--level", "subpart", "--score-thresh", "0.2"]):
+        selected = json.loads(_invoke(evaluate_command, ["--gt", truth, "--pred", everything, *options,
+                                                         "--json"]).stdout)
+        rerun = _invoke(evaluate_command, ["--gt", truth, "--checkpoint", tiny_checkpoint, "--images", folder,
+                                           *options, "--device", "cpu", "--json"])
+        assert 0 < selected["detections"] < count and selected == json.loads(rerun.stdout)
     # Ground truth of more images than were detected on: only the covered ones count.
     larger = json.loads(truth.read_text())
     larger["images"].append({"id": 77, "file_name": "not_detected.png", "width": 128, "height": 96})
@@ -136,6 +146,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path, scene_folder):
     unmatched = _invoke(evaluate_command, ["--gt", truth, "--pred", elsewhere, "--json"])
     assert unmatched.exit_code == 0 and "do the file names match" in unmatched.stderr
     assert json.loads(unmatched.stdout)["ignored_detections"] == 1
+    levelless = _invoke(evaluate_command, ["--gt", truth, "--pred", elsewhere, "--level", "whole"])
+    assert levelless.exit_code == 2 and "--level needs detections with 'hier_level'" in levelless.stderr
     foreign = tmp_path / "foreign_pseudo.json"
     foreign.write_text(json.dumps({"images": [{"id": 1, "file_name": "other.png"}], "annotations": []}))
     no_overlap = _invoke(evaluate_command, ["--gt", truth, "--pred", foreign])
