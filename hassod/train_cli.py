@@ -67,6 +67,8 @@ def train(pseudo, images_dir, out, backbone, backbone_weights, random_init, size
 
     if backbone_weights and random_init:
         fail("--backbone-weights and --random-init exclude each other")
+    if (eval_images or eval_period) and not eval_gt:
+        fail("--eval-images and --eval-period go with --eval-gt, the held-out ground truth to evaluate on")
     try:
         resolve_device(device)
     except (ValueError, RuntimeError) as exc:

@@ -104,6 +104,9 @@ def test_cli_trains_and_reports(pseudo, tmp_path):
     missing = runner.invoke(train_command, ["--pseudo", str(tmp_path / "nope.json"), "--out", str(tmp_path / "x"),
                                             "--backbone", "tiny", "--device", "cpu"])
     assert missing.exit_code == 2 and "no such pseudo-label file" in missing.output
+    no_gt = runner.invoke(train_command, [*args, "--out", str(tmp_path / "y"), "--eval-period", "1"])
+    assert no_gt.exit_code == 2 and "--eval-period go with --eval-gt" in no_gt.output
+    assert not (tmp_path / "y").exists()
 
 
 def test_a_second_training_into_the_same_folder_is_refused_while_one_runs(pseudo, tmp_path):
