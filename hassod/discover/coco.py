@@ -82,8 +82,8 @@ class ProgressLog:
         if saved != self.settings:
             changed = sorted(k for k in set(saved or {}) | set(self.settings) if (saved or {}).get(k) != self.settings.get(k))
             raise SettingsMismatchError(
-                f"{self.path} holds an interrupted run with other settings ({', '.join(changed)}); "
-                "delete it, or rerun with the same settings to resume"
+                f"{self.path} records a run with other settings ({', '.join(changed)}): rerun with those to "
+                "continue it, or delete that file (or choose another --out) to start over with these"
             )
         for line in lines[1:]:
             record = ImageRecord(**json.loads(line))
