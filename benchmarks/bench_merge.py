@@ -1,6 +1,6 @@
 """Speed of the stage-1 hierarchical merge against the quadratic oracle.
 
-    .venv/bin/python benchmarks/bench_merge.py [--images 4] [--oracle-images 1]
+    .venv/bin/python benchmarks/bench_merge.py [--images 4] [--oracle-images 1] [--widths]
 
 Feature maps are 60x60 grids (a 480 px image at stride 8), merged at the
 paper's thresholds (0.4, 0.2, 0.1):
@@ -31,6 +31,9 @@ one update of a region's sum. The floor takes the merges region by region in
 raster order, the most cache-friendly order there is; the real order follows
 similarity across the whole image. ``fast / floor`` is how far the merge is
 from that on this machine, whose memory speed sets most of it.
+
+With ``--widths`` it then times the same photo merges at 16, 64, 384 and 768
+channels (:func:`width_sweep`): what ordering the merges costs on its own.
 """
 from __future__ import annotations
 
@@ -233,6 +236,38 @@ def run(
     return results
 
 
+def width_sweep(
+    n_images: int = 4, widths: Sequence[int] = (16, 64, 384, 768), repeats: int = 3, seed: int = 0,
+    print_fn: Callable[[str], None] = print,
+) -> dict[int, float]:
+    """Fast-merge ms per image of the same merges at several row widths.
+
+    The photo set's 16-d colour/gradient features are lifted to C channels by
+    a projection with orthonormal columns, which keeps every cosine: the merge
+    order is the same at every width, only the vector work grows with C. The
+    narrowest width shows what the ordering itself (heaps, neighbour lists,
+    re-scoring decisions) costs. Returns {C: ms per image}.
+    """
+    base = [colour_gradient_features(load_rgb(p), (GRID, GRID)).astype(np.float64) for p in _photo_paths(n_images)]
+    rng = np.random.default_rng(seed)
+    lifted = {}
+    for width in widths:
+        columns = np.linalg.qr(rng.normal(size=(width, base[0].shape[-1])))[0]  # (width, 16), orthonormal
+        lifted[width] = [(m @ columns.T).astype(np.float32) for m in base]
+    partitions = {width: [hierarchical_merge(m, THRESHOLDS) for m in maps] for width, maps in lifted.items()}
+    times = _best_ms([lambda maps=maps: [hierarchical_merge(m, THRESHOLDS) for m in maps]
+                      for maps in lifted.values()], repeats)
+    widest = max(widths)
+    print_fn(f"same merges at other widths (photo features lifted to C channels, cosines kept; {n_images} maps)")
+    print_fn(f"{'C':>5} {'fast ms/img':>11}  same partitions as C={widest}")
+    results = {}
+    for (width, maps), total in zip(lifted.items(), times):
+        same = all(np.array_equal(a, b) for a, b in zip(partitions[width], partitions[widest]))
+        results[width] = total / len(maps)
+        print_fn(f"{width:>5} {results[width]:11.2f}  {same}")
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=4, help="feature maps per set (default 4)")
@@ -241,8 +276,12 @@ def main() -> None:
     parser.add_argument(
         "--oracle-sets", nargs="*", choices=list(FEATURE_SETS), default=["structured", "random", "photo"]
     )
+    parser.add_argument("--widths", action="store_true",
+                        help="also time the same photo merges at 16, 64, 384 and 768 channels (the ordering's own cost)")
     args = parser.parse_args()
     run(args.images, args.oracle_images, tuple(args.sets), tuple(args.oracle_sets))
+    if args.widths:
+        width_sweep(args.images)
 
 
 if __name__ == "__main__":
