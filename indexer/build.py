@@ -6,7 +6,8 @@ After a kill the two may disagree, and the next build reconciles them first:
 vectors without a catalog row are dropped, and images whose regions have no
 vector are described again, so a resumed build never duplicates a region.
 A re-run only touches new or changed files (size and mtime, then content
-hash) and drops the ones that disappeared.
+hash) and drops the ones that disappeared from the folders it was given;
+images indexed from other folders stay, so a build of one more folder adds it.
 
 With whitening (``WhiteningSettings``), the first build holds its first
 ``sample`` vectors back, learns the PCA-whitening from them, saves it, and from
@@ -20,7 +21,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -116,8 +117,14 @@ def build_index(
     show_progress: bool = True,
     timings: dict[str, float] | None = None,
     whitening: WhiteningSettings | None = None,
+    roots: Sequence[str | os.PathLike] | None = None,
 ) -> BuildSummary:
     """Index every file of ``paths`` into ``index_dir``; see the module docstring for the guarantees.
+
+    ``roots``: the files and folders ``paths`` were listed from. An indexed
+    image under one of them that ``paths`` no longer holds was deleted and is
+    removed; indexed images elsewhere are kept. ``None``: ``paths`` is the
+    whole collection, and every indexed image not in it is removed.
 
     ``whitening``: learn a PCA-whitening at the first build; ``None`` keeps
     what the index already has (none for a new index). Asking an existing
@@ -152,7 +159,8 @@ def build_index(
             states = [_file_state(p) for p in paths]
             current = {s.path for s in states}
             known = {record.path: record for record in catalog.images()}
-            gone = [path for path in known if path not in current]
+            listed = _within(roots)
+            gone = [path for path in known if path not in current and listed(path)]
             store.remove(np.asarray(catalog.delete_images(gone), dtype=np.int64))
             summary.removed = len(gone)
             by_image = catalog.region_ids_by_image()
@@ -282,6 +290,15 @@ def _reconcile(catalog: Catalog, store: VectorStore) -> None:
     """Drop vectors that have no catalog row (left by a build killed before its catalog commit)."""
     orphans = np.setdiff1d(store.ids(), catalog.region_ids())
     store.remove(orphans)
+
+
+def _within(roots: Sequence[str | os.PathLike] | None) -> Callable[[str], bool]:
+    """Whether a resolved path is one of ``roots`` or lies below one (any path when ``roots`` is None)."""
+    if roots is None:
+        return lambda path: True
+    exact = {str(Path(root).resolve()) for root in roots}
+    below = tuple(root.rstrip(os.sep) + os.sep for root in exact)
+    return lambda path: path in exact or path.startswith(below)
 
 
 def _file_state(path: Path) -> _FileState:

@@ -74,7 +74,7 @@ def build(images, index_dir, detector, regions_json, db_url, backbone, weights, 
         describer = RegionDescriber(model, default_settings(model))
         whitening = WhiteningSettings(dim=whiten_dim) if whiten or whiten_dim else None
         summary = build_index(paths, index_dir, source, describer, db_url=db_url,
-                              index_type=index_type, show_progress=not as_json, whitening=whitening)
+                              index_type=index_type, show_progress=not as_json, whitening=whitening, roots=images)
     except (WeightsNotFoundError, WeightsFormatError, IncompatibleIndexError, IncompatibleSourceError,
             RegionsFileError, CatalogUnavailableError, IndexTypeError, WhiteningError, NotImplementedError) as exc:
         fail(str(exc))

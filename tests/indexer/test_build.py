@@ -121,6 +121,27 @@ def test_incremental_build_matches_a_fresh_build(tmp_path, instance_folder, inst
         [(Path(m.path).name, round(m.score, 4), m.box) for m in fresh.search(**query)]
 
 
+def test_a_build_removes_only_what_vanished_from_the_paths_it_was_given(tmp_path, instance_folder, offline_backbone):
+    # `hassod index build NEW_FOLDER --index I` adds a folder: the images indexed from elsewhere stay.
+    folder, truth = instance_folder
+    paths = sorted(folder.glob("*.png"))
+
+    def build(chosen, roots):
+        return build_index(chosen, tmp_path / "index", CocoRegions(truth), RegionDescriber(offline_backbone),
+                           show_progress=False, roots=roots)
+
+    first, second = build(paths[:4], paths[:4]), build(paths[4:], paths[4:])
+    assert (first.added, second.added, second.removed) == (4, 4, 0)
+    assert _images_in_catalog(tmp_path / "index") == 8
+    # A deleted file goes when its folder is built again.
+    os.remove(paths[1])
+    third = build(sorted(folder.glob("*.png")), [folder])
+    assert (third.removed, third.unchanged) == (1, 7) and _images_in_catalog(tmp_path / "index") == 7
+    # Without roots the paths are the whole collection.
+    fourth = build(paths[:1], None)
+    assert (fourth.removed, fourth.unchanged) == (6, 1) and _images_in_catalog(tmp_path / "index") == 1
+
+
 def _images_in_catalog(index_dir: Path) -> int:
     path = index_dir / "catalog.sqlite"
     if not path.exists():

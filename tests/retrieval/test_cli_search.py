@@ -41,6 +41,11 @@ def test_search_prints_ranked_results_and_writes_html(built_index, instance_scen
     stats = CliRunner().invoke(app, ["index", "stats", str(index_dir), "--json"])
     info = json.loads(stats.output)
     assert info["images_ok"] == 8 and info["regions"] == sum(len(s.masks) for s in instance_scenes)
+    # Building one file again updates that file only: the command passes what it was given as the roots.
+    one = CliRunner().invoke(app, ["index", "build", str(folder / "scene_03.png"), "--index", str(index_dir),
+                                   "--regions", str(folder.parent / "truth.json"), "--device", "cpu", "--json"])
+    assert json.loads(one.output.splitlines()[-1])["removed"] == 0
+    assert json.loads(CliRunner().invoke(app, ["index", "stats", str(index_dir), "--json"]).output)["images_ok"] == 8
     assert info["regions_by_level"]["whole"] == 16 and info["vectors"]["kind"] == "flat"
 
 
