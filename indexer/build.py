@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from .catalog import Catalog, ImageRecord, IncompatibleIndexError, NewRegion
 from .descriptors import RegionDescriber
-from .layout import catalog_url, exclusive_build, remember_catalog, vectors_path, whitening_path
+from .layout import catalog_url, claim_catalog, exclusive_build, vectors_path, whitening_path
 from .regions import ImageRegions, RegionSource
 from .vectors import VectorStore, validate_index_type
 from .whitening import PCAWhitening
@@ -144,8 +144,7 @@ def build_index(
         index_dir.mkdir(parents=True, exist_ok=True)  # the SQLite catalog lives inside
     summary = BuildSummary()
     with Catalog(catalog_url(index_dir, db_url)) as catalog:
-        if db_url:  # opened: now the directory may point to it
-            remember_catalog(index_dir, db_url)
+        owner = claim_catalog(index_dir, catalog, db_url)
         with exclusive_build(index_dir):  # one build at a time: see exclusive_build
             learned = PCAWhitening.load(whitening_path(index_dir)) if whitening_path(index_dir).exists() else None
             whitening = _resolve_whitening(whitening, learned)
@@ -194,7 +193,7 @@ def build_index(
                         store.save(vectors_path(index_dir))
             sink.flush()
             if catalog.get_config() is None:
-                catalog.set_config(config)
+                catalog.set_config(config if owner is None else {**config, "index_id": owner})
             store.save(vectors_path(index_dir))
     summary.seconds = time.perf_counter() - start
     return summary

@@ -224,7 +224,7 @@ class Catalog:
             _Base.metadata.create_all(self.engine)
         except (ArgumentError, NoSuchModuleError, OperationalError) as exc:
             reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-            raise CatalogUnavailableError(f"cannot open the catalog at {_shown(url)}: {reason}") from None
+            raise CatalogUnavailableError(f"cannot open the catalog at {masked_url(url)}: {reason}") from None
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         with self._session.begin() as s:
             for name, table in _COUNTED.items():
@@ -479,7 +479,7 @@ class Catalog:
         }
 
 
-def _shown(url: str) -> str:
+def masked_url(url: str) -> str:
     """``url`` without its password, to print."""
     try:
         return make_url(url).render_as_string(hide_password=True)

@@ -2,7 +2,7 @@
 
 ``DIR/vectors.faiss``   FAISS vectors keyed by region id (indexer.vectors)
 ``DIR/catalog.sqlite``  the catalog, unless ``--db URL`` put it elsewhere
-``DIR/index.json``      ``{"catalog": URL}`` when the catalog lives elsewhere
+``DIR/index.json``      ``{"catalog": URL, "index_id": ID}`` when the catalog lives elsewhere
 ``DIR/whitening.npz``   the PCA-whitening of the vectors, when built with one (indexer.whitening)
 ``DIR/build.lock``      locked (flock) while a build writes the index
 """
@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import uuid
 from pathlib import Path
 
 from hassod.locks import exclusive
 
-from .catalog import Catalog
+from .catalog import Catalog, IncompatibleIndexError, masked_url
 from .vectors import VectorStore
 
 VECTORS_FILE = "vectors.faiss"
@@ -32,7 +33,7 @@ def catalog_url(index_dir: Path, db_url: str | None = None) -> str:
     """The catalog URL of the index at ``index_dir``; ``db_url`` (at build time) overrides it.
 
     The index remembers a ``db_url`` only once a build has opened it
-    (:func:`remember_catalog`), so a mistyped URL does not stick to the directory.
+    (:func:`claim_catalog`), so a mistyped URL does not stick to the directory.
     """
     if db_url:
         return db_url
@@ -42,11 +43,33 @@ def catalog_url(index_dir: Path, db_url: str | None = None) -> str:
     return f"sqlite:///{(Path(index_dir) / CATALOG_FILE).resolve()}"
 
 
-def remember_catalog(index_dir: Path, db_url: str) -> None:
-    """Point the index at ``index_dir`` to the catalog at ``db_url`` for later builds and searches."""
-    index_dir = Path(index_dir)
-    index_dir.mkdir(parents=True, exist_ok=True)
-    (index_dir / POINTER_FILE).write_text(json.dumps({"catalog": db_url}))
+def claim_catalog(index_dir: Path, catalog: Catalog, db_url: str | None) -> str | None:
+    """Tie the index at ``index_dir`` to its opened ``catalog`` when that lives elsewhere (``--db``).
+
+    One database holds one index: a second directory building into it would
+    see the first's images as its own (and describe them into its own vectors).
+    So the catalog's config and ``index.json`` share an id, the directory
+    remembers ``db_url`` only once it opened, and another directory's catalog
+    raises :class:`IncompatibleIndexError`. Returns the id to store in the
+    catalog's config, or None for the SQLite catalog inside the directory.
+    """
+    pointer = Path(index_dir) / POINTER_FILE
+    if db_url is None and not pointer.exists():
+        return None
+    remembered = json.loads(pointer.read_text()) if pointer.exists() else {}
+    saved = catalog.get_config() or {}
+    claimed = saved.get("index_id")
+    if claimed is not None and claimed != remembered.get("index_id"):
+        raise IncompatibleIndexError(
+            f"the catalog at {masked_url(db_url or remembered['catalog'])} holds the index of another directory; "
+            "give every index its own database"
+        )
+    index_id = claimed or remembered.get("index_id") or uuid.uuid4().hex
+    if saved and claimed is None:  # built before catalogs carried the id: its first directory claims it
+        catalog.set_config({**saved, "index_id": index_id})
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    pointer.write_text(json.dumps({"catalog": db_url or remembered["catalog"], "index_id": index_id}))
+    return index_id
 
 
 def exclusive_build(index_dir: Path) -> contextlib.AbstractContextManager[None]:

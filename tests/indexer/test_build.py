@@ -1,6 +1,7 @@
 """`index build` → search round trips on synthetic instance scenes (real catalog, FAISS, backbone)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -140,6 +141,32 @@ def test_a_build_removes_only_what_vanished_from_the_paths_it_was_given(tmp_path
     # Without roots the paths are the whole collection.
     fourth = build(paths[:1], None)
     assert (fourth.removed, fourth.unchanged) == (6, 1) and _images_in_catalog(tmp_path / "index") == 1
+
+
+def test_one_database_holds_one_index(tmp_path, instance_folder, offline_backbone):
+    # A second index directory building into the same --db would take the first's images for its own.
+    folder, truth = instance_folder
+    paths = sorted(folder.glob("*.png"))
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+
+    def build(index_dir: Path, chosen, db_url: str | None = url):
+        return build_index(chosen, index_dir, CocoRegions(truth), RegionDescriber(offline_backbone), db_url=db_url,
+                           show_progress=False)
+
+    assert build(tmp_path / "first", paths[:4]).added == 4
+    with pytest.raises(IncompatibleIndexError, match="holds the index of another directory"):
+        build(tmp_path / "second", paths[4:])
+    assert not (tmp_path / "second" / "index.json").exists()
+    # Its own directory goes on building into it, with or without --db.
+    assert build(tmp_path / "first", paths, db_url=None).added == 4
+    with Catalog(url) as catalog:
+        assert len(catalog.images()) == 8
+        # A catalog from before catalogs carried the id goes to the first directory that builds into it.
+        catalog.set_config({k: v for k, v in catalog.get_config().items() if k != "index_id"})
+    (tmp_path / "first" / "index.json").write_text(json.dumps({"catalog": url}))
+    assert build(tmp_path / "first", paths, db_url=None).unchanged == 8
+    with pytest.raises(IncompatibleIndexError, match="holds the index of another directory"):
+        build(tmp_path / "second", paths[4:])
 
 
 def _images_in_catalog(index_dir: Path) -> int:
