@@ -3,17 +3,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .console import fail, report
 from .images import DEFAULT_MAX_PIXELS
 
+if TYPE_CHECKING:
+    from .detect import DetectOptions
+
 LEVEL_CHOICES = ("whole", "part", "subpart")
 
 
-def _options(levels: tuple[str, ...], score_thresh: float, max_detections: int):
+def _options(levels: tuple[str, ...], score_thresh: float, max_detections: int) -> DetectOptions:
     from .detect import DetectOptions
 
     chosen = tuple(LEVEL_CHOICES.index(name) for name in levels) or (0, 1, 2)
@@ -164,8 +167,8 @@ def _read_predictions(path: Path, gt: dict[str, Any]) -> tuple[list[dict[str, An
     return data, None
 
 
-def _selected(detections: list[dict[str, Any]], options) -> list[dict[str, Any]]:
-    """The detections that a detector run with ``options`` (DetectOptions) keeps: score and level filters,
+def _selected(detections: list[dict[str, Any]], options: DetectOptions) -> list[dict[str, Any]]:
+    """The detections that a detector run with ``options`` keeps: score and level filters,
     then the best ``max_detections`` per image (a stable sort, as the detector's)."""
     if len(options.levels) < 3 and any("hier_level" not in d for d in detections):
         fail("--level needs detections with 'hier_level' (as `hassod detect` and `hassod discover` write)")
