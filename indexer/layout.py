@@ -47,8 +47,8 @@ def claim_catalog(index_dir: Path, catalog: Catalog, db_url: str | None) -> str 
     """Tie the index at ``index_dir`` to its opened ``catalog`` when that lives elsewhere (``--db``).
 
     One database holds one index: a second directory building into it would
-    see the first's images as its own (and describe them into its own vectors).
-    So the catalog's config and ``index.json`` share an id, the directory
+    count the first's images as its own, without their vectors. So the
+    catalog's config and ``index.json`` share an id, the directory
     remembers ``db_url`` only once it opened, and another directory's catalog
     raises :class:`IncompatibleIndexError`. Returns the id to store in the
     catalog's config, or None for the SQLite catalog inside the directory.
