@@ -48,13 +48,13 @@ def discover(images, out, backbone, weights, thresholds, device, workers, batch_
     import os
 
     from .device import resolve_device
-    from .discover.coco import SettingsMismatchError
+    from .discover.coco import SettingsMismatchError, progress_path
     from .discover.collection import discover_collection
     from .discover.pipeline import DiscoverySettings
     from .features import WeightsFormatError, WeightsNotFoundError, build_backbone
     from .images import list_images
 
-    paths = list_images(images)
+    paths = list_images(images, exclude=[out, progress_path(out)] + ([viz_dir] if viz_dir else []))
     if not paths:
         fail(f"no files found in {', '.join(map(str, images))}")
     try:

@@ -40,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 from .device import resolve_device
-from .discover.coco import LEVEL_NAMES, ImageRecord, ProgressLog, common_root, write_json_atomic
+from .discover.coco import LEVEL_NAMES, ImageRecord, ProgressLog, common_root, progress_path, write_json_atomic
 from .discover.collection import run_line
 from .discover.levels import find_parents, intersection_matrix, rle_intersections
 from .discover.masks import RleMasks, masks_to_rle, rle_to_masks
@@ -345,7 +345,7 @@ def detect_collection(
     Image ids are 1.. in sorted path order over the readable files.
     """
     start = time.perf_counter()
-    log = ProgressLog(Path(str(out) + ".progress.jsonl"), detector.run_settings())
+    log = ProgressLog(progress_path(out), detector.run_settings())
     keys = [str(Path(p).resolve()) for p in paths]
     todo = [k for k in keys if k not in log.done]
     summary = DetectSummary(resumed=len(keys) - len(todo), out=str(out), images_file=str(images_file(out)))

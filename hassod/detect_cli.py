@@ -66,11 +66,11 @@ def _detection_options(command):
 def detect(images, checkpoint, out, levels, score_thresh, max_detections, device, batch_size, amp, max_pixels,
            viz_dir, as_json):
     """Detect wholes, parts and subparts in IMAGES (files or folders) with a trained detector."""
-    from .detect import detect_collection
-    from .discover.coco import SettingsMismatchError
+    from .detect import detect_collection, images_file
+    from .discover.coco import SettingsMismatchError, progress_path
     from .images import list_images
 
-    paths = list_images(images)
+    paths = list_images(images, exclude=[out, progress_path(out), images_file(out)] + ([viz_dir] if viz_dir else []))
     if not paths:
         fail(f"no files found in {', '.join(map(str, images))}")
     detector = _load_detector(checkpoint, device, _options(levels, score_thresh, max_detections), amp)

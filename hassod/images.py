@@ -28,20 +28,30 @@ class ImageError(Exception):
     """An input file that cannot be used as an image; ``str()`` is the reason."""
 
 
-def list_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+def list_images(inputs: Iterable[str | os.PathLike], exclude: Iterable[str | os.PathLike] = ()) -> list[Path]:
     """Every candidate file under ``inputs`` (files or folders, recursive), sorted.
 
     Hidden files and folders are ignored. Files are not filtered by extension:
     a non-image file is reported as skipped by the reader rather than silently
-    dropped here.
+    dropped here. ``exclude``: files and folders the command itself writes
+    (output and progress files, an overlay folder, an index directory), left
+    out even inside an input folder, so that a re-run does not take its own
+    output for images.
     """
+    excluded = tuple(os.path.abspath(p) for p in exclude)
+    inside = tuple(p + os.sep for p in excluded)
+
+    def kept(path: str) -> bool:
+        absolute = os.path.abspath(path)
+        return absolute not in excluded and not absolute.startswith(inside)
+
     found: set[Path] = set()
     for item in inputs:
         path = Path(item)
         if path.is_dir():
             for root, dirs, files in os.walk(path):
-                dirs[:] = [d for d in dirs if not d.startswith(".")]
-                found.update(Path(root, f) for f in files if not f.startswith("."))
+                dirs[:] = [d for d in dirs if not d.startswith(".") and kept(os.path.join(root, d))]
+                found.update(Path(root, f) for f in files if not f.startswith(".") and kept(os.path.join(root, f)))
         elif path.is_file():
             found.add(path)
         else:

@@ -52,7 +52,7 @@ def build(images, index_dir, detector, regions_json, db_url, backbone, weights, 
 
     if detector and regions_json:
         fail("give either --detector (regions from a trained detector) or --regions (from a COCO file), not both")
-    paths = list_images(images)
+    paths = list_images(images, exclude=[index_dir])
     if not paths:
         fail(f"no files found in {', '.join(map(str, images))}")
     try:

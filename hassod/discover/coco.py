@@ -42,6 +42,11 @@ class SettingsMismatchError(RuntimeError):
     """The progress log on disk was made with other settings."""
 
 
+def progress_path(out: str | os.PathLike) -> Path:
+    """The progress log of the results file ``out``: ``pseudo.json`` → ``pseudo.json.progress.jsonl``."""
+    return Path(str(out) + ".progress.jsonl")
+
+
 class ProgressLog:
     """Append-only JSON-lines log of finished images, keyed by path.
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ..features import Backbone
 from ..images import DEFAULT_MAX_PIXELS, ImageError, load_rgb, resize_square
-from .coco import ImageRecord, ProgressLog, build_coco, common_root, write_json_atomic
+from .coco import ImageRecord, ProgressLog, build_coco, common_root, progress_path, write_json_atomic
 from .pipeline import DiscoverySettings
 from .work import Job, limit_threads, process_job
 
@@ -65,7 +65,7 @@ def discover_collection(
     start = time.perf_counter()
     settings = settings.with_default_thresholds(backbone.default_thresholds)
     run_settings = {"backbone": backbone.name, "weights": backbone.weights_id, "discovery": settings.as_dict()}
-    log = ProgressLog(Path(str(out) + ".progress.jsonl"), run_settings)
+    log = ProgressLog(progress_path(out), run_settings)
     keys = [str(Path(p).resolve()) for p in paths]
     todo = [k for k in keys if k not in log.done]
     summary = DiscoverySummary(resumed=len(keys) - len(todo), out=str(out))

@@ -84,6 +84,21 @@ def test_discover_end_to_end_with_odd_and_bad_inputs(tmp_path, coco128_images, b
     assert Image.open(next(p for p in overlays if p.name.startswith("tiny"))).size == (6, 5)
 
 
+def test_outputs_written_inside_the_folder_are_not_taken_for_images(tmp_path, coco128_images):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(coco128_images[0], folder)
+    args = ["discover", str(folder), "--out", str(folder / "pseudo.json"), "--viz", str(folder / "viz"),
+            "--workers", "1", "--json"]
+    for _ in range(2):  # the second run sees the first's JSON, progress log and overlays in the folder
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        summary = json.loads(result.output.strip().splitlines()[-1])
+        assert summary["images"] == 1 and summary["skipped"] == []
+    assert [img["file_name"] for img in json.loads((folder / "pseudo.json").read_text())["images"]] == \
+        [coco128_images[0].name]
+
+
 def _run_cli(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "hassod.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

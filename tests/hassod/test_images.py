@@ -50,6 +50,15 @@ def test_bad_inputs_raise_clear_errors(bad_inputs):
     assert "too large" in messages["huge"] and "9000x8000" in messages["huge"]
 
 
+def test_list_images_leaves_out_what_the_command_writes(tmp_path, monkeypatch):
+    for name in ("a.png", "out.json", "out.json.progress.jsonl", "viz/a.png", "idx/catalog.sqlite", "idx.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)  # relative and absolute spellings name the same files
+    found = list_images([tmp_path], exclude=["out.json", tmp_path / "out.json.progress.jsonl", "viz", "idx/"])
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a.png", "idx.png"]
+
+
 def test_list_images_recursive_sorted_without_hidden(tmp_path):
     (tmp_path / "b").mkdir()
     (tmp_path / ".hidden").mkdir()

@@ -112,6 +112,17 @@ def test_whitening_is_chosen_at_the_first_build_and_kept(built_index, instance_f
     assert not (tmp_path / "wide").exists()
 
 
+def test_an_index_inside_its_collection_does_not_index_itself(instance_folder, instance_scenes):
+    folder, truth = instance_folder
+    index_dir = folder / "index"
+    runner = CliRunner()
+    for expected in ({"added": 8, "unchanged": 0}, {"added": 0, "unchanged": 8}):
+        result = runner.invoke(app, ["index", "build", str(folder), "--index", str(index_dir), "--regions",
+                                     str(truth), "--device", "cpu", "--json"])
+        summary = json.loads(result.output.splitlines()[-1])
+        assert {k: summary[k] for k in expected} == expected and summary["errors"] == []
+
+
 def test_index_built_with_another_backbone_is_refused(built_index, tmp_path):
     import timm
     import torch
