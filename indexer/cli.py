@@ -42,6 +42,7 @@ def build(images, index_dir, detector, regions_json, db_url, backbone, weights, 
     """Index every whole, part and subpart region of IMAGES (files or folders); re-runs update it."""
     from hassod.device import resolve_device
     from hassod.features import WeightsFormatError, WeightsNotFoundError, build_backbone
+    from hassod.discover.coco import progress_path
     from hassod.images import list_images
 
     from .build import IncompatibleSourceError, WhiteningError, WhiteningSettings, build_index
@@ -52,7 +53,9 @@ def build(images, index_dir, detector, regions_json, db_url, backbone, weights, 
 
     if detector and regions_json:
         fail("give either --detector (regions from a trained detector) or --regions (from a COCO file), not both")
-    paths = list_images(images, exclude=[index_dir])
+    # The index, and a regions file with its progress log (`hassod discover` writes them), are not images.
+    regions_files = [regions_json, progress_path(regions_json)] if regions_json else []
+    paths = list_images(images, exclude=[index_dir, *regions_files])
     if not paths:
         fail(f"no files found in {', '.join(map(str, images))}")
     try:
