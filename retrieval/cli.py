@@ -93,6 +93,9 @@ def search(index_dir, query, box, region_id, level, k, weights, detector, device
         fail(str(exc))
     finally:
         searcher.close()
+    if not matches and not as_json:
+        click.echo("no results: " + ("the index holds no regions" if not len(searcher.store)
+                                     else f"the index holds no {level} regions" if level else "no match"))
     for rank, match in enumerate(matches, start=1):
         if as_json:
             click.echo(json.dumps({"rank": rank, "path": match.path, "score": round(match.score, 5),

@@ -125,6 +125,19 @@ def test_an_index_inside_its_collection_does_not_index_itself(instance_folder, i
         assert {k: summary[k] for k in expected} == expected and summary["errors"] == []
 
 
+def test_a_search_without_results_says_why(built_index, tmp_path):
+    folder, _ = built_index
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "notes.txt").write_text("not an image")
+    runner = CliRunner()
+    built = runner.invoke(app, ["index", "build", str(tmp_path / "texts"), "--index", str(tmp_path / "empty"),
+                                "--device", "cpu"])
+    assert built.exit_code == 0, built.output
+    query = ["--query", str(folder / "scene_00.png"), "--box", "5,5,100,100"]
+    result = runner.invoke(app, ["search", "--index", str(tmp_path / "empty"), *query])
+    assert result.exit_code == 0 and result.output == "no results: the index holds no regions\n"
+
+
 def test_index_built_with_another_backbone_is_refused(built_index, tmp_path):
     import timm
     import torch
