@@ -76,7 +76,7 @@ class BuildSummary:
     def line(self) -> str:
         return (
             f"{self.added} added, {self.updated} updated, {self.removed} removed, {self.unchanged} unchanged; "
-            f"{self.regions} regions indexed; {len(self.errors)} unreadable in {self.seconds:.1f} s"
+            f"{self.regions} regions indexed; {len(self.errors)} skipped in {self.seconds:.1f} s"
         )
 
 

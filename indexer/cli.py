@@ -81,7 +81,7 @@ def build(images, index_dir, detector, regions_json, db_url, backbone, weights, 
     except (WeightsNotFoundError, WeightsFormatError, IncompatibleIndexError, IncompatibleSourceError,
             RegionsFileError, CatalogUnavailableError, IndexTypeError, WhiteningError, NotImplementedError) as exc:
         fail(str(exc))
-    report(summary, summary.errors, "unreadable", as_json)
+    report(summary, summary.errors, "skipped", as_json)
 
 
 @index.command()
@@ -104,7 +104,7 @@ def stats(index_dir, as_json):
         return
     levels = info["regions_by_level"]
     vectors = info["vectors"]
-    click.echo(f"images    {info['images_ok']} indexed, {info['images_error']} unreadable")
+    click.echo(f"images    {info['images_ok']} indexed, {info['images_error']} skipped (unreadable or without regions)")
     click.echo(f"regions   {info['regions']} ({levels['whole']} whole, {levels['part']} part, {levels['subpart']} subpart)")
     whitened = f" (PCA-whitened from {info['config']['descriptor_dim']})" if info["config"].get("whitening") else ""
     click.echo(f"vectors   {vectors['size']} x {vectors['dim']}{whitened}, {vectors['kind']} index, "
