@@ -54,7 +54,7 @@ def discover(images, out, backbone, weights, thresholds, device, workers, batch_
     from .features import WeightsFormatError, WeightsNotFoundError, build_backbone
     from .images import list_images
 
-    paths = list_images(images, exclude=[out, progress_path(out)] + ([viz_dir] if viz_dir else []))
+    paths = list_images(images, exclude=[out, progress_path(out), viz_dir])
     if not paths:
         fail(f"no files found in {', '.join(map(str, images))}")
     try:

@@ -70,7 +70,7 @@ def detect(images, checkpoint, out, levels, score_thresh, max_detections, device
     from .discover.coco import SettingsMismatchError, progress_path
     from .images import list_images
 
-    paths = list_images(images, exclude=[out, progress_path(out), images_file(out)] + ([viz_dir] if viz_dir else []))
+    paths = list_images(images, exclude=[out, progress_path(out), images_file(out), viz_dir])
     if not paths:
         fail(f"no files found in {', '.join(map(str, images))}")
     detector = _load_detector(checkpoint, device, _options(levels, score_thresh, max_detections), amp)

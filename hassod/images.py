@@ -28,7 +28,7 @@ class ImageError(Exception):
     """An input file that cannot be used as an image; ``str()`` is the reason."""
 
 
-def list_images(inputs: Iterable[str | os.PathLike], exclude: Iterable[str | os.PathLike] = ()) -> list[Path]:
+def list_images(inputs: Iterable[str | os.PathLike], exclude: Iterable[str | os.PathLike | None] = ()) -> list[Path]:
     """Every candidate file under ``inputs`` (files or folders, recursive), sorted.
 
     Hidden files and folders are ignored. Files are not filtered by extension:
@@ -36,9 +36,9 @@ def list_images(inputs: Iterable[str | os.PathLike], exclude: Iterable[str | os.
     dropped here. ``exclude``: files and folders the command itself writes
     (output and progress files, an overlay folder, an index directory), left
     out even inside an input folder, so that a re-run does not take its own
-    output for images.
+    output for images; ``None`` entries (an option not given) are ignored.
     """
-    excluded = tuple(os.path.abspath(p) for p in exclude)
+    excluded = tuple(os.path.abspath(p) for p in exclude if p is not None)
     inside = tuple(p + os.sep for p in excluded)
 
     def kept(path: str) -> bool:

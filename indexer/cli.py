@@ -54,8 +54,8 @@ def build(images, index_dir, detector, regions_json, db_url, backbone, weights, 
     if detector and regions_json:
         fail("give either --detector (regions from a trained detector) or --regions (from a COCO file), not both")
     # The index, and a regions file with its progress log (`hassod discover` writes them), are not images.
-    regions_files = [regions_json, progress_path(regions_json)] if regions_json else []
-    paths = list_images(images, exclude=[index_dir, *regions_files])
+    regions_log = progress_path(regions_json) if regions_json else None
+    paths = list_images(images, exclude=[index_dir, regions_json, regions_log])
     if not paths:
         fail(f"no files found in {', '.join(map(str, images))}")
     try:

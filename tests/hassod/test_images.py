@@ -55,7 +55,7 @@ def test_list_images_leaves_out_what_the_command_writes(tmp_path, monkeypatch):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
     monkeypatch.chdir(tmp_path)  # relative and absolute spellings name the same files
-    found = list_images([tmp_path], exclude=["out.json", tmp_path / "out.json.progress.jsonl", "viz", "idx/"])
+    found = list_images([tmp_path], exclude=["out.json", tmp_path / "out.json.progress.jsonl", "viz", "idx/", None])
     assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a.png", "idx.png"]
 
 
