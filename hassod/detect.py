@@ -230,8 +230,9 @@ class Detector:
         options: what to keep of the output (:class:`DetectOptions`).
         amp: run the model in float16 autocast on CUDA (ignored on CPU, where
             autocast brings no speed-up for these ops).
+        use: the checkpoint's "student" (default) or Mean Teacher's "teacher" weights.
 
-    Raises ``hassod.model.CheckpointError`` for a missing or foreign file.
+    Raises ``hassod.model.CheckpointError`` for a missing or foreign file, or a teacher it does not hold.
     """
 
     def __init__(
@@ -240,11 +241,13 @@ class Detector:
         device: str | torch.device | None = "auto",
         options: DetectOptions | None = None,
         amp: bool = True,
+        use: str = "student",
     ):
         from .model import load_detector
 
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
-        self.model, self.settings = load_detector(str(checkpoint), device=str(self.device))
+        self.model, self.settings = load_detector(str(checkpoint), device=str(self.device), use=use)
+        self.use = use
         self.options = options or DetectOptions()
         _limit_model_output(self.model, self.settings, self.options)
         self.amp = amp and self.device.type == "cuda"
@@ -254,11 +257,17 @@ class Detector:
     @property
     def identity(self) -> str:
         """Names the weights and the options: two runs with the same identity give the same detections."""
-        return f"detector:{self.digest}:{self.options.key()}"
+        return f"detector:{self.digest}{self._weights_suffix}:{self.options.key()}"
+
+    @property
+    def _weights_suffix(self) -> str:
+        # The student is what a checkpoint has always meant: identities from before the teacher stay valid.
+        return "" if self.use == "student" else f"+{self.use}"
 
     def run_settings(self) -> dict[str, Any]:
-        """JSON-ready description of this run (checkpoint hash, model settings, options)."""
-        return {"checkpoint": self.digest, "model": asdict(self.settings), "options": asdict(self.options)}
+        """JSON-ready description of this run (checkpoint hash and weights, model settings, options)."""
+        return {"checkpoint": self.digest + self._weights_suffix, "model": asdict(self.settings),
+                "options": asdict(self.options)}
 
     @torch.inference_mode()
     def forward(self, images: Sequence[np.ndarray]) -> list[dict[str, torch.Tensor]]:

@@ -23,17 +23,22 @@ def _options(levels: tuple[str, ...], score_thresh: float, max_detections: int) 
     return DetectOptions(levels=chosen, score_thresh=score_thresh, max_detections=max_detections)
 
 
-def _load_detector(checkpoint: Path, device: str, options, amp: bool):
+def _load_detector(checkpoint: Path, device: str, options, amp: bool, use: str):
     """The :class:`hassod.detect.Detector`, or a one-line error (exit 2) for a bad checkpoint or device."""
     from .detect import Detector
     from .model import CheckpointError
 
     try:
-        return Detector(checkpoint, device=device, options=options, amp=amp)
+        return Detector(checkpoint, device=device, options=options, amp=amp, use=use)
     except (CheckpointError, FileNotFoundError, IsADirectoryError) as exc:
         fail(f"checkpoint {checkpoint}: {exc}")
     except ValueError as exc:  # unknown or unavailable device
         fail(str(exc))
+
+
+USE_OPTION = click.option(
+    "--use", default="student", show_default=True, type=click.Choice(["student", "teacher"]),
+    help="The checkpoint's weights: the student, or Mean Teacher's teacher.")
 
 
 def _detection_options(command):
@@ -45,6 +50,7 @@ def _detection_options(command):
                      help="Drop detections scoring below this."),
         click.option("--max-detections", default=1000, show_default=True, type=click.IntRange(min=1),
                      help="At most this many detections per image, best first."),
+        USE_OPTION,
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--batch-size", default=2, show_default=True, type=click.IntRange(min=1)),
         click.option("--amp/--no-amp", default=True, show_default=True, help="float16 autocast on CUDA."),
@@ -63,7 +69,7 @@ def _detection_options(command):
 @_detection_options
 @click.option("--viz", "viz_dir", type=click.Path(file_okay=False, path_type=Path), help="Write overlay PNGs here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def detect(images, checkpoint, out, levels, score_thresh, max_detections, device, batch_size, amp, max_pixels,
+def detect(images, checkpoint, out, levels, score_thresh, max_detections, use, device, batch_size, amp, max_pixels,
            viz_dir, as_json):
     """Detect wholes, parts and subparts in IMAGES (files or folders) with a trained detector."""
     from .detect import detect_collection, images_file
@@ -73,7 +79,7 @@ def detect(images, checkpoint, out, levels, score_thresh, max_detections, device
     paths = list_images(images, exclude=[out, progress_path(out), images_file(out), viz_dir])
     if not paths:
         fail(f"no files found in {', '.join(map(str, images))}")
-    detector = _load_detector(checkpoint, device, _options(levels, score_thresh, max_detections), amp)
+    detector = _load_detector(checkpoint, device, _options(levels, score_thresh, max_detections), amp, use)
     try:
         summary = detect_collection(paths, out, detector, batch_size=batch_size, viz_dir=viz_dir,
                                     max_pixels=max_pixels, show_progress=not as_json)
@@ -93,8 +99,8 @@ def detect(images, checkpoint, out, levels, score_thresh, max_detections, device
               help="With --checkpoint: the ground truth's images (file names relative to this folder).")
 @_detection_options
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def evaluate_command(gt_path, pred_path, checkpoint, images_path, levels, score_thresh, max_detections, device,
-                     batch_size, amp, max_pixels, as_json):
+def evaluate_command(gt_path, pred_path, checkpoint, images_path, levels, score_thresh, max_detections, use,
+                     device, batch_size, amp, max_pixels, as_json):
     """Class-agnostic box and mask AR / AP of detections against ground truth, overall and per predicted level.
 
     Detections come from --pred, or from running --checkpoint on --images.
@@ -108,6 +114,8 @@ def evaluate_command(gt_path, pred_path, checkpoint, images_path, levels, score_
         fail("give either --pred, or --checkpoint with --images")
     if checkpoint is not None and images_path is None:
         fail("--checkpoint needs --images, the folder of the ground truth's images")
+    if pred_path is not None and use != "student":
+        fail("--use goes with --checkpoint: it picks the weights to detect with")
     gt = _read_json(gt_path)
     try:
         check_ground_truth(gt)
@@ -123,7 +131,7 @@ def evaluate_command(gt_path, pred_path, checkpoint, images_path, levels, score_
             # Evaluate on the images the predictions cover: the others were never looked at.
             gt = subset_images(gt, image_ids)
     else:
-        detector = _load_detector(checkpoint, device, options, amp)
+        detector = _load_detector(checkpoint, device, options, amp, use)
         detections, image_ids = _detect_for_gt(detector, images_path, gt, batch_size, max_pixels)
         if not image_ids:
             fail(f"none of the images of {gt_path} was found (and readable) in {images_path}")

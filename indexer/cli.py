@@ -21,6 +21,8 @@ def index() -> None:
 @click.option("--index", "index_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Index directory (created).")
 @click.option("--detector", type=click.Path(exists=True, dir_okay=False), help="Regions from a trained detector.")
+@click.option("--use", default="student", show_default=True, type=click.Choice(["student", "teacher"]),
+              help="With --detector: the checkpoint's student, or Mean Teacher's teacher.")
 @click.option("--regions", "regions_json", type=click.Path(exists=True, dir_okay=False),
               help="Regions from a COCO file, e.g. the output of `hassod discover`.")
 @click.option("--db", "db_url", help="SQLAlchemy URL of the catalog [sqlite file inside the index].")
@@ -37,7 +39,7 @@ def index() -> None:
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def build(images, index_dir, detector, regions_json, db_url, backbone, weights, index_type, whiten, whiten_dim, device,
+def build(images, index_dir, detector, use, regions_json, db_url, backbone, weights, index_type, whiten, whiten_dim, device,
           workers, batch_size, max_pixels, as_json):
     """Index every whole, part and subpart region of IMAGES (files or folders); re-runs update it."""
     from hassod.device import resolve_device
@@ -53,6 +55,8 @@ def build(images, index_dir, detector, regions_json, db_url, backbone, weights, 
 
     if detector and regions_json:
         fail("give either --detector (regions from a trained detector) or --regions (from a COCO file), not both")
+    if use != "student" and not detector:
+        fail("--use goes with --detector: it picks the checkpoint's weights")
     # The index, and a regions file with its progress log (`hassod discover` writes them), are not images.
     regions_log = progress_path(regions_json) if regions_json else None
     paths = list_images(images, exclude=[index_dir, regions_json, regions_log])
@@ -66,7 +70,7 @@ def build(images, index_dir, detector, regions_json, db_url, backbone, weights, 
             try:
                 # --batch-size is discovery's: a detected image holds its masks at full size, so the detector
                 # keeps its own (smaller) default.
-                source = detector_regions(detector, device=device, max_pixels=max_pixels)
+                source = detector_regions(detector, device=device, max_pixels=max_pixels, use=use)
             except CheckpointError as exc:
                 fail(f"--detector {detector}: {exc}")
         elif regions_json:

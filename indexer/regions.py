@@ -203,8 +203,9 @@ class DetectorRegions:
     """Regions from a trained stage-2 detector, through :class:`hassod.detect.Detector` (the same path as
     `hassod detect`): box, mask, score, predicted level, and parent by the coverage rule among the kept detections.
 
-    The identity names the checkpoint by content hash and the detection
-    options, so an index refuses regions from another checkpoint.
+    The identity names the checkpoint by content hash, its weights (student
+    or teacher) and the detection options, so an index refuses regions from
+    another checkpoint.
     """
 
     def __init__(
@@ -214,12 +215,13 @@ class DetectorRegions:
         options: DetectOptions | None = None,
         batch_size: int = 2,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        use: str = "student",
     ):
-        self.detector = Detector(checkpoint, device=device, options=options)
+        self.detector = Detector(checkpoint, device=device, options=options, use=use)
         self.batch_size, self.max_pixels = batch_size, max_pixels
         self.identity = self.detector.identity
         self.query_settings = {"kind": "detector", "checkpoint": str(Path(checkpoint).resolve()),
-                               "digest": self.detector.digest, "options": asdict(self.detector.options)}
+                               "digest": self.detector.digest, "options": asdict(self.detector.options), "use": use}
 
     def regions(self, paths: Sequence[str]) -> Iterator[ImageRegions]:
         for path, image, found, error in self.detector.detect_paths(paths, self.batch_size, self.max_pixels):
@@ -238,12 +240,14 @@ def detector_regions(
     device: str | None = "auto",
     batch_size: int = 2,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    use: str = "student",
 ) -> RegionSource:
-    """Regions from a trained stage-2 detector checkpoint (``hassod index build --detector``).
+    """Regions from a trained stage-2 detector checkpoint (``hassod index build --detector``), its
+    student or its teacher weights (``use``).
 
     Raises ``hassod.model.CheckpointError`` for a file that is not a detector checkpoint.
     """
-    return DetectorRegions(checkpoint, device=device, batch_size=batch_size, max_pixels=max_pixels)
+    return DetectorRegions(checkpoint, device=device, batch_size=batch_size, max_pixels=max_pixels, use=use)
 
 
 class QuerySourceError(ValueError):
@@ -270,7 +274,8 @@ def query_regions(
         raise QuerySourceError(
             f"this index's regions come from the detector checkpoint {settings['checkpoint']}, which is not there; "
             "pass --detector PATH to where it is now (whole-image queries need it)")
-    source = DetectorRegions(path, device=device, options=DetectOptions(**settings["options"]))
+    source = DetectorRegions(path, device=device, options=DetectOptions(**settings["options"]),
+                             use=settings.get("use", "student"))
     if source.detector.digest != settings["digest"]:
         raise QuerySourceError(
             f"{path} is not the detector this index was built with (checkpoint {settings['digest']})")

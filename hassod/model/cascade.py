@@ -30,7 +30,8 @@ to results and to loading converted checkpoints:
   indexing the same rows so levels stay with their boxes.
 - Mask head (4 conv + deconv + 1-channel predictor) trains on the stage-0
   foreground RoIs (as detectron2's cascade does), BCE on 28×28 targets cut
-  from the pseudo-label masks with aligned RoIAlign.
+  from the pseudo-label masks with aligned RoIAlign; targets without masks (Mean
+  Teacher's unlabelled branch) give no mask loss.
 
 Boxes are xyxy in pixels of the resized (model-input) image throughout.
 """
@@ -346,7 +347,8 @@ class CascadeRoIHeads(nn.Module):
                 fg_probs.append(F.softmax(outputs[0], dim=1)[:, FG_INDEX].split(counts))
                 level_probs.append(F.softmax(outputs[2], dim=1).split(counts))
         if self.training:
-            losses["loss_mask"] = self._mask_loss(features, stage0_boxes, image_shapes, targets)
+            if targets and "masks" in targets[0]:
+                losses["loss_mask"] = self._mask_loss(features, stage0_boxes, image_shapes, targets)
             return [], losses
         detections = self._detections(pred_boxes, fg_probs, level_probs, image_shapes)
         self._add_masks(features, detections, image_shapes)

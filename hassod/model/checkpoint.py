@@ -2,7 +2,8 @@
 
 Layout: ``{"format": "hassod-detector-v1", "model": state_dict, "settings":
 asdict(settings), **extra}``; the trainer adds optimiser, scheduler,
-iteration and RNG state as ``extra``. Checkpoints are pickles: load only
+iteration and RNG state as ``extra``, and after Mean Teacher the teacher's
+weights as ``teacher`` (``model`` is always the student). Checkpoints are pickles: load only
 files you trust (they may hold arbitrary trainer state, so they are read
 with ``weights_only=False``).
 """
@@ -102,9 +103,23 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return data
 
 
-def load_detector(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[HierarchicalDetector, DetectorSettings]:
-    """The detector saved at ``path``, weights loaded strictly, in eval mode on ``device``."""
+WEIGHTS = ("student", "teacher")
+
+
+def load_detector(path: str | os.PathLike, device: str | torch.device = "cpu", use: str = "student",
+                  ) -> tuple[HierarchicalDetector, DetectorSettings]:
+    """The detector saved at ``path``, weights loaded strictly, in eval mode on ``device``.
+
+    use: "student" (the ``model`` weights, what training releases) or
+    "teacher" (Mean Teacher's EMA, in checkpoints of runs that had that phase).
+    """
+    if use not in WEIGHTS:
+        raise ValueError(f"use must be one of {', '.join(WEIGHTS)}, got {use!r}")
     data = read_checkpoint(path)
+    weights = data["model"] if use == "student" else data.get("teacher")
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{path} holds no teacher: its run had no Mean Teacher phase (train with --burn-in "
+                              "below --iterations); use the student")
     try:
         settings = DetectorSettings.from_dict(data["settings"])
     except (TypeError, ValueError) as exc:
@@ -112,7 +127,7 @@ def load_detector(path: str | os.PathLike, device: str | torch.device = "cpu") -
     # Random init: every backbone weight is overwritten by the checkpoint's.
     model = build_detector(settings, random_init=True)
     try:
-        model.load_state_dict(data["model"], strict=True)
+        model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit the model its settings describe: {exc}") from exc
     return model.to(device).eval(), settings

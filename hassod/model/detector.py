@@ -156,7 +156,8 @@ class DetectorTransform(GeneralizedRCNNTransform):
 class HierarchicalDetector(GeneralizedRCNN):
     """Cascade Mask R-CNN with a level head; ``settings`` records how it was built.
 
-    Training: ``model(images, targets)`` → dict of scalar losses (sum them).
+    Training: ``model(images, targets)`` → dict of scalar losses (sum them; ``loss_mask`` only
+    when the targets have masks).
     Inference (eval mode): ``model(images)`` → per image ``boxes`` (N, 4) xyxy
     input pixels, ``scores`` (N,), ``labels`` (N,) ones, ``levels`` (N,)
     0/1/2 = whole/part/subpart, ``level_scores`` (N, 3), ``masks``
@@ -172,12 +173,16 @@ class HierarchicalDetector(GeneralizedRCNN):
         self.settings = settings
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
-        """See the class docstring; targets need ``boxes``, ``labels``, ``masks``, ``levels``."""
+        """See the class docstring; targets need ``boxes``, ``labels``, ``levels`` and, for the
+        mask loss, ``masks`` (a batch whose targets all lack masks has no mask loss: Mean Teacher's
+        unlabelled branch)."""
         if self.training and targets is not None:
             for target in targets:
-                missing = {"boxes", "labels", "masks", "levels"} - set(target)
+                missing = {"boxes", "labels", "levels"} - set(target)
                 if missing:
                     raise ValueError(f"training targets lack {', '.join(sorted(missing))}")
+            if len({"masks" in target for target in targets}) > 1:
+                raise ValueError("training targets must all have masks or all lack them")
         return super().forward(images, targets)
 
 

@@ -19,6 +19,7 @@ the memory of decoded masks.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from pycocotools import mask as mask_utils
 
 from ..discover.masks import coded_rles
 from ..images import DEFAULT_MAX_PIXELS, ImageError, load_rgb, resize_image
+from .views import StrongAugmentation, strong_view
 
 Key = tuple[int, int, int]  # (step, slot in the global batch, dataset index)
 
@@ -87,21 +89,27 @@ class Sample:
     image: torch.Tensor | None = None
     target: dict[str, torch.Tensor] | None = None
     error: str | None = None
+    strong: torch.Tensor | None = None
 
 
 @dataclass
 class Batch:
-    """A collated batch: the usable images and targets, plus the files skipped with their reasons."""
+    """A collated batch: the usable images and targets, plus the files skipped with their reasons.
+
+    strong_images: the same images' strong views, row-aligned, when the dataset makes them (else empty).
+    """
 
     images: list[torch.Tensor]
     targets: list[dict[str, torch.Tensor]]
     keys: list[Key]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    strong_images: list[torch.Tensor] = field(default_factory=list)
 
     def pin_memory(self) -> "Batch":
         """Page-locked copies of the tensors, so the copy to the GPU can overlap compute (DataLoader pin_memory)."""
         return Batch([img.pin_memory() for img in self.images],
-                     [{k: v.pin_memory() for k, v in t.items()} for t in self.targets], self.keys, self.skipped)
+                     [{k: v.pin_memory() for k, v in t.items()} for t in self.targets], self.keys, self.skipped,
+                     [img.pin_memory() for img in self.strong_images])
 
 
 @dataclass(frozen=True)
@@ -285,12 +293,13 @@ class PseudoLabelDataset(torch.utils.data.Dataset):
     augmented with the generator of ``(seed, step, slot, index)``; an
     integer key means ``(0, 0, index)``. Unreadable images give a Sample with
     ``error`` set (never an exception); so do masks that do not match the image.
-    ``missing`` lists the files not found on disk, which are left out.
+    ``missing`` lists the files not found on disk, which are left out. With
+    ``strong``, each Sample also carries the image's strong view (Mean Teacher).
     """
 
     def __init__(self, pseudo_json: str | os.PathLike | dict, images_dir: str | os.PathLike | None = None,
                  augmentation: Augmentation | None = Augmentation(), seed: int = 0,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, strong: StrongAugmentation | None = None):
         self.entries, self.missing = load_pseudo_labels(pseudo_json, images_dir)
         if not self.entries:
             where = f" under {images_dir}" if images_dir is not None else ""
@@ -299,9 +308,19 @@ class PseudoLabelDataset(torch.utils.data.Dataset):
         self.augmentation = augmentation or Augmentation(flip_prob=0.0, copy_paste_prob=0.0)
         self.seed = seed
         self.max_pixels = max_pixels
+        self.strong = strong
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def variant(self, augmentation: Augmentation | None = None, seed: int | None = None,
+                strong: StrongAugmentation | None = None) -> "PseudoLabelDataset":
+        """The same images and labels with other augmentation, seed or strong view (unchanged where None)."""
+        other = copy.copy(self)
+        other.augmentation = augmentation or self.augmentation
+        other.seed = self.seed if seed is None else seed
+        other.strong = strong or self.strong
+        return other
 
     def load(self, index: int) -> ObjectSet:
         """Image ``index`` with its pseudo-labels, scaled down to ``max_size`` if larger. Raises ImageError/ValueError."""
@@ -353,14 +372,16 @@ class PseudoLabelDataset(torch.utils.data.Dataset):
         if do_flip:
             objects = hflip(objects)
         image, target = to_target(objects)
-        return Sample(key, entry.file_name, image, target)
+        strong = strong_view(image, rng, self.strong) if self.strong is not None else None
+        return Sample(key, entry.file_name, image, target, strong=strong)
 
 
 def collate(samples: Sequence[Sample]) -> Batch:
     """Samples -> Batch; skipped samples go to ``Batch.skipped`` as (file_name, reason)."""
     good = [s for s in samples if s.error is None]
     return Batch([s.image for s in good], [s.target for s in good], [s.key for s in good],
-                 [(s.file_name, s.error) for s in samples if s.error is not None])
+                 [(s.file_name, s.error) for s in samples if s.error is not None],
+                 [s.strong for s in good if s.strong is not None])
 
 
 class IndexStream(torch.utils.data.Sampler):

@@ -87,7 +87,19 @@ class WarmupSchedule:
         return warm
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, schedule: WarmupSchedule) -> torch.optim.lr_scheduler.LambdaLR:
+class TwoPhaseSchedule:
+    """LR multiplier of a run in two phases: ``first`` over iterations [0, switch), then
+    ``second`` restarted at 0 from ``switch`` on (Mean Teacher's own warm-up and decay)."""
+
+    def __init__(self, first: WarmupSchedule, second: WarmupSchedule, switch: int):
+        self.first, self.second, self.switch = first, second, switch
+
+    def __call__(self, iteration: int) -> float:
+        return self.first(iteration) if iteration < self.switch else self.second(iteration - self.switch)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, schedule: WarmupSchedule | TwoPhaseSchedule
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-iteration LambdaLR over ``schedule`` (call ``.step()`` after each optimiser step)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 from hassod.model import DetectorSettings, read_checkpoint
 from hassod.train.data import Augmentation
-from hassod.train.loop import TrainError, TrainSettings, train
+from hassod.train.loop import TrainError, train
+from hassod.train.settings import TrainSettings
 from hassod.train_cli import train as train_command
 from tests.hassod.train.train_helpers import one_thread, write_scenes
 
