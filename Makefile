@@ -35,6 +35,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	bash .ci/install_postgres.sh
+	bash .ci/install_chromium.sh
 	$(BIN)/pytest -n 2 -q
 
 bench: $(STAMP)
