@@ -62,9 +62,12 @@ def _mask_cells(mask_rle: dict[str, Any], box: Sequence[float]) -> tuple[np.ndar
 def _simplified(contours: list[np.ndarray]) -> list[np.ndarray]:
     """The contours (row, col in cells), simplified with a tolerance that grows until they hold
     at most MAX_POINTS points together; each keeps at least a triangle."""
-    tolerance = 0.5
+    # Douglas-Peucker (approximate_polygon) runs in Python: on every 2nd point of a contour traced
+    # at a cell's resolution it loses nothing visible and takes a quarter of the time.
+    contours = [c[:-1:2] if len(c) > 4 * MAX_POINTS else c[:-1] for c in contours]
+    tolerance = 1.0
     while True:
-        polygons = [approximate_polygon(c, tolerance)[:-1] for c in contours]  # the last repeats the first
+        polygons = [approximate_polygon(np.vstack([c, c[:1]]), tolerance)[:-1] for c in contours]  # closed
         polygons = [p for p in polygons if len(p) >= 3]
         if sum(len(p) for p in polygons) <= MAX_POINTS or not polygons:
             return polygons

@@ -274,6 +274,20 @@ def test_clicking_a_part_searches_for_it_and_walks_up_the_hierarchy(page, catalo
     page.driver.get(f"{page.url}#image={image.id}")
     page.wait_view(f"/api/images/{image.id}?")
 
+    # Dragging still draws a query box (in original pixels, whatever the view's scale).
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    x0, y0, x1, y1 = part.box
+    drag = page.point_at(x0, y0, ActionChains(page.driver)).click_and_hold()
+    page.point_at(x1, y1, drag).release().perform()
+    drawn = page.driver.execute_script("return box")
+    assert np.allclose(drawn, part.box, atol=2.5) and page.find("#draw").is_displayed()
+    boxed = page.search_then(lambda: page.find("#go").click())
+    assert boxed[0][0] == image.id
+    page.screenshot("box_drawn_results")
+    page.find("#clear").click()
+    assert page.driver.execute_script("return box") is None and not page.find("#draw").is_displayed()
+
     found = page.search_then(lambda: page.click_at(*_click_point(regions, part)))
     assert found[0] == (image.id, part.id)  # the part itself, in its own image, comes first
     assert page.find("#selected-info").get_attribute("data-key") == str(part.id)
