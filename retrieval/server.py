@@ -79,11 +79,15 @@ class _Lru:
     def get(self, key: Hashable, make: Callable[[], Any]) -> Any:
         """The value under ``key``; on a miss, ``make()`` is kept there."""
         if key not in self._items:
-            self._items[key] = make()
-            if len(self._items) > self.size:
-                self._items.popitem(last=False)
+            self.put(key, make())
         self._items.move_to_end(key)
         return self._items[key]
+
+    def put(self, key: Hashable, value: Any) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        if len(self._items) > self.size:
+            self._items.popitem(last=False)
 
     def find(self, key: Hashable) -> Any | None:
         if key in self._items:
@@ -110,7 +114,7 @@ class _Uploads:
 
     def add(self, upload: _Upload) -> str:
         token = secrets.token_hex(8)
-        self._uploads.get(token, lambda: upload)
+        self._uploads.put(token, upload)
         return token
 
     def find(self, handle: str) -> tuple[_Upload, int]:
