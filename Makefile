@@ -31,10 +31,11 @@ demo: $(STAMP)
 	$(BIN)/hassod search --index $(DEMO)/index --query $(DEMO)/samples/motorcycle_left.png \
 		--box 505,290,690,455 -k 5 --html $(DEMO)/search.html
 	@echo "index: $(DEMO)/index  results page: $(DEMO)/search.html  pseudo-labels: $(DEMO)/pseudo.json  overlays: $(DEMO)/viz/"
-	@echo "draw your own query boxes: $(BIN)/hassod serve --index $(DEMO)/index, then open http://127.0.0.1:8000/"
+	@echo "see every region and click one to search: $(BIN)/hassod serve --index $(DEMO)/index, then open http://127.0.0.1:8000/"
 
 test: $(STAMP)
 	bash .ci/install_postgres.sh
+	bash .ci/install_chromium.sh
 	$(BIN)/pytest -n 2 -q
 
 bench: $(STAMP)

@@ -34,8 +34,10 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    exists,
     func,
     insert,
+    literal,
     select,
     update,
 )
@@ -304,15 +306,19 @@ class Catalog:
         with self._session() as s:
             return [_image_record(r) for r in s.scalars(select(_Image).order_by(_Image.path))]
 
-    def indexed_images(self, offset: int = 0, limit: int = 100) -> tuple[int, list[ImageRecord]]:
+    def indexed_images(self, offset: int = 0, limit: int = 100,
+                       level: int | None = None) -> tuple[int, list[ImageRecord]]:
         """(number of indexed images, the ``limit`` of them after the first ``offset``), ordered by path.
 
         Images in error are left out: this is what can be shown and queried.
+        With ``level``, only the images holding at least one region of that level count.
         """
+        kept = [_Image.status == "ok"]
+        if level is not None:
+            kept.append(exists().where(_Region.image_id == _Image.id, _Region.level == level))
         with self._session() as s:
-            total = s.scalar(select(func.count()).select_from(_Image).where(_Image.status == "ok"))
-            rows = s.scalars(select(_Image).where(_Image.status == "ok").order_by(_Image.path)
-                             .offset(offset).limit(limit))
+            total = s.scalar(select(func.count()).select_from(_Image).where(*kept))
+            rows = s.scalars(select(_Image).where(*kept).order_by(_Image.path).offset(offset).limit(limit))
             return int(total), [_image_record(r) for r in rows]
 
     def images_by_id(self, ids: Iterable[int]) -> dict[int, ImageRecord]:
@@ -408,6 +414,33 @@ class Catalog:
                 for row in s.scalars(select(_Region).where(_Region.id.in_(chunk))):
                     found[row.id] = _region_record(row)
         return [found[int(i)] for i in ids if int(i) in found]
+
+    def regions_of_image(self, image_id: int, level: int | None = None) -> list[RegionRecord]:
+        """The regions of one image (of one level if given), by id; empty for an unknown image."""
+        query = select(_Region).where(_Region.image_id == image_id)
+        if level is not None:
+            query = query.where(_Region.level == level)
+        with self._session() as s:
+            return [_region_record(r) for r in s.scalars(query.order_by(_Region.id))]
+
+    def children(self, region_id: int) -> list[RegionRecord]:
+        """The regions whose parent is ``region_id``, by id."""
+        with self._session() as s:
+            rows = s.scalars(select(_Region).where(_Region.parent_id == region_id).order_by(_Region.id))
+            return [_region_record(r) for r in rows]
+
+    def ancestors(self, region_id: int) -> list[RegionRecord]:
+        """The chain of parents of ``region_id``, nearest first (empty for a root or an unknown id).
+
+        One recursive query, whatever the depth of the hierarchy.
+        """
+        chain = select(_Region.parent_id.label("id"), literal(1).label("depth")) \
+            .where(_Region.id == region_id).cte("chain", recursive=True)
+        up = select(_Region.parent_id, chain.c.depth + 1).join(chain, _Region.id == chain.c.id)
+        chain = chain.union_all(up)
+        query = select(_Region).join(chain, _Region.id == chain.c.id).order_by(chain.c.depth)
+        with self._session() as s:
+            return [_region_record(r) for r in s.scalars(query)]
 
     def region_places(self, ids: Sequence[int]) -> dict[int, RegionPlace]:
         """Image, box and level of the regions with these ids (unknown ids are left out).

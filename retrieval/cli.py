@@ -118,7 +118,8 @@ def search(index_dir, query, box, region_id, level, k, weights, detector, device
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0: any free port.")
 @_searcher_options
 def serve(index_dir, host, port, weights, detector, device, max_pixels):
-    """Serve the index: a web page to draw a query box on any image, and the HTTP API behind it."""
+    """Serve the index: a web page that outlines every image's regions and searches by any of them (or a
+    drawn box), and the HTTP API behind it."""
     import socket
 
     import uvicorn

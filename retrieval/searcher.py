@@ -33,7 +33,7 @@ from indexer.whitening import PCAWhitening
 if TYPE_CHECKING:
     from hassod.features import Backbone
     from indexer.descriptors import RegionDescriber
-    from indexer.regions import DetectorRegions, DiscoveryRegions
+    from indexer.regions import DetectorRegions, DiscoveryRegions, Region
 
 # Region candidates fetched per wanted image on the first try; doubled until
 # k distinct images are found or the (allowed) regions are exhausted.
@@ -175,12 +175,31 @@ class Searcher:
             raise QueryError(f"no region {region_id} in this index")
         return self._rank(self.store.reconstruct(np.asarray([region_id], dtype=np.int64)), _level_id(level), k)
 
-    def _image_regions(self, pixels: np.ndarray) -> np.ndarray:
-        """(Q, dim) descriptors of the query image's own regions plus the whole image.
+    def search_vector(self, vector: np.ndarray, level: str | int | None = None, k: int = 10) -> list[Match]:
+        """Best k images for a descriptor already in the index's space (a row of :meth:`query_regions`)."""
+        return self._rank(np.asarray(vector, dtype=np.float32).reshape(1, -1), _level_id(level), k)
 
-        The regions are found as the index's were: the same discovery
-        thresholds, or the same detector checkpoint and options.
-        """
+    def query_regions(self, image: str | os.PathLike | np.ndarray) -> tuple[list[Region], np.ndarray]:
+        """The image's own regions, found as the index found its regions, and their (N, index dim)
+        descriptors, described as the build describes regions (with their masks)."""
+        pixels = load_query(image)
+        found = self._find_regions(pixels)
+        if not found:
+            return [], np.zeros((0, self.store.dim), dtype=np.float32)
+        fmap = self.describer.feature_map([pixels])[0]
+        boxes = np.asarray([r.box for r in found], dtype=np.float64)
+        return found, self._project(self.describer.describe(fmap, boxes, masks=[r.mask_rle for r in found]))
+
+    def _image_regions(self, pixels: np.ndarray) -> np.ndarray:
+        """(Q, dim) descriptors of the query image's own regions plus the whole image."""
+        found = self._find_regions(pixels)
+        fmap = self.describer.feature_map([pixels])[0]
+        boxes = np.asarray([fmap.whole_box] + [r.box for r in found], dtype=np.float64)
+        return self._project(self.describer.describe(fmap, boxes))
+
+    def _find_regions(self, pixels: np.ndarray) -> list[Region]:
+        """The regions of a query image, found as the index's were: the same discovery
+        thresholds, or the same detector checkpoint and options."""
         if self._query_source is None:
             # Imported here: discovery and the detector take ~1 s to import,
             # which box queries (most of `hassod search`'s calls) never need.
@@ -192,10 +211,7 @@ class Searcher:
                                                    self._detector, self._device)
             except (QuerySourceError, CheckpointError) as exc:
                 raise QueryError(str(exc)) from None
-        found = self._query_source.regions_of_image(pixels)
-        fmap = self.describer.feature_map([pixels])[0]
-        boxes = np.asarray([fmap.whole_box] + [r.box for r in found], dtype=np.float64)
-        return self._project(self.describer.describe(fmap, boxes))
+        return self._query_source.regions_of_image(pixels)
 
     def _project(self, vectors: np.ndarray) -> np.ndarray:
         """(Q, descriptor dim) → (Q, index dim): the index's whitening, if it has one."""

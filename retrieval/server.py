@@ -1,19 +1,30 @@
-"""`hassod serve`: the searcher behind an HTTP API and a web page where a user draws the query box.
+"""`hassod serve`: the searcher behind an HTTP API and a web page that shows an image's regions
+(wholes, parts, subparts, outlined) and searches for any of them, or for a drawn box.
 
-Endpoints (JSON unless noted; boxes are xyxy pixels of the upright original image):
+Endpoints (JSON unless noted; boxes are xyxy pixels of the upright original image, and
+outlines are polygons of ``[x, y]`` points in the same pixels: see :mod:`retrieval.outlines`):
 
-- ``GET /``: the web page (upload an image, drag a box, see where it appears).
-- ``POST /api/search``: multipart form ``image`` (file) or ``image_id`` (an indexed
-  image), ``box`` ("x0,y0,x1,y1"; absent: the whole image), ``level`` (whole | part |
-  subpart), ``k``.
-- ``GET /api/images?offset=&limit=``: the indexed images (id, path, size, regions), by path.
+- ``GET /``: the web page (pick or upload an image, see its regions, click one or drag a box).
+- ``POST /api/search``: multipart form ``image`` (file), ``image_id`` (an indexed image) or
+  ``region`` (a handle from ``POST /api/regions``); ``box`` ("x0,y0,x1,y1"; absent: the whole
+  image; not with ``region``), ``level`` (whole | part | subpart), ``k``. Each result carries
+  the matched region's outline.
+- ``GET /api/images?offset=&limit=&level=``: the indexed images (id, path, size, regions), by
+  path; with ``level`` only those holding regions of that level.
+- ``GET /api/images/{image_id}/regions?level=``: an indexed image's regions (id, box, level,
+  parent id, score, area, outline).
+- ``GET /api/regions/{region_id}``: an indexed region with its ancestors (nearest first) and children.
+- ``POST /api/regions``: multipart ``image``: the regions of an uploaded image, found the way the
+  index finds its regions, each with a temporary ``handle`` (kept for the latest
+  :data:`KEPT_UPLOADS` uploads) that ``POST /api/search`` takes as ``region``.
 - ``GET /api/regions/{region_id}/similar?k=&level=``: an indexed region as the query.
 - ``GET /api/images/{image_id}?side=``: an indexed image as a JPEG whose longer side is at
   most ``side`` pixels (only images of the catalog are served).
 - ``GET /api/stats``: the counts of `hassod index stats`.
 
 A query that cannot be answered is a 400 whose ``detail`` is the one-line
-message of the command line. The backbone, catalog and FAISS index are loaded
+message of the command line; an unknown image, region or handle is a 404, an
+id out of range a 422. The backbone, catalog and FAISS index are loaded
 once; every call that touches them runs on one dedicated thread (the SQLite
 connection and the torch model stay on the thread that made them, and queries
 do not compete for the cores), after :meth:`Searcher.refresh`, so that a later
@@ -23,23 +34,96 @@ from __future__ import annotations
 
 import asyncio
 import io
+import secrets
 import time
-from collections.abc import AsyncIterator
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
+import numpy as np
+from fastapi import FastAPI, File, Form, HTTPException, Path, Query, UploadFile
 from fastapi.responses import HTMLResponse, Response
 from PIL import Image, ImageOps
 
 from hassod.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb
-from indexer.catalog import ImageRecord
+from indexer.catalog import LEVEL_NAMES, ImageRecord, RegionRecord
 
+from .outlines import Outline, outline
 from .searcher import Match, QueryError, Searcher, check_box, parse_box
 
+if TYPE_CHECKING:  # indexer.regions imports discovery and the detector: torch, a second or more
+    from indexer.regions import Region
+
 MAX_UPLOAD_BYTES = 100 * 2**20  # a query photo, even a 64 MP one, is far below this
+KEPT_UPLOADS = 32  # uploads whose region handles stay valid; each holds (regions, dim) floats
+KEPT_OUTLINES = 50_000  # region outlines kept (a few hundred bytes each); region ids are never reused
+
+# The catalog's id columns: image ids are 32-bit, region ids 64-bit (FAISS ids). A larger
+# id is refused (422) before it reaches a database that would overflow on it.
+ImageId = Annotated[int, Path(ge=0, le=2**31 - 1, description="An indexed image's id.")]
+RegionId = Annotated[int, Path(ge=0, le=2**63 - 1, description="An indexed region's id.")]
+LevelName = Literal["whole", "part", "subpart"]
+
+
+class _Lru:
+    """At most ``size`` values by key; the least recently used goes first."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+
+    def get(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        """The value under ``key``; on a miss, ``make()`` is kept there."""
+        if key not in self._items:
+            self.put(key, make())
+        self._items.move_to_end(key)
+        return self._items[key]
+
+    def put(self, key: Hashable, value: Any) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        if len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+    def find(self, key: Hashable) -> Any | None:
+        if key in self._items:
+            self._items.move_to_end(key)
+        return self._items.get(key)
+
+
+@dataclass(frozen=True)
+class _Upload:
+    """An uploaded image's regions and their descriptors (rows in the index's space)."""
+
+    width: int
+    height: int
+    regions: list[Region]
+    vectors: np.ndarray
+
+
+class _Uploads:
+    """Uploaded images' regions by handle, "<upload token>.<region index>"; the oldest upload
+    is forgotten first, so memory stays bounded however many images are uploaded."""
+
+    def __init__(self, size: int):
+        self._uploads = _Lru(size)
+
+    def add(self, upload: _Upload) -> str:
+        token = secrets.token_hex(8)
+        self._uploads.put(token, upload)
+        return token
+
+    def find(self, handle: str) -> tuple[_Upload, int]:
+        token, _, index = handle.partition(".")
+        upload = self._uploads.find(token)
+        if upload is None or not index.isdigit() or int(index) >= len(upload.regions):
+            raise HTTPException(status_code=404, detail=f"no region {handle!r}: region handles last for the "
+                                                        f"latest {self._uploads.size} uploads; upload the image again")
+        return upload, int(index)
 
 
 def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES,
@@ -50,6 +134,9 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES,
     one over ``max_pixels`` pixels (or an indexed one) is refused (400) before decoding.
     """
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hassod-search")
+    # Both only touched on the worker thread.
+    outlines = _Lru(KEPT_OUTLINES)
+    uploads = _Uploads(KEPT_UPLOADS)
 
     def refreshed(fn: Callable[[], Any]) -> Any:
         searcher.refresh()
@@ -60,6 +147,20 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES,
             return await asyncio.wrap_future(worker.submit(refreshed, fn))
         except (QueryError, ImageError) as exc:
             raise HTTPException(status_code=400, detail=str(exc)) from None
+
+    async def read_upload(image: UploadFile) -> bytes:
+        data = await image.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            raise HTTPException(status_code=413, detail=f"image file over the limit of {max_upload_bytes:,} bytes")
+        return data
+
+    def described(records: list[RegionRecord]) -> list[dict[str, Any]]:
+        return [_region_json(r, outlines.get(r.id, lambda r=r: outline(r.mask_rle, r.box))) for r in records]
+
+    def results(matches: list[Match]) -> list[dict[str, Any]]:
+        """The matches as JSON, each with its region's outline (empty if a build removed it since)."""
+        shapes = {d["id"]: d["outline"] for d in described(searcher.catalog.regions([m.region_id for m in matches]))}
+        return [r | {"outline": shapes.get(r["region_id"], [])} for r in _results(searcher, matches)]
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -76,19 +177,28 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES,
 
     @app.post("/api/search")
     async def search(
-        image: UploadFile | None = File(None, description="The query image (or give image_id)."),
-        image_id: int | None = Form(None, description="An indexed image as the query (instead of a file)."),
+        image: UploadFile | None = File(None, description="The query image (or give image_id or region)."),
+        image_id: int | None = Form(None, ge=0, le=2**31 - 1, description="An indexed image as the query."),
+        region: str | None = Form(None, description="A region handle from POST /api/regions as the query."),
         box: str | None = Form(None, description="x0,y0,x1,y1 in query-image pixels; absent: the whole image."),
         level: str | None = Form(None, description="Only match regions of this level: whole, part or subpart."),
         k: int = Form(10, ge=1, le=1000, description="Number of images."),
     ) -> dict[str, Any]:
-        if (image is None) == (image_id is None):
-            raise HTTPException(status_code=400, detail="give either image (a file) or image_id (an indexed image)")
-        data = None if image is None else await image.read(max_upload_bytes + 1)
-        if data is not None and len(data) > max_upload_bytes:
-            raise HTTPException(status_code=413, detail=f"image file over the limit of {max_upload_bytes:,} bytes")
+        if sum(q is not None for q in (image, image_id, region)) != 1:
+            raise HTTPException(status_code=400, detail="give one of image (a file), image_id (an indexed image) "
+                                                        "or region (a handle from POST /api/regions)")
+        if region is not None and box:
+            raise HTTPException(status_code=400, detail="box goes with image or image_id: a region is its own query")
+        data = None if image is None else await read_upload(image)
 
-        def run() -> dict[str, Any]:
+        def by_handle() -> dict[str, Any]:
+            start = time.perf_counter()
+            upload, index = uploads.find(region)
+            matches = searcher.search_vector(upload.vectors[index], level=level or None, k=k)
+            return {"query": {"width": upload.width, "height": upload.height, "box": list(upload.regions[index].box),
+                              "region": region}, "results": results(matches), "seconds": time.perf_counter() - start}
+
+        def by_image() -> dict[str, Any]:
             start = time.perf_counter()
             source = io.BytesIO(data) if data is not None else _indexed_path(searcher, image_id)
             pixels = load_rgb(source, max_pixels)
@@ -96,32 +206,76 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES,
             matches = searcher.search(pixels, box=crop, level=level or None, k=k)
             height, width = pixels.shape[:2]
             return {"query": {"width": width, "height": height, "box": crop},
-                    "results": _results(searcher, matches), "seconds": time.perf_counter() - start}
+                    "results": results(matches), "seconds": time.perf_counter() - start}
+
+        return await on_worker(by_handle if region is not None else by_image)
+
+    @app.post("/api/regions")
+    async def upload_regions(image: UploadFile = File(description="The image whose regions to find.")
+                             ) -> dict[str, Any]:
+        """The uploaded image's regions, found as the index finds regions, each with a handle for POST /api/search."""
+        data = await read_upload(image)
+
+        def run() -> dict[str, Any]:
+            start = time.perf_counter()
+            pixels = load_rgb(io.BytesIO(data), max_pixels)
+            found, vectors = searcher.query_regions(pixels)
+            height, width = pixels.shape[:2]
+            token = uploads.add(_Upload(width, height, found, vectors))
+            return {"width": width, "height": height, "regions": [_upload_json(r, i, token) for i, r in enumerate(found)],
+                    "seconds": time.perf_counter() - start}
+
+        return await on_worker(run)
+
+    @app.get("/api/regions/{region_id}")
+    async def region_tree(region_id: RegionId) -> dict[str, Any]:
+        """An indexed region with its chain of ancestors (nearest first) and its children."""
+        def run() -> dict[str, Any]:
+            found = searcher.catalog.regions([region_id])
+            if not found:
+                raise HTTPException(status_code=404, detail=f"no region {region_id} in this index")
+            return {"region": described(found)[0], "ancestors": described(searcher.catalog.ancestors(region_id)),
+                    "children": described(searcher.catalog.children(region_id))}
 
         return await on_worker(run)
 
     @app.get("/api/regions/{region_id}/similar")
-    async def similar(region_id: int, k: int = Query(10, ge=1, le=1000), level: str | None = None) -> dict[str, Any]:
+    async def similar(region_id: RegionId, k: int = Query(10, ge=1, le=1000),
+                      level: str | None = None) -> dict[str, Any]:
         def run() -> dict[str, Any]:
             start = time.perf_counter()
             matches = searcher.search_region(region_id, level=level, k=k)
-            return {"results": _results(searcher, matches), "seconds": time.perf_counter() - start}
+            return {"results": results(matches), "seconds": time.perf_counter() - start}
 
         return await on_worker(run)
 
     @app.get("/api/images")
-    async def images(offset: int = Query(0, ge=0), limit: int = Query(48, ge=1, le=1000)) -> dict[str, Any]:
+    async def images(offset: int = Query(0, ge=0), limit: int = Query(48, ge=1, le=1000),
+                     level: LevelName | None = Query(None, description="Only images holding regions of this level.")
+                     ) -> dict[str, Any]:
         """The indexed images, ordered by path, ``limit`` of them after the first ``offset``."""
         def run() -> dict[str, Any]:
-            total, page = searcher.catalog.indexed_images(offset, limit)
-            return {"total": total, "images": [{"id": i.id, "path": i.path, "width": i.width, "height": i.height,
-                                                "regions": i.n_regions} for i in page]}
+            total, page = searcher.catalog.indexed_images(offset, limit, _level_number(level))
+            return {"total": total, "images": [_image_json(i) | {"regions": i.n_regions} for i in page]}
+
+        return await on_worker(run)
+
+    @app.get("/api/images/{image_id}/regions")
+    async def image_regions(image_id: ImageId, level: LevelName | None = Query(None, description="Only this level.")
+                            ) -> dict[str, Any]:
+        """An indexed image's regions with their outlines, by id."""
+        def run() -> dict[str, Any]:
+            found = _indexed_image(searcher, image_id)
+            if found is None:
+                raise HTTPException(status_code=404, detail=f"no image {image_id} in this index")
+            return {"image": _image_json(found),
+                    "regions": described(searcher.catalog.regions_of_image(image_id, _level_number(level)))}
 
         return await on_worker(run)
 
     @app.get("/api/images/{image_id}", response_class=Response,
              responses={200: {"content": {"image/jpeg": {}}}, 404: {}})
-    async def picture(image_id: int, side: int = Query(640, ge=16, le=4096)) -> Response:
+    async def picture(image_id: ImageId, side: int = Query(640, ge=16, le=4096)) -> Response:
         found = await on_worker(lambda: _indexed_image(searcher, image_id))
         if found is None:
             raise HTTPException(status_code=404, detail=f"no image {image_id} in this index")
@@ -140,6 +294,25 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES,
         return await on_worker(run)
 
     return app
+
+
+def _level_number(level: str | None) -> int | None:
+    return None if level is None else LEVEL_NAMES.index(level)
+
+
+def _image_json(image: ImageRecord) -> dict[str, Any]:
+    return {"id": image.id, "path": image.path, "width": image.width, "height": image.height}
+
+
+def _region_json(region: RegionRecord, shape: Outline) -> dict[str, Any]:
+    return {"id": region.id, "image_id": region.image_id, "box": list(region.box), "level": LEVEL_NAMES[region.level],
+            "parent_id": region.parent_id, "score": region.score, "area": region.area, "outline": shape}
+
+
+def _upload_json(region: Region, index: int, token: str) -> dict[str, Any]:
+    return {"handle": f"{token}.{index}", "parent": None if region.parent < 0 else f"{token}.{region.parent}",
+            "box": list(region.box), "level": LEVEL_NAMES[region.level], "score": region.score, "area": region.area,
+            "outline": outline(region.mask_rle, region.box)}
 
 
 def _indexed_image(searcher: Searcher, image_id: int) -> ImageRecord | None:

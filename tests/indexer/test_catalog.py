@@ -297,3 +297,35 @@ def test_region_places_match_the_full_rows(catalog: Catalog) -> None:
     for record in catalog.regions([ids[1], ids[6]]):
         place = places[record.id]
         assert (place.image_id, place.box, place.level) == (record.image_id, record.box, record.level)
+
+
+def test_hierarchy_of_an_image(catalog: Catalog) -> None:
+    # _regions(7): 0 whole; 1, 2, 4, 5 parts of 0; 3 subpart of 2, 6 subpart of 5.
+    ids = catalog.replace_image(_image("/a.jpg"), _regions(7))
+    other = catalog.replace_image(_image("/b.jpg", seed=1), _regions(2, seed=1))
+    image_id = catalog.image_by_path("/a.jpg").id
+    assert [r.id for r in catalog.regions_of_image(image_id)] == ids
+    assert [r.id for r in catalog.regions_of_image(image_id, level=2)] == [ids[3], ids[6]]
+    assert catalog.regions_of_image(image_id, level=2) == catalog.regions([ids[3], ids[6]])
+    assert catalog.regions_of_image(10_000) == []
+
+    assert [r.id for r in catalog.ancestors(ids[6])] == [ids[5], ids[0]]
+    assert catalog.ancestors(ids[3]) == catalog.regions([ids[2], ids[0]])
+    assert catalog.ancestors(ids[0]) == [] and catalog.ancestors(10_000) == []
+    assert [r.id for r in catalog.children(ids[0])] == [ids[1], ids[2], ids[4], ids[5]]
+    assert [r.id for r in catalog.children(ids[5])] == [ids[6]]
+    assert catalog.children(ids[6]) == [] and catalog.children(other[1]) == []
+
+
+def test_indexed_images_filtered_by_level(catalog: Catalog) -> None:
+    catalog.replace_image(_image("/c.jpg"), _regions(3))   # whole, parts
+    catalog.replace_image(_image("/a.jpg", seed=1), _regions(4, seed=1))  # whole, parts, a subpart
+    catalog.replace_image(_image("/b.jpg", seed=2), [])
+    catalog.record_error("/d.jpg", "", 0, 0.0, "unreadable")
+    assert [i.path for i in catalog.indexed_images()[1]] == ["/a.jpg", "/b.jpg", "/c.jpg"]
+    total, page = catalog.indexed_images(level=1)
+    assert total == 2 and [i.path for i in page] == ["/a.jpg", "/c.jpg"]
+    total, page = catalog.indexed_images(offset=0, limit=5, level=2)
+    assert total == 1 and [i.path for i in page] == ["/a.jpg"]
+    total, page = catalog.indexed_images(offset=1, limit=5, level=0)
+    assert total == 2 and [i.path for i in page] == ["/c.jpg"]

@@ -11,18 +11,24 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
+from fastapi import HTTPException
 from fastapi.testclient import TestClient
 from PIL import Image
+from pycocotools import mask as mask_utils
+from skimage import draw
 
 from hassod.synthetic import save_scenes
 from indexer.build import build_index
+from indexer.catalog import LEVEL_NAMES
 from indexer.descriptors import RegionDescriber
 from indexer.regions import CocoRegions
 from retrieval.cli import app as cli
 from retrieval.searcher import Searcher
-from retrieval.server import create_app
+from retrieval.outlines import MAX_POINTS
+from retrieval.server import _Upload, _Uploads, create_app
 
 
 @pytest.fixture(scope="module")
@@ -132,9 +138,9 @@ def test_bad_queries_are_400_with_the_command_line_message(served, tmp_path):
     refused({"level": "wing"}, "unknown level 'wing'")
     refused({}, "not an image", image=b"hello")
     refused({"k": "0"}, "greater than or equal to 1", status=422)
-    refused({"image_id": "1"}, "give either image (a file) or image_id")
+    refused({"image_id": "1"}, "give one of image (a file), image_id (an indexed image) or region")
     assert client.post("/api/search", data={"image_id": "999"}).json()["detail"] == "no image 999 in this index"
-    assert client.post("/api/search", data={}).json()["detail"].startswith("give either image")
+    assert client.post("/api/search", data={}).json()["detail"].startswith("give one of image")
     assert client.get("/api/regions/999999/similar").json()["detail"] == "no region 999999 in this index"
 
 
@@ -215,3 +221,109 @@ def test_a_later_build_is_picked_up_without_a_restart(tmp_path, instance_scenes,
         assert client.get("/api/stats").json()["vectors"]["size"] == sum(len(s.masks) for s in instance_scenes)
         found = top()
         assert found["path"].endswith("scene_06.png") and found["score"] == pytest.approx(1.0, abs=1e-4)
+
+
+def _polygon_mask(shape: list, size: tuple[int, int]) -> np.ndarray:
+    """An outline rasterised with the even-odd rule (holes stay holes)."""
+    filled = np.zeros(size, dtype=bool)
+    for ring in shape:
+        xy = np.asarray(ring)
+        rows, cols = draw.polygon(xy[:, 1], xy[:, 0], size)
+        filled[rows, cols] ^= True
+    return filled
+
+
+def test_an_images_regions_come_with_their_outlines(served, instance_scenes):
+    _, searcher, client = served
+    image_id = searcher.catalog.indexed_images(3, 1)[1][0].id
+    body = client.get(f"/api/images/{image_id}/regions").json()
+    records = searcher.catalog.regions_of_image(image_id)
+    assert body["image"]["id"] == image_id and (body["image"]["width"], body["image"]["height"]) == (480, 320)
+    assert [(r["id"], r["box"], r["level"], r["parent_id"], r["score"]) for r in body["regions"]] == [
+        (r.id, list(r.box), LEVEL_NAMES[r.level], r.parent_id, r.score) for r in records]
+    assert {r["level"] for r in body["regions"]} == {"whole", "part", "subpart"}
+    for region, record in zip(body["regions"], records):
+        assert 3 <= sum(len(ring) for ring in region["outline"]) <= MAX_POINTS
+        points = np.concatenate([np.asarray(ring) for ring in region["outline"]])
+        x0, y0, x1, y1 = record.box
+        assert (points >= [x0, y0]).all() and (points <= [x1, y1]).all()
+        mask = mask_utils.decode(record.mask_rle).astype(bool)
+        traced = _polygon_mask(region["outline"], mask.shape)
+        assert (mask & traced).sum() / (mask | traced).sum() > 0.8  # the outline follows the mask, not its box
+
+    parts = client.get(f"/api/images/{image_id}/regions", params={"level": "part"}).json()["regions"]
+    assert [r["id"] for r in parts] == [r.id for r in records if r.level == 1]
+
+    subpart = next(r for r in records if r.level == 2)
+    tree = client.get(f"/api/regions/{subpart.id}").json()
+    assert tree["region"] == next(r for r in body["regions"] if r["id"] == subpart.id)
+    assert [(r["id"], r["level"]) for r in tree["ancestors"]] == [
+        (subpart.parent_id, "part"), (searcher.catalog.regions([subpart.parent_id])[0].parent_id, "whole")]
+    whole = tree["ancestors"][-1]["id"]
+    children = client.get(f"/api/regions/{whole}").json()["children"]
+    assert [r["id"] for r in children] == [r.id for r in records if r.parent_id == whole] and len(children) >= 2
+    assert client.get(f"/api/regions/{whole}").json()["ancestors"] == []
+
+    listed = client.get("/api/images", params={"level": "subpart", "limit": 100}).json()
+    holding = {r.image_id for r in searcher.catalog.regions(searcher.catalog.region_ids(2))}
+    assert listed["total"] == len(holding) and {i["id"] for i in listed["images"]} == holding
+
+
+def test_results_show_the_matched_regions_outline(served):
+    _, searcher, client = served
+    region = searcher.catalog.regions(searcher.catalog.region_ids(1)[:1])[0]
+    results = client.get(f"/api/regions/{region.id}/similar", params={"k": 3}).json()["results"]
+    assert results[0]["region_id"] == region.id
+    shown = {r["id"]: r["outline"] for r in client.get(f"/api/images/{region.image_id}/regions").json()["regions"]}
+    assert results[0]["outline"] == shown[region.id]
+    for result in results:
+        assert result["outline"] == client.get(f"/api/regions/{result['region_id']}").json()["region"]["outline"]
+
+
+def test_unknown_or_out_of_range_ids_are_404_or_422(served):
+    _, _, client = served
+    for url in ("/api/images/999/regions", "/api/regions/999999", "/api/images/999"):
+        response = client.get(url)
+        assert response.status_code == 404 and "999" in response.json()["detail"], url
+    for url in (f"/api/images/{2**40}/regions", f"/api/images/{2**40}", f"/api/regions/{2**70}",
+                f"/api/regions/{2**70}/similar", "/api/images/-1/regions", "/api/regions/x",
+                "/api/images/1/regions?level=wing", "/api/images?level=wing"):
+        assert client.get(url).status_code == 422, url
+    assert client.post("/api/search", data={"image_id": str(2**40)}).status_code == 422
+    assert "/api/images/{image_id}/regions" in client.get("/openapi.json").json()["paths"]
+
+
+def test_an_uploaded_images_regions_are_queries_by_handle(served):
+    folder, searcher, client = served
+    photo = (folder / "scene_05.png").read_bytes()
+    body = client.post("/api/regions", files={"image": photo}).json()
+    found, vectors = searcher.query_regions(np.array(Image.open(io.BytesIO(photo)).convert("RGB")))
+    assert (body["width"], body["height"]) == (480, 320) and len(body["regions"]) == len(found) > 0
+    assert [(r["box"], r["level"]) for r in body["regions"]] == [(list(f.box), LEVEL_NAMES[f.level]) for f in found]
+    handles = [r["handle"] for r in body["regions"]]
+    assert len(set(handles)) == len(handles)
+    assert [r["parent"] for r in body["regions"]] == [None if f.parent < 0 else handles[f.parent] for f in found]
+
+    index = int(np.argmax([f.area for f in found]))
+    response = client.post("/api/search", data={"region": handles[index], "k": "3"})
+    assert response.status_code == 200, response.text
+    expected = searcher.search_vector(vectors[index], k=3)
+    assert _got(response.json()["results"]) == _expected(searcher, expected)
+    assert response.json()["query"]["box"] == list(found[index].box)
+    assert Path(response.json()["results"][0]["path"]).name == "scene_05.png"
+
+    assert client.post("/api/search", data={"region": handles[0], "box": "1,1,9,9"}).status_code == 400
+    for bad in (handles[0].split(".")[0] + ".9999", "nothing.0", "x"):
+        response = client.post("/api/search", data={"region": bad})
+        assert response.status_code == 404 and "upload the image again" in response.json()["detail"]
+    assert client.post("/api/regions", files={"image": b"hello"}).status_code == 400
+
+
+def test_only_the_latest_uploads_keep_their_handles():
+    uploads = _Uploads(2)
+    made = [_Upload(4, 4, [None] * 2, np.zeros((2, 3))) for _ in range(3)]
+    tokens = [uploads.add(u) for u in made]
+    assert uploads.find(f"{tokens[2]}.1") == (made[2], 1)
+    with pytest.raises(HTTPException):
+        uploads.find(f"{tokens[0]}.0")
+    assert uploads.find(f"{tokens[1]}.0") == (made[1], 0)
