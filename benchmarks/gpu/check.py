@@ -114,8 +114,9 @@ class Check:
             except Exception as exc:  # a bug of this script must not lose the table
                 step.status, step.error = "failed", f"{type(exc).__name__}: {exc}"
             step.seconds = round(time.monotonic() - start, 1)
-            if step.error and not step.result:
-                step.result = step.error.strip().splitlines()[0][:160]
+            if step.error:
+                first = step.error.strip().splitlines()[0][:160]
+                step.result = f"{step.result}: {first}" if step.result else first
             print(f"--- {name}: {step.status} in {step.seconds:.0f} s: {step.result}"
                   + (f"\n{textwrap.indent(step.error, '    ')}" if step.error else ""), flush=True)
         self.write()
@@ -191,7 +192,8 @@ class Check:
     def table(self) -> str:
         h = self.header
         lines = [f"# GPU check ({h['mode']}), {h['started_utc']} UTC", "",
-                 f"{h.get('gpu', 'device ' + h['device'])}; {h.get('versions', '')}; host {h['host']}; "
+                 f"{h.get('gpu', 'device ' + h['device'])}; {h.get('versions', 'versions: see the env step')}; "
+                 f"host {h['host']}; "
                  f"{time.monotonic() - self.started:.0f} s of a {h['budget_s']:.0f} s budget", "",
                  "| step | what | status | s | result |", "| --- | --- | --- | ---: | --- |"]
         for s in self.steps:
@@ -296,7 +298,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="data-loading / discovery processes [8; smoke 1]")
     parser.add_argument("--infer-edge", type=int, default=None, help="[800; smoke 256]")
     parser.add_argument("--infer-batches", default=None, help="[1,8; smoke 1,2]")
-    parser.add_argument("--infer-count", type=int, default=None, help="timed photos per batch size [16; smoke 4]")
+    parser.add_argument("--infer-count", type=int, default=None, help="timed photos per batch size [8; smoke 4]")
     parser.add_argument("--speed-iters", type=int, default=None,
                         help="iterations of each speed run's timed phase [40; smoke 3]")
     parser.add_argument("--burn-in", type=int, default=None, help="real run's burn-in iterations [1500; smoke 4]")
@@ -310,7 +312,7 @@ def main() -> None:
     defaults = dict(device="cpu" if smoke else "cuda", budget=1800 if smoke else 450, images=8 if smoke else 0,
                     backbone="tiny" if smoke else "efficientnet_lite0", batch_size=2 if smoke else 8,
                     workers=1 if smoke else 8, infer_edge=256 if smoke else 800,
-                    infer_batches="1,2" if smoke else "1,8", infer_count=4 if smoke else 16,
+                    infer_batches="1,2" if smoke else "1,8", infer_count=4 if smoke else 8,
                     speed_iters=3 if smoke else 40, burn_in=4 if smoke else 1500, mt=2 if smoke else 500,
                     reserve=300 if smoke else 150)
     for key, value in defaults.items():
@@ -326,7 +328,7 @@ def main() -> None:
     # ---- install (done by check.sh before this script; recorded here)
     installed = os.environ.get("GPU_CHECK_INSTALL_STATUS")
     if installed:
-        step = Step("install", "carried wheels (.whl) into /tmp/site, on PYTHONPATH",
+        step = Step("install", "carried wheels (.whl) installed, on PYTHONPATH",
                     status=installed, seconds=float(os.environ.get("GPU_CHECK_INSTALL_SECONDS", 0)),
                     result=os.environ.get("GPU_CHECK_INSTALL_RESULT", ""))
         if installed == "failed":

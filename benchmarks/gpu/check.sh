@@ -11,7 +11,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python3}
-SITE=/tmp/site
+SITE=${GPU_CHECK_SITE:-/tmp/site}
 OUTDIR=${OUT:-$PWD/gpu_check_out}
 WORK=/tmp/hassod_gpu_check
 for arg in "$@"; do
@@ -43,7 +43,7 @@ if [ "$INSTALL" = 1 ]; then
         "$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target "$SITE" \
             .whl/sdist/pydensecrf2-*.tar.gz >>"$install_log" 2>&1 || status=failed
     fi
-    export PYTHONPATH="$SITE:$PWD"
+    export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
     count=$(ls .whl/*.whl 2>/dev/null | wc -l)
     export GPU_CHECK_INSTALL_STATUS="$status"
     export GPU_CHECK_INSTALL_RESULT="$count wheels from .whl into $SITE"
