@@ -17,24 +17,24 @@ photos sorted by name, the first half "train", the second half "held-out"):
   faiss        FAISS search latency: on the GPU when faiss is a GPU build, else says so
                (and times the CPU build)
   discover     stage-1 pseudo-labels of all the photos (images/s); split into the two halves
-  speed_burnin training it/s at batch 8, plain (burn-in) training on the train half
-  speed_mt     training it/s at batch 8 in Mean Teacher (--burn-in), from the iterations
-               that log alpha_label
+  speed        training it/s at batch 8 on the train half: one short run with --burn-in,
+               its burn-in iterations and the Mean Teacher ones (those that log alpha_label)
   real_train   --burn-in B then M Mean Teacher iterations on the train half; B and M are
                scaled down (same ratio) when the rates measured above say they would not
                fit the time budget
   eval_pseudo / eval_student / eval_teacher
                class-agnostic box AR of the pseudo-labels and of the trained student and
-               teacher on the held-out half (`hassod eval`)
+               teacher on the held-out half (`hassod eval`, --eval-max-detections 100 a photo)
   index_discovery / index_detector
-               `index build` images/s with stage-1 discovery regions and with the trained
-               detector's regions (the burn-in speed run's detector when the real run failed)
+               `index build` images/s of the held-out half with stage-1 discovery regions and
+               with the trained detector's regions (the speed run's when the real run failed)
 
 Usage: python benchmarks/gpu/check.py [--cpu-smoke] [--budget S] [--burn-in 1500] [--mt 500] ...
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -223,15 +223,22 @@ def split_halves(data: Path, work: Path, count: int) -> dict:
         link = images / name
         if not link.exists():
             link.symlink_to((data / "images" / name).resolve())
-    gt = json.loads((data / "instances.json").read_text())
     half = len(names) // 2
+    heldout = work / "heldout_images"  # the index steps build from these
+    heldout.mkdir(exist_ok=True)
+    for old in heldout.iterdir():
+        old.unlink()
+    for name in names[half:]:
+        (heldout / name).symlink_to((data / "images" / name).resolve())
+    gt = json.loads((data / "instances.json").read_text())
     parts = {"train": set(names[:half]), "heldout": set(names[half:]), "all": set(names)}
     for part, keep in parts.items():
         ims = [im for im in gt["images"] if im["file_name"] in keep]
         ids = {im["id"] for im in ims}
         subset = {**gt, "images": ims, "annotations": [a for a in gt["annotations"] if a["image_id"] in ids]}
         (work / f"gt_{part}.json").write_text(json.dumps(subset))
-    return {"images": images, "train": len(parts["train"]), "heldout": len(parts["heldout"])}
+    return {"images": images, "heldout_images": heldout, "train": len(parts["train"]),
+            "heldout": len(parts["heldout"])}
 
 
 def split_pseudo(pseudo: Path, gt_dir: Path, work: Path) -> dict[str, Path]:
@@ -270,15 +277,16 @@ def log_rates(run: Path, skip: int) -> dict:
     return out
 
 
-def ar_line(report: dict) -> str:
-    """'box AR@100 …, AR@1000 …, AP …; mask AR@100 …' of an `eval --json` report."""
+def ar_line(report: dict, with_1000: bool = False) -> str:
+    """'box AR@100 …[, AR@1000 …], AP …; mask AR@100 …' of an `eval --json` report."""
     if not isinstance(report.get("bbox"), dict) or "AR@100" not in report["bbox"]:
         raise StepError(f"no bbox AR@100 in the eval report (keys: {list(report)[:10]})")
     box, mask = report["bbox"], report.get("segm") or {}
-    line = f"box AR@100 {box['AR@100']:.3f}, AR@1000 {box['AR@1000']:.3f}, AP {box['AP']:.3f}"
+    line = (f"box AR@100 {box['AR@100']:.3f}" + (f", AR@1000 {box['AR@1000']:.3f}" if with_1000 else "")
+            + f", AP {box['AP']:.3f}")
     if isinstance(mask.get("AR@100"), (int, float)):
         line += f"; mask AR@100 {mask['AR@100']:.3f}"
-    return line + f" ({report.get('images', '?')} photos, {report.get('detections', '?')} detections)"
+    return line + f" ({report.get('images', '?')} photos, {report.get('detections', '?')} detections"
 
 
 # -------------------------------------------------------------------- main
@@ -288,7 +296,8 @@ def main() -> None:
                         help="tiny sizes on the CPU (--device cpu, tiny detector, few images and iterations)")
     parser.add_argument("--device", default=None, help="[cuda; cpu with --cpu-smoke]")
     parser.add_argument("--data", default=str(REPO / ".gpudata" / "coco128"), help="prepare.sh's COCO128 copy")
-    parser.add_argument("--work", default="/tmp/hassod_gpu_check", help="scratch folder (runs, indexes, logs)")
+    parser.add_argument("--work", default=str(REPO / "gpu_check_work"),
+                        help="scratch folder: runs, indexes, logs [./gpu_check_work, git-ignored, kept by a warm machine]")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "gpu_check_out"),
                         help="where gpu_check.md/.json/.log go [$OUT, else ./gpu_check_out]")
     parser.add_argument("--budget", type=float, default=None, help="seconds for all steps [450; smoke 1800]")
@@ -300,11 +309,13 @@ def main() -> None:
     parser.add_argument("--infer-batches", default=None, help="[1,8; smoke 1,2]")
     parser.add_argument("--infer-count", type=int, default=None, help="timed photos per batch size [8; smoke 4]")
     parser.add_argument("--speed-iters", type=int, default=None,
-                        help="iterations of each speed run's timed phase [40; smoke 3]")
+                        help="timed iterations of each phase of the speed run [25; smoke 3]")
     parser.add_argument("--burn-in", type=int, default=None, help="real run's burn-in iterations [1500; smoke 4]")
     parser.add_argument("--mt", type=int, default=None, help="real run's Mean Teacher iterations [500; smoke 2]")
+    parser.add_argument("--eval-max-detections", type=int, default=100,
+                        help="detections kept per photo in the eval steps (AR@1000 needs 1000; slower) [100]")
     parser.add_argument("--reserve", type=float, default=None,
-                        help="seconds kept for the steps after the real run [150; smoke 300]")
+                        help="seconds kept for the steps after the real run [140; smoke 300]")
     parser.add_argument("--steps", default="", help="comma-separated step names to run [all]")
     args = parser.parse_args()
 
@@ -313,8 +324,8 @@ def main() -> None:
                     backbone="tiny" if smoke else "efficientnet_lite0", batch_size=2 if smoke else 8,
                     workers=1 if smoke else 8, infer_edge=256 if smoke else 800,
                     infer_batches="1,2" if smoke else "1,8", infer_count=4 if smoke else 8,
-                    speed_iters=3 if smoke else 40, burn_in=4 if smoke else 1500, mt=2 if smoke else 500,
-                    reserve=300 if smoke else 150)
+                    speed_iters=3 if smoke else 25, burn_in=4 if smoke else 1500, mt=2 if smoke else 500,
+                    reserve=300 if smoke else 140)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -411,7 +422,7 @@ def main() -> None:
         if all((work / f"pseudo_{p}.json").exists() for p in ("train", "heldout")):
             state["pseudo"] = {p: work / f"pseudo_{p}.json" for p in ("train", "heldout")}
         for key, path in (("real_model", work / "real" / "model_final.pth"),
-                          ("speed_model", work / "speed_burnin" / "model_final.pth")):
+                          ("speed_model", work / "speed" / "model_final.pth")):
             if path.exists():
                 state[key] = path
 
@@ -435,7 +446,8 @@ def main() -> None:
                          + (f", peak {r['peak_mib']:.0f} MiB" if "peak_mib" in r else "") + ")"
                          for r in result["rows"]) + f" [{result['device']}, {result['edge']} px, {result['settings']} model]"
 
-    check.step("infer", "detector inference ms/img (random init, AMP on CUDA), batch 1 and 8", 150, infer)
+    check.step("infer", f"detector inference ms/img (random init, AMP on CUDA), batch {args.infer_batches.replace(',', ' and ')}",
+               150, infer)
 
     # ---- faiss
     def faiss_step(step: Step, until: float) -> str:
@@ -524,37 +536,37 @@ def main() -> None:
 
     skip = 5 if not smoke else 1
 
-    # ---- speed: burn-in
-    def speed_burnin(step: Step, until: float) -> str:
-        run = fresh(work / "speed_burnin")
-        start = time.monotonic()
-        check.run("speed_burnin", train_cmd(run, args.speed_iters + skip, None), until)
-        rates = log_rates(run, skip)
-        step.metrics = {**rates, "wall_s": round(time.monotonic() - start, 1)}
-        state["rate_burnin"] = rates.get("burnin_it_s")
-        state["speed_model"] = run / "model_final.pth"
-        return (f"{rates.get('burnin_it_s', float('nan')):.2f} it/s at batch {args.batch_size} "
-                f"({rates['burnin_iterations']} iterations, first {skip} left out; {args.backbone}; "
-                f"{step.metrics['wall_s']:.0f} s with start-up)")
+    # ---- speed: one short run through burn-in and Mean Teacher
+    def rates_line(rates: dict) -> str:
+        parts = []
+        if rates.get("burnin_it_s"):
+            parts.append(f"burn-in {rates['burnin_it_s']:.2f} it/s ({rates['burnin_iterations']} iterations)")
+        if rates.get("mt_it_s"):
+            parts.append(f"Mean Teacher {rates['mt_it_s']:.2f} it/s ({rates['mt_iterations']} iterations)")
+        return ", ".join(parts) or "no iteration logged"
 
-    check.step("speed_burnin", f"training it/s, burn-in, batch {args.batch_size}", 180, speed_burnin)
-
-    # ---- speed: Mean Teacher
-    def speed_mt(step: Step, until: float) -> str:
-        run = fresh(work / "speed_mt")
-        burn = skip + 1
+    def speed(step: Step, until: float) -> str:
+        run = fresh(work / "speed")
+        burn = skip + args.speed_iters
         start = time.monotonic()
-        check.run("speed_mt", train_cmd(run, burn + args.speed_iters + skip, burn), until)
-        rates = log_rates(run, skip)
-        step.metrics = {**rates, "wall_s": round(time.monotonic() - start, 1)}
-        if not rates.get("mt_iterations"):
+        try:
+            check.run("speed", train_cmd(run, 2 * burn, burn), until)
+        finally:  # what was logged before a failure still gives the burn-in rate
+            try:
+                rates = log_rates(run, skip)
+                step.metrics = {**rates, "wall_s": round(time.monotonic() - start, 1)}
+                state["rate_burnin"] = rates.get("burnin_it_s")
+                state["rate_mt"] = rates.get("mt_it_s")
+                step.result = f"batch {args.batch_size}, {args.backbone}: {rates_line(rates)}"
+            except (StepError, ValueError, OSError):
+                pass
+        if (run / "model_final.pth").exists():
+            state["speed_model"] = run / "model_final.pth"
+        if not step.metrics.get("mt_iterations"):
             raise StepError("no iteration logged alpha_label: no Mean Teacher phase ran")
-        state["rate_mt"] = rates.get("mt_it_s")
-        return (f"{rates['mt_it_s']:.2f} it/s at batch {args.batch_size} in Mean Teacher "
-                f"({rates['mt_iterations']} MT iterations after {rates['burnin_iterations']} burn-in, first {skip} "
-                f"left out; {step.metrics['wall_s']:.0f} s with start-up)")
+        return (f"{step.result}; first {skip} of each phase left out; {step.metrics['wall_s']:.0f} s with start-up")
 
-    check.step("speed_mt", f"training it/s, Mean Teacher, batch {args.batch_size}", 180, speed_mt)
+    check.step("speed", f"training it/s at batch {args.batch_size}, burn-in and Mean Teacher", 180, speed)
 
     # ---- the real run
     def real_train(step: Step, until: float) -> str:
@@ -572,7 +584,12 @@ def main() -> None:
         step.result = f"{burn} burn-in + {mt} MT iterations{note}"
         run = fresh(work / "real")
         start = time.monotonic()
-        _, text = check.run("real_train", train_cmd(run, burn + mt, burn), until)
+        try:
+            _, text = check.run("real_train", train_cmd(run, burn + mt, burn), until)
+        except (StepError, subprocess.TimeoutExpired):
+            with contextlib.suppress(StepError, ValueError, OSError):
+                step.result += "; before it stopped: " + rates_line(log_rates(run, 0))
+            raise
         rates = log_rates(run, 20 if not smoke else 0)
         summary = check.last_json(text)
         step.metrics = {**rates, "burn_in": burn, "mt": mt, "wall_s": round(time.monotonic() - start, 1),
@@ -590,10 +607,11 @@ def main() -> None:
 
     def eval_pseudo(step: Step, until: float) -> str:
         pseudo = need_pseudo()["heldout"]
-        _, text = check.run("eval_pseudo", CLI + ["eval", "--gt", gt_heldout, "--pred", pseudo, "--json"], until)
+        _, text = check.run("eval_pseudo", CLI + ["eval", "--gt", gt_heldout, "--pred", pseudo, "--json",
+                                                  "--max-detections", args.eval_max_detections], until)
         report = check.last_json(text)
         step.metrics = {k: report.get(k) for k in ("images", "detections", "bbox", "segm")}
-        return "stage-1 pseudo-labels: " + ar_line(report)
+        return f"stage-1 pseudo-labels: {ar_line(report, args.eval_max_detections > 100)}, at most {args.eval_max_detections} a photo)"
 
     check.step("eval_pseudo", "box AR of the pseudo-labels, held-out half", 90, eval_pseudo)
 
@@ -603,13 +621,14 @@ def main() -> None:
             if model is None or not Path(model).exists():
                 raise StepError("no trained model: the real_train step failed")
             cmd = CLI + ["eval", "--gt", gt_heldout, "--checkpoint", model, "--images", images_dir,
-                         "--device", dev, "--batch-size", 8 if not smoke else 2, "--json"]
+                         "--device", dev, "--batch-size", 8 if not smoke else 2, "--json",
+                         "--max-detections", args.eval_max_detections]
             if use == "teacher":
                 cmd += ["--use", "teacher"]
             _, text = check.run(f"eval_{use}", cmd, until)
             report = check.last_json(text)
             step.metrics = {k: report.get(k) for k in ("images", "detections", "bbox", "segm")}
-            return f"{use}: " + ar_line(report)
+            return f"{use}: {ar_line(report, args.eval_max_detections > 100)}, at most {args.eval_max_detections} a photo)"
         return run_eval
 
     check.step("eval_student", "box AR of the trained student, held-out half", 120, eval_model("student"))
@@ -618,17 +637,17 @@ def main() -> None:
     # ---- index build
     def index(kind: str):
         def build(step: Step, until: float) -> str:
-            need_data()
+            photos = need_data()["heldout_images"]
             folder = fresh(work / f"index_{kind}")
-            cmd = CLI + ["index", "build", images_dir, "--index", folder, "--device", dev, "--json"]
+            cmd = CLI + ["index", "build", photos, "--index", folder, "--device", dev, "--json"]
             source = "stage-1 discovery"
             if kind == "detector":
                 model = state.get("real_model")
                 if model is None or not Path(model).exists():
                     model = state.get("speed_model")
                     if model is None or not Path(model).exists():
-                        raise StepError("no trained model: real_train and speed_burnin failed")
-                    source = "the burn-in speed run's detector (real run missing)"
+                        raise StepError("no trained model: real_train and speed failed")
+                    source = "the speed run's detector (real run missing)"
                 else:
                     source = "the real run's detector"
                 cmd += ["--detector", model]
@@ -645,8 +664,9 @@ def main() -> None:
                     f"{summary.get('regions', 0) / max(n, 1):.1f} regions/photo from {source}")
         return build
 
-    check.step("index_discovery", "`index build` images/s, discovery regions", 150, index("discovery"))
-    check.step("index_detector", "`index build` images/s, trained detector's regions", 120, index("detector"))
+    check.step("index_discovery", "`index build` of the held-out half, discovery regions", 120, index("discovery"))
+    check.step("index_detector", "`index build` of the held-out half, trained detector's regions", 120,
+               index("detector"))
 
     check.write()
     print("\n" + check.table())

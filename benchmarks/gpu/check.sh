@@ -13,7 +13,7 @@ cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python3}
 SITE=${GPU_CHECK_SITE:-/tmp/site}
 OUTDIR=${OUT:-$PWD/gpu_check_out}
-WORK=/tmp/hassod_gpu_check
+WORK=$PWD/gpu_check_work
 for arg in "$@"; do
     case "$arg" in --cpu-smoke) SMOKE=1 ;; esac
 done
