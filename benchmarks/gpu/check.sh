@@ -50,7 +50,7 @@ if [ "$INSTALL" = 1 ]; then
 else
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
     export GPU_CHECK_INSTALL_STATUS=skipped
-    export GPU_CHECK_INSTALL_RESULT="not installed (--cpu-smoke: the local environment's packages)"
+    export GPU_CHECK_INSTALL_RESULT="not installed (--cpu-smoke or GPU_CHECK_INSTALL=0: the environment's own packages)"
 fi
 export GPU_CHECK_INSTALL_SECONDS=$(($(date +%s) - start))
 export GPU_CHECK_INSTALL_LOG="$install_log"
