@@ -7,8 +7,6 @@ vectors of any IndexIDMap2 over a flat storage (this kind and ``hnsw``).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import faiss
 import numpy as np
 
@@ -48,12 +46,9 @@ class FlatKind:
     def widths(self, index: faiss.Index, tuning: dict, n: int) -> Widths:
         return Widths(1, 1)
 
-    def params(self, index: faiss.Index, width: int) -> faiss.SearchParameters:
-        return faiss.SearchParameters()
-
-    def searcher(self, index: faiss.Index, queries: np.ndarray, k: int,
-                 params: Callable[[int], faiss.SearchParameters], widths: Widths, restricted: bool) -> Searcher:
-        return plain_searcher(index, queries, k, params)
+    def searcher(self, index: faiss.Index, queries: np.ndarray, k: int, selector: faiss.IDSelector | None,
+                 widths: Widths, restricted: bool) -> Searcher:
+        return plain_searcher(index, queries, k, lambda width: faiss.SearchParameters(), selector)
 
     def needs_rebuild(self, tuning: dict, n: int) -> bool:
         return False

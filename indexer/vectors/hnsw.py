@@ -9,8 +9,6 @@ force over their own vectors (``exact_subsets``). Never picked by ``"auto"``
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import faiss
 import numpy as np
 
@@ -51,7 +49,7 @@ class HNSWKind:
 
     def calibrate(self, index: faiss.Index, sample: LeaveOneOut, target: float) -> dict:
         value, recall = calibrate_width(index, self.name, "ef_search", _EF_SEARCH_VALUES,
-                                        lambda v: self.params(index, v), sample, target)
+                                        _params, sample, target)
         faiss.downcast_index(index.index).hnsw.efSearch = value
         return tuning("ef_search", value, recall, sample)
 
@@ -60,12 +58,13 @@ class HNSWKind:
         calibrated = int(tuning.get("ef_search") or faiss.downcast_index(index.index).hnsw.efSearch)
         return Widths(calibrated, max(16, min(index.ntotal, 16_384)))
 
-    def params(self, index: faiss.Index, width: int) -> faiss.SearchParameters:
-        return faiss.SearchParametersHNSW(efSearch=int(width))  # faiss uses max(efSearch, k)
-
-    def searcher(self, index: faiss.Index, queries: np.ndarray, k: int,
-                 params: Callable[[int], faiss.SearchParameters], widths: Widths, restricted: bool) -> Searcher:
-        return plain_searcher(index, queries, k, params)
+    def searcher(self, index: faiss.Index, queries: np.ndarray, k: int, selector: faiss.IDSelector | None,
+                 widths: Widths, restricted: bool) -> Searcher:
+        return plain_searcher(index, queries, k, _params, selector)
 
     def needs_rebuild(self, tuning: dict, n: int) -> bool:
         return False
+
+
+def _params(width: int) -> faiss.SearchParametersHNSW:
+    return faiss.SearchParametersHNSW(efSearch=int(width))  # faiss uses max(efSearch, k)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import faiss
 import numpy as np
@@ -80,12 +80,10 @@ class IVFKind:
         ivf = faiss.extract_index_ivf(index)
         return Widths(int(tuning.get("nprobe") or ivf.nprobe), ivf.nlist)
 
-    def params(self, index: faiss.Index, width: int) -> faiss.SearchParameters:
-        return ivf_params(faiss.extract_index_ivf(index), width)
-
-    def searcher(self, index: faiss.Index, queries: np.ndarray, k: int,
-                 params: Callable[[int], faiss.SearchParameters], widths: Widths, restricted: bool) -> Searcher:
-        return plain_searcher(index, queries, k, params)
+    def searcher(self, index: faiss.Index, queries: np.ndarray, k: int, selector: faiss.IDSelector | None,
+                 widths: Widths, restricted: bool) -> Searcher:
+        ivf = faiss.extract_index_ivf(index)
+        return plain_searcher(index, queries, k, lambda width: ivf_params(ivf, width), selector)
 
     def needs_rebuild(self, tuning: dict, n: int) -> bool:
         return False

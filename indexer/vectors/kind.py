@@ -78,13 +78,10 @@ class IndexKind(Protocol):
         """Search widths of ``index`` holding ``n`` vectors, calibrated as ``tuning`` says."""
         ...
 
-    def params(self, index: faiss.Index, width: int) -> faiss.SearchParameters:
-        """Search parameters searching ``width`` wide (lists probed, beam); the store adds the selector."""
-        ...
-
-    def searcher(self, index: faiss.Index, queries: np.ndarray, k: int,
-                 params: Callable[[int], faiss.SearchParameters], widths: Widths, restricted: bool) -> Searcher:
-        """The search of ``queries`` a widening loop calls, ``params(width)`` giving each width's parameters."""
+    def searcher(self, index: faiss.Index, queries: np.ndarray, k: int, selector: faiss.IDSelector | None,
+                 widths: Widths, restricted: bool) -> Searcher:
+        """The search of ``queries`` that the store's widening loop calls, ids limited by ``selector``
+        (``restricted``: an allowed set, not just the hidden ids)."""
         ...
 
     def needs_rebuild(self, tuning: dict, n: int) -> bool:
@@ -92,10 +89,18 @@ class IndexKind(Protocol):
         ...
 
 
-def plain_searcher(index: faiss.Index, queries: np.ndarray, k: int,
-                   params: Callable[[int], faiss.SearchParameters]) -> Searcher:
-    """A searcher for kinds that rank by their own scores: faiss's search at each width (boost unused)."""
-    return lambda rows, width, boost: index.search(queries[rows], k, params=params(width))
+def plain_searcher(index: faiss.Index, queries: np.ndarray, k: int, params: Callable[[int], faiss.SearchParameters],
+                   selector: faiss.IDSelector | None) -> Searcher:
+    """A searcher for kinds that rank by their own scores: faiss's search with ``params(width)`` (boost unused)."""
+    return lambda rows, width, boost: index.search(queries[rows], k, params=with_selector(params(width), selector))
+
+
+def with_selector(params: faiss.SearchParameters, selector: faiss.IDSelector | None) -> faiss.SearchParameters:
+    """``params`` searching only the ids ``selector`` allows (all when ``None``)."""
+    if selector is not None:
+        params.sel = selector
+        params.selector = selector  # SWIG holds a raw pointer
+    return params
 
 
 @contextlib.contextmanager

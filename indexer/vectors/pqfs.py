@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import math
 import weakref
-from collections.abc import Callable
 
 import faiss
 import numpy as np
@@ -28,7 +27,7 @@ import numpy as np
 from .calibration import CALIBRATION_K, LeaveOneOut, geometric, leave_one_out_recall
 from .ids import sorted_member
 from .ivf import ivf_params, new_ivf, nprobe_values
-from .kind import FAISS_BLAS_THRESHOLD, MAX_THREADS, Chunks, Searcher, Widths, omp_threads
+from .kind import FAISS_BLAS_THRESHOLD, MAX_THREADS, Chunks, Searcher, Widths, omp_threads, with_selector
 from .planning import IndexPlan, VectorStoreSettings, pqfs_m
 
 log = logging.getLogger(__name__)
@@ -174,17 +173,19 @@ class PQFastScanKind:
         return Widths(int(tuning.get("nprobe") or ivf.nprobe), ivf.nlist, k_factor,
                       max(1, self.settings.pqfs_max_k_factor // k_factor))
 
-    def params(self, index: faiss.IndexRefine, width: int) -> faiss.SearchParameters:
-        return ivf_params(faiss.extract_index_ivf(index), width)
-
-    def searcher(self, index: faiss.IndexRefine, queries: np.ndarray, k: int,
-                 params: Callable[[int], faiss.SearchParameters], widths: Widths, restricted: bool) -> Searcher:
+    def searcher(self, index: faiss.IndexRefine, queries: np.ndarray, k: int, selector: faiss.IDSelector | None,
+                 widths: Widths, restricted: bool) -> Searcher:
         """Scan proposes ``_depth(k, k_factor · boost)`` candidates, the fp16 copies re-rank them.
 
         Restricted searches scan once per width, deep enough for the largest
         boost, and widen the k_factor by re-ranking longer prefixes of that scan
         (rescanning for each boost cost twice the time).
         """
+        ivf = faiss.extract_index_ivf(index)
+
+        def params(width: int) -> faiss.SearchParameters:
+            return with_selector(ivf_params(ivf, width), selector)
+
         deepest = _depth(k, widths.k_factor * widths.max_boost)
         if not restricted or len(queries) * deepest > 1 << 22:  # ≤ 32 MiB of candidates
             return lambda rows, width, boost: self._search(index, queries[rows], k, boost * widths.k_factor,

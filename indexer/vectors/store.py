@@ -362,8 +362,7 @@ class VectorStore:
         limit = widths.max_width
         width = min(limit, math.ceil(widths.width * len(self) / (filt.count if filt else len(self))))
         gpu = self._gpu_replica(k) if filt is None and not self._tombstones.size else None
-        approx = self._kind.searcher(self._index, queries, k, lambda w: self._params(filt, w), widths,
-                                     filt is not None)
+        approx = self._kind.searcher(self._index, queries, k, self._selector(filt), widths, filt is not None)
         if gpu is not None:
             scores, ids = gpu.search(queries, k)
         else:
@@ -397,20 +396,16 @@ class VectorStore:
         """Candidates re-ranked per result at the current size (pqfs; 1 for the other kinds)."""
         return self._widths().k_factor
 
-    def _params(self, filt: IdFilter | None, width: int) -> faiss.SearchParameters:
-        """The kind's search parameters at ``width``, with the filter's selector or one hiding tombstones."""
-        params = self._kind.params(self._index, width)
-        selector = filt.selector if filt is not None else None
-        keep = []
-        if self._tombstones.size and selector is None:
-            hidden = faiss.IDSelectorBatch(self._tombstones.size, faiss.swig_ptr(self._tombstones))
-            selector = faiss.IDSelectorNot(hidden)
-            keep.append(hidden)  # the Not selector only points at it
-        if selector is not None:
-            params.sel = selector
-            keep.append(selector)
-        params.selectors = keep  # SWIG holds raw pointers to these
-        return params
+    def _selector(self, filt: IdFilter | None) -> faiss.IDSelector | None:
+        """The filter's selector, else one hiding tombstones, else none."""
+        if filt is not None:
+            return filt.selector
+        if not self._tombstones.size:
+            return None
+        hidden = faiss.IDSelectorBatch(self._tombstones.size, faiss.swig_ptr(self._tombstones))
+        selector = faiss.IDSelectorNot(hidden)
+        selector.hidden = hidden  # the Not selector only points at it
+        return selector
 
     def _gpu_replica(self, k: int) -> faiss.Index | None:
         if not self._use_gpu or not self._kind.gpu or k > 2048:  # 2048: faiss GPU k / nprobe limit
