@@ -1,0 +1,28 @@
+"""FAISS vector store of region descriptors, keyed by region id (DESIGN.md §7).
+
+``VectorStore`` (``store``) is the public face; each index kind is one module
+behind the ``IndexKind`` protocol (``kind``):
+
+========== ==================================================== ==================
+kind       FAISS index                                          bytes / vector
+========== ==================================================== ==================
+``flat``   ``IndexIDMap2(IndexFlatIP)``, exact (``flat``)       4·d + 16
+``ivf``    ``IVF{nlist},Flat`` / ``SQ8`` / ``PQ{m}`` (``ivf``)  4·d + 8 / d + 8 / m + 8
+``hnsw``   ``IndexIDMap2(HNSW{M},Flat)`` (``hnsw``)             4·d + 8·M + 16
+``pqfs``   ``IVF{nlist},PQ{m}x4fs`` + fp16 re-rank (``pqfs``)   2·d + m/2 + 56
+(string)   any IVF factory string, used as given (``ivf``)
+========== ==================================================== ==================
+
+``planning`` chooses the kind and its size, ``calibration`` tunes its search
+width, ``ids`` keeps the id bookkeeping. Measurements: docs/benchmarks.md.
+"""
+from .calibration import ExactTopK
+from .ids import IdFilter
+from .kind import IndexKind
+from .planning import (NAMED_KINDS, IndexPlan, IndexTypeError, VectorStoreSettings, bytes_per_vector, choose_kind,
+                       choose_nlist, physical_memory_bytes, validate_index_type)
+from .store import KINDS, VectorStore
+
+__all__ = ["KINDS", "NAMED_KINDS", "ExactTopK", "IdFilter", "IndexKind", "IndexPlan", "IndexTypeError", "VectorStore",
+           "VectorStoreSettings", "bytes_per_vector", "choose_kind", "choose_nlist", "physical_memory_bytes",
+           "validate_index_type"]
