@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ..features import Backbone
 from ..images import DEFAULT_MAX_PIXELS, ImageError, load_rgb, resize_square
 from .coco import ImageRecord, ProgressLog, build_coco, common_root, progress_path, write_json_atomic
-from .pipeline import DiscoverySettings
+from .recipes import RegionRecipe
 from .work import Job, limit_threads, process_job
 
 
@@ -54,7 +54,7 @@ def discover_collection(
     paths: Sequence[Path],
     out: Path,
     backbone: Backbone,
-    settings: DiscoverySettings,
+    settings: RegionRecipe,
     workers: int = 1,
     batch_size: int = 8,
     viz_dir: Path | None = None,
@@ -63,7 +63,7 @@ def discover_collection(
 ) -> DiscoverySummary:
     """Discover masks in every file of ``paths`` and write COCO pseudo-labels to ``out``."""
     start = time.perf_counter()
-    settings = settings.with_default_thresholds(backbone.default_thresholds)
+    settings = settings.for_backbone(backbone)
     run_settings = {"backbone": backbone.name, "weights": backbone.weights_id, "discovery": settings.as_dict()}
     log = ProgressLog(progress_path(out), run_settings)
     keys = [str(Path(p).resolve()) for p in paths]
@@ -96,7 +96,7 @@ def discover_collection(
 def discover_records(
     paths: Sequence[str],
     backbone: Backbone,
-    settings: DiscoverySettings,
+    settings: RegionRecipe,
     workers: int = 1,
     batch_size: int = 8,
     viz_dir: Path | None = None,
@@ -109,7 +109,7 @@ def discover_records(
     are yielded as soon as they finish, so a caller that persists each one
     loses only the images in flight when it is killed.
     """
-    settings = settings.with_default_thresholds(backbone.default_thresholds)
+    settings = settings.for_backbone(backbone)
     decoded: dict[str, np.ndarray] = {}
     with _postprocessor(min(workers, len(paths))) as submit:
         pending: set[Future] = set()
