@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from .catalog import Catalog, ImageRecord, IncompatibleIndexError, NewRegion
 from .descriptors import RegionDescriber
-from .layout import catalog_url, claim_catalog, exclusive_build, vectors_path, whitening_path
+from .layout import CATALOG_FILE, POINTER_FILE, catalog_url, claim_catalog, exclusive_build, vectors_path, whitening_path
 from .regions import ImageRegions, RegionSource
 from .vectors import VectorStore, validate_index_type
 from .whitening import PCAWhitening
@@ -100,6 +100,7 @@ def index_config(
         "descriptor_dim": describer.dim,
         "descriptor_settings": asdict(describer.settings),
         "region_source": source.identity,
+        "recipe": source.recipe,
         "query_regions": source.query_settings,
         "whitening": None if whitening is None else {
             "dim": whitening.dim or describer.dim, "shrinkage": whitening.shrinkage},
@@ -207,11 +208,35 @@ def _check_config(catalog: Catalog, config: dict) -> None:
         raise IncompatibleIndexError("this index was built without whitening; "
                                      "build into a new --index directory to whiten")
     catalog.check_compatible(config)
+    indexed, requested = recipe_of(saved), config["recipe"]
+    if indexed is not None and requested is not None and indexed != requested:
+        raise IncompatibleSourceError(
+            f"this index holds regions of the {indexed} recipe, not {requested}; pass --recipe {indexed} "
+            "to update it, or build into a new --index directory")
     if saved.get("region_source") != config["region_source"]:
         raise IncompatibleSourceError(
             f"this index holds regions from {saved.get('region_source')}, not {config['region_source']}; "
             "build into a new --index directory to use other regions"
         )
+
+
+def recipe_of(config: dict | None) -> str | None:
+    """The discovery recipe an index configuration records; ``paper`` for discovery indexes from before
+    recipes were recorded, None for regions from a detector or a COCO file (or no configuration)."""
+    if not config:
+        return None
+    if "recipe" in config:
+        return config["recipe"]
+    return "paper" if str(config.get("region_source", "")).startswith("discovery:") else None
+
+
+def indexed_recipe(index_dir: Path, db_url: str | None = None) -> str | None:
+    """The recipe of the index at ``index_dir`` when one was built there (see :func:`recipe_of`), else None."""
+    has_catalog = (Path(index_dir) / CATALOG_FILE).exists() or (Path(index_dir) / POINTER_FILE).exists()
+    if not has_catalog and not db_url:
+        return None
+    with Catalog(catalog_url(index_dir, db_url)) as catalog:
+        return recipe_of(catalog.get_config())
 
 
 def _resolve_whitening(requested: WhiteningSettings | None, learned: PCAWhitening | None) -> WhiteningSettings | None:

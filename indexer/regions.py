@@ -2,7 +2,8 @@
 
 A region source turns image files into regions: box, mask, score, level
 (whole / part / subpart) and parent. Three sources exist: stage-1
-discovery (training-free, the default), a trained stage-2 detector
+discovery (training-free, the default; by the ``search`` recipe unless told
+``paper``, see :mod:`hassod.discover.recipes`), a trained stage-2 detector
 checkpoint, and a COCO file of regions made earlier. The build asks only for :meth:`RegionSource.regions` and
 :attr:`RegionSource.identity`, so a new source plugs in without changes there.
 """
@@ -19,7 +20,8 @@ from pycocotools import mask as mask_utils
 
 from hassod.detect import DetectOptions, Detector
 from hassod.discover.collection import discover_records, patch_grid
-from hassod.discover.pipeline import DiscoverySettings, discover_masks
+from hassod.discover.recipes import RegionRecipe, settings_from_dict
+from hassod.discover.search import SearchSettings
 from hassod.features import Backbone
 from hassod.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb
 
@@ -58,6 +60,7 @@ class RegionSource(Protocol):
     identity: str  # recorded in the index configuration, e.g. "discovery:efficientnet_lite0:0.6,0.5,0.4"
     # JSON-ready: how a whole-image query finds its own regions the same way (see query_regions).
     query_settings: dict[str, Any]
+    recipe: str | None  # the discovery recipe ("paper", "search"), None for regions from elsewhere
 
     def regions(self, paths: Sequence[str]) -> Iterator[ImageRegions]:
         """Regions of every path, yielded as each image finishes (any order)."""
@@ -65,22 +68,35 @@ class RegionSource(Protocol):
 
 
 class DiscoveryRegions:
-    """Regions from stage-1 discovery: no training, works on any collection at once."""
+    """Regions from stage-1 discovery: no training, works on any collection at once.
+
+    settings: the recipe, :class:`~hassod.discover.search.SearchSettings`
+    (the default) or :class:`~hassod.discover.pipeline.DiscoverySettings`
+    (``paper``). The identity of a ``paper`` source is what indexes recorded
+    before recipes existed, so those indexes update as before.
+    """
 
     def __init__(
         self,
         backbone: Backbone,
-        settings: DiscoverySettings | None = None,
+        settings: RegionRecipe | None = None,
         workers: int = 1,
         batch_size: int = 8,
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ):
         self.backbone = backbone
-        self.settings = (settings or DiscoverySettings()).with_default_thresholds(backbone.default_thresholds)
+        self.settings = (settings or SearchSettings()).for_backbone(backbone)
+        self.recipe = self.settings.recipe
         self.workers, self.batch_size, self.max_pixels = workers, batch_size, max_pixels
         thresholds = ",".join(f"{t:g}" for t in self.settings.thresholds)
-        self.identity = f"discovery:{backbone.name}:{backbone.weights_id}:{thresholds}"
-        self.query_settings = {"kind": "discovery", "thresholds": list(self.settings.thresholds)}
+        if self.recipe == "paper":
+            self.identity = f"discovery:{backbone.name}:{backbone.weights_id}:{thresholds}"
+            self.query_settings = {"kind": "discovery", "recipe": "paper", "thresholds": list(self.settings.thresholds)}
+        else:
+            saved = self.settings.as_dict()
+            digest = hashlib.sha256(json.dumps(saved, sort_keys=True).encode()).hexdigest()[:8]
+            self.identity = f"{self.recipe}:{backbone.name}:{backbone.weights_id}:{thresholds}:{digest}"
+            self.query_settings = {"kind": "discovery", **saved}
 
     def regions(self, paths: Sequence[str]) -> Iterator[ImageRegions]:
         records = discover_records(
@@ -96,7 +112,7 @@ class DiscoveryRegions:
     def regions_of_image(self, image: np.ndarray) -> list[Region]:
         """Regions of one in-memory (H, W, 3) uint8 image (a query), computed in this process."""
         small, grid = patch_grid(self.backbone, [image], self.settings.input_size)
-        found = discover_masks(small[0], grid[0], image.shape[:2], self.settings)
+        found = self.settings.find(small[0], grid[0], image.shape[:2])
         return [_from_annotation(a) for a in found.annotations()]
 
 
@@ -136,7 +152,8 @@ class CocoRegions:
         self.max_pixels = max_pixels
         self.source = path
         self.identity = f"coco:{hashlib.sha256(raw).hexdigest()[:16]}"
-        # A query image is not in the file: discover its regions (the backbone's default thresholds).
+        self.recipe = None
+        # A query image is not in the file: discover its regions (the paper recipe, the backbone's thresholds).
         self.query_settings = {"kind": "discovery", "thresholds": None}
 
     def regions(self, paths: Sequence[str]) -> Iterator[ImageRegions]:
@@ -218,6 +235,7 @@ class DetectorRegions:
         self.detector = Detector(checkpoint, device=device, options=options)
         self.batch_size, self.max_pixels = batch_size, max_pixels
         self.identity = self.detector.identity
+        self.recipe = None
         self.query_settings = {"kind": "detector", "checkpoint": str(Path(checkpoint).resolve()),
                                "digest": self.detector.digest, "options": asdict(self.detector.options)}
 
@@ -256,15 +274,15 @@ def query_regions(
     """The region source that finds a query image's regions the way the index's were found.
 
     settings: the index's ``query_regions`` configuration (a source's
-    ``query_settings``); None (indexes from before it was recorded) means
-    discovery with the backbone's default thresholds. detector: where the
+    ``query_settings``): discovery by the recipe it names, ``paper`` when it
+    names none (indexes from before recipes); None (indexes from before it
+    was recorded) means ``paper`` with the backbone's default thresholds. detector: where the
     index's detector checkpoint is now, when it has moved since the build;
     it must be the same file (checked by content hash).
     """
     settings = settings or {"kind": "discovery", "thresholds": None}
     if settings["kind"] == "discovery":
-        thresholds = settings["thresholds"]
-        return DiscoveryRegions(backbone, DiscoverySettings(thresholds=tuple(thresholds) if thresholds else None))
+        return DiscoveryRegions(backbone, settings_from_dict({k: v for k, v in settings.items() if k != "kind"}))
     path = Path(detector or settings["checkpoint"])
     if not path.is_file():
         raise QuerySourceError(
