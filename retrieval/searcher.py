@@ -178,8 +178,9 @@ class Searcher:
     def _image_regions(self, pixels: np.ndarray) -> np.ndarray:
         """(Q, dim) descriptors of the query image's own regions plus the whole image.
 
-        The regions are found as the index's were: the same discovery
-        thresholds, or the same detector checkpoint and options.
+        The regions are found as the index's were: the same discovery recipe
+        (``paper`` for indexes that record none) and settings, or the same
+        detector checkpoint and options.
         """
         if self._query_source is None:
             # Imported here: discovery and the detector take ~1 s to import,
