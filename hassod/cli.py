@@ -39,7 +39,8 @@ def main() -> None:
 @click.option("--thresholds", help="Merge thresholds, e.g. 0.4,0.2,0.1 (default: the backbone's, per recipe).")
 @click.option("--recipe", type=click.Choice(RECIPES), default="paper", show_default=True,
               help="paper: CRF pseudo-labels for training; search: every region of the merge hierarchy, no CRF.")
-@click.option("--max-regions", type=click.IntRange(min=1), help="search recipe: keep the best-scored N per image [200].")
+@click.option("--max-regions", type=click.IntRange(min=1),
+              help="search recipe: keep the best-scored N per image [200].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", default=None, type=click.IntRange(min=1), help="Post-processing processes [CPU count].")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))

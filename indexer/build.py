@@ -26,9 +26,12 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from hassod.discover.recipes import RegionRecipe, settings_from_dict
+
 from .catalog import Catalog, ImageRecord, IncompatibleIndexError, NewRegion
 from .descriptors import RegionDescriber
-from .layout import CATALOG_FILE, POINTER_FILE, catalog_url, claim_catalog, exclusive_build, vectors_path, whitening_path
+from .layout import (CATALOG_FILE, POINTER_FILE, catalog_url, claim_catalog, exclusive_build, vectors_path,
+                     whitening_path)
 from .regions import ImageRegions, RegionSource
 from .vectors import VectorStore, validate_index_type
 from .whitening import PCAWhitening
@@ -230,13 +233,19 @@ def recipe_of(config: dict | None) -> str | None:
     return "paper" if str(config.get("region_source", "")).startswith("discovery:") else None
 
 
-def indexed_recipe(index_dir: Path, db_url: str | None = None) -> str | None:
-    """The recipe of the index at ``index_dir`` when one was built there (see :func:`recipe_of`), else None."""
+def indexed_settings(index_dir: Path, db_url: str | None = None) -> RegionRecipe | None:
+    """The discovery recipe and settings the index at ``index_dir`` was built with (see :func:`recipe_of`);
+    None when there is no index there or its regions were not discovered."""
     has_catalog = (Path(index_dir) / CATALOG_FILE).exists() or (Path(index_dir) / POINTER_FILE).exists()
     if not has_catalog and not db_url:
         return None
     with Catalog(catalog_url(index_dir, db_url)) as catalog:
-        return recipe_of(catalog.get_config())
+        config = catalog.get_config()
+    recipe = recipe_of(config)
+    if recipe is None:
+        return None
+    query = {k: v for k, v in (config.get("query_regions") or {}).items() if k != "kind"}
+    return settings_from_dict({**query, "recipe": recipe})
 
 
 def _resolve_whitening(requested: WhiteningSettings | None, learned: PCAWhitening | None) -> WhiteningSettings | None:

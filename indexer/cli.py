@@ -27,7 +27,8 @@ def index() -> None:
 @click.option("--recipe", type=click.Choice(RECIPES),
               help="How discovery finds regions: search (every region of the merge hierarchy, no CRF) or paper "
                    "(HASSOD's CRF pseudo-labels) [the index's own; search for a new index].")
-@click.option("--max-regions", type=click.IntRange(min=1), help="search recipe: keep the best-scored N per image [200].")
+@click.option("--max-regions", type=click.IntRange(min=1),
+              help="search recipe: keep the best-scored N per image [200].")
 @click.option("--db", "db_url", help="SQLAlchemy URL of the catalog [sqlite file inside the index].")
 @click.option("--backbone", default="efficientnet_lite0", show_default=True)
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Backbone weight file.")
@@ -42,8 +43,8 @@ def index() -> None:
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def build(images, index_dir, detector, regions_json, recipe, max_regions, db_url, backbone, weights, index_type, whiten, whiten_dim, device,
-          workers, batch_size, max_pixels, as_json):
+def build(images, index_dir, detector, regions_json, recipe, max_regions, db_url, backbone, weights, index_type, whiten,
+          whiten_dim, device, workers, batch_size, max_pixels, as_json):
     """Index every whole, part and subpart region of IMAGES (files or folders); re-runs update it."""
     from hassod.device import resolve_device
     from hassod.features import WeightsFormatError, WeightsNotFoundError, build_backbone
@@ -52,7 +53,7 @@ def build(images, index_dir, detector, regions_json, recipe, max_regions, db_url
 
     from hassod.discover.recipes import RecipeError, recipe_settings
 
-    from .build import IncompatibleSourceError, WhiteningError, WhiteningSettings, build_index, indexed_recipe
+    from .build import IncompatibleSourceError, WhiteningError, WhiteningSettings, build_index, indexed_settings
     from .catalog import CatalogUnavailableError, IncompatibleIndexError
     from .descriptors import RegionDescriber, default_settings
     from .regions import CocoRegions, DiscoveryRegions, RegionsFileError, detector_regions
@@ -81,7 +82,10 @@ def build(images, index_dir, detector, regions_json, recipe, max_regions, db_url
         elif regions_json:
             source = CocoRegions(regions_json, max_pixels=max_pixels)
         else:
-            settings = recipe_settings(recipe or indexed_recipe(index_dir, db_url) or "search", None, max_regions)
+            # Without --recipe an index is updated the way it was built.
+            saved = None if recipe else indexed_settings(index_dir, db_url)
+            settings = saved if saved is not None and max_regions is None else recipe_settings(
+                recipe or (saved.recipe if saved else "search"), None, max_regions)
             source = DiscoveryRegions(model, settings, workers=workers or os.cpu_count() or 1, batch_size=batch_size,
                                       max_pixels=max_pixels)
         describer = RegionDescriber(model, default_settings(model))

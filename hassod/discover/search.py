@@ -23,7 +23,6 @@ Contract:
 """
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any, NamedTuple
 
@@ -34,6 +33,7 @@ from .levels import levels_from_parents
 from .masks import MaskFilterSettings, postprocess_to_rles, rle_areas
 from .merge import hierarchical_merge
 from .pipeline import Discovered, StageClock
+
 
 @dataclass(frozen=True)
 class SearchSettings:

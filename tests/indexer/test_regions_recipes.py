@@ -104,3 +104,20 @@ def test_a_recipe_mismatch_is_refused_by_the_library_too(tmp_path, instance_fold
                     show_progress=False)
     with Catalog(catalog_url(tmp_path / "index")) as catalog:
         assert catalog.get_config()["recipe"] == "search"
+
+
+def test_an_update_without_options_keeps_the_index_settings(tmp_path, instance_folder, offline_backbone):
+    folder, _ = instance_folder
+    paths = sorted(folder.glob("*.png"))[:2]
+    build_index(paths[:1], tmp_path / "index", DiscoveryRegions(offline_backbone, SearchSettings(max_regions=7)),
+                RegionDescriber(offline_backbone), show_progress=False)
+    result = CliRunner().invoke(app, ["index", "build", str(paths[1]), "--index", str(tmp_path / "index"),
+                                      "--device", "cpu", "--workers", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    with Catalog(catalog_url(tmp_path / "index")) as catalog:
+        assert [image.n_regions for image in catalog.images()] == [7, 7]
+    refused = CliRunner().invoke(app, ["index", "build", str(paths[1]), "--index", str(tmp_path / "index"),
+                                       "--device", "cpu", "--recipe", "paper", "--max-regions", "5"])
+    assert refused.exit_code == 2
+    assert refused.output.strip().splitlines() == ["error: --max-regions applies to the search recipe only "
+                                                   "(paper keeps every mask it finds)"]
