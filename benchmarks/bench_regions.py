@@ -47,7 +47,7 @@ from hassod.discover.pipeline import Discovered, DiscoverySettings  # noqa: E402
 from hassod.discover.search import SearchSettings  # noqa: E402
 from hassod.evaluation import evaluate, subset_images  # noqa: E402
 from hassod.features import build_backbone  # noqa: E402
-from hassod.images import ImageError, load_rgb, resize_square  # noqa: E402
+from hassod.images import ImageError, load_rgb  # noqa: E402
 from hassod.synthetic import make_instance_scenes, save_scenes  # noqa: E402
 from indexer.build import build_index  # noqa: E402
 from indexer.descriptors import RegionDescriber  # noqa: E402
@@ -89,10 +89,9 @@ class Recipe:
         if self.settings is None:
             start = time.thread_time()
             return felzenszwalb_regions(image), time.thread_time() - start
-        small = resize_square(image, self.settings.input_size)
-        features = self.backbone.extract([small], size=self.settings.input_size)[0].permute(1, 2, 0).float().numpy()
+        small, features = self.settings.grid(self.backbone, [image])
         start = time.thread_time()
-        found = self.settings.find(small, features, image.shape[:2])
+        found = self.settings.find(small[0], features[0], image.shape[:2])
         return found, time.thread_time() - start
 
 

@@ -379,7 +379,8 @@ def _store_image(
     vectors = np.zeros((0, describer.dim), np.float32)
     if regions:
         boxes = np.asarray([r.box for r in regions], dtype=np.float32)
-        fmap = describer.feature_map([result.image])[0]
+        shared = result.feature_map is not None and result.described_by == describer.name
+        fmap = result.feature_map if shared else describer.feature_map([result.image])[0]
         vectors = describer.describe(fmap, boxes, masks=[r.mask_rle for r in regions])
     described = time.perf_counter()
     timings["describe"] = timings.get("describe", 0.0) + described - start

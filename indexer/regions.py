@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
@@ -19,11 +19,13 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from hassod.detect import DetectOptions, Detector
-from hassod.discover.collection import discover_records, patch_grid
+from hassod.discover.collection import discover_records
 from hassod.discover.recipes import RegionRecipe, settings_from_dict
 from hassod.discover.search import SearchSettings
 from hassod.features import Backbone
 from hassod.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb
+
+from .descriptors import GRID_LAYER, FeatureMap, RegionDescriber, default_settings
 
 
 @dataclass(frozen=True)
@@ -48,12 +50,18 @@ class ImageRegions:
 
     image: the decoded (H, W, 3) uint8 original, handed on so that the
     descriptor step does not decode the file again; ``None`` with ``error``.
+    feature_map: the image's :class:`~indexer.descriptors.FeatureMap` when
+    the source ran the descriptor's forward itself (the search recipe), made
+    by the describer named ``described_by``: the build describes from it
+    instead of running the backbone again.
     """
 
     path: str
     image: np.ndarray | None
     regions: list[Region]
     error: str | None = None
+    feature_map: FeatureMap | None = None
+    described_by: str | None = None
 
 
 class RegionSource(Protocol):
@@ -74,6 +82,12 @@ class DiscoveryRegions:
     (the default) or :class:`~hassod.discover.pipeline.DiscoverySettings`
     (``paper``). The identity of a ``paper`` source is what indexes recorded
     before recipes existed, so those indexes update as before.
+
+    The search recipe runs in this process on the region descriptor's
+    forward (its input is the descriptor's, :meth:`SearchSettings.input_shape`):
+    the grid and the descriptor layers come from one pass through the
+    network, and each image's feature map goes on to the build with its
+    regions. The paper recipe runs in ``workers`` processes (its CRF).
     """
 
     def __init__(
@@ -88,6 +102,8 @@ class DiscoveryRegions:
         self.settings = (settings or SearchSettings()).for_backbone(backbone)
         self.recipe = self.settings.recipe
         self.workers, self.batch_size, self.max_pixels = workers, batch_size, max_pixels
+        descriptor = replace(default_settings(backbone), long_side=self.settings.input_size, size_multiple=32)
+        self.describer = RegionDescriber(backbone, descriptor)
         thresholds = ",".join(f"{t:g}" for t in self.settings.thresholds)
         if self.recipe == "paper":
             self.identity = f"discovery:{backbone.name}:{backbone.weights_id}:{thresholds}"
@@ -99,6 +115,9 @@ class DiscoveryRegions:
             self.query_settings = {"kind": "discovery", **saved}
 
     def regions(self, paths: Sequence[str]) -> Iterator[ImageRegions]:
+        if self.recipe == "search":
+            yield from self._search_regions(paths)
+            return
         records = discover_records(
             paths, self.backbone, self.settings, self.workers, self.batch_size, max_pixels=self.max_pixels
         )
@@ -108,10 +127,34 @@ class DiscoveryRegions:
                 continue
             yield ImageRegions(record.path, image, [_from_annotation(a) for a in record.annotations])
 
+    def _search_regions(self, paths: Sequence[str]) -> Iterator[ImageRegions]:
+        """The search recipe, ``batch_size`` images per forward of the descriptor's network."""
+        for start in range(0, len(paths), self.batch_size):
+            loaded, images = [], []
+            for path in paths[start:start + self.batch_size]:
+                try:
+                    images.append(load_rgb(path, self.max_pixels))
+                    loaded.append(path)
+                except ImageError as exc:
+                    yield ImageRegions(path, None, [], str(exc))
+            if not images:
+                continue
+            for path, image, fmap in zip(loaded, images, self.describer.feature_map(images, grid=True)):
+                yield ImageRegions(path, image, self._found(image, fmap), feature_map=fmap,
+                                   described_by=self.describer.name)
+
+    def _found(self, image: np.ndarray, fmap: FeatureMap) -> list[Region]:
+        """The search recipe's regions on the grid layer of ``fmap``, which is taken out of it."""
+        fmap.strides.pop(GRID_LAYER, None)
+        features = fmap.layers.pop(GRID_LAYER).permute(1, 2, 0).float().cpu().numpy()
+        found = self.settings.find(image, features, image.shape[:2])
+        return [_from_annotation(a) for a in found.annotations()]
 
     def regions_of_image(self, image: np.ndarray) -> list[Region]:
         """Regions of one in-memory (H, W, 3) uint8 image (a query), computed in this process."""
-        small, grid = patch_grid(self.backbone, [image], self.settings.input_size)
+        if self.recipe == "search":
+            return self._found(image, self.describer.feature_map([image], grid=True)[0])
+        small, grid = self.settings.grid(self.backbone, [image])
         found = self.settings.find(small[0], grid[0], image.shape[:2])
         return [_from_annotation(a) for a in found.annotations()]
 

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
+from ..images import resize_square
 from .crf import CRFSettings, refine_partition
 from .levels import distinct_masks, find_parents, levels_from_parents, rle_intersections
 from .masks import MaskFilterSettings, postprocess_to_rles, rle_boxes_xywh, rle_to_masks
@@ -45,6 +46,13 @@ class DiscoverySettings:
     def for_backbone(self, backbone: Any) -> "DiscoverySettings":
         """These settings with unset thresholds taken from the backbone's ``default_thresholds``."""
         return self.with_default_thresholds(backbone.default_thresholds)
+
+    def grid(self, backbone: Any, images: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(H, W, 3) uint8 images → (each resized to the ``input_size`` square, its (h, w, C) float32 patch
+        features), one forward for all."""
+        small = [resize_square(image, self.input_size) for image in images]
+        features = backbone.extract(small, size=self.input_size)  # (B, C, h, w)
+        return small, list(features.permute(0, 2, 3, 1).float().cpu().numpy())
 
     def find(self, image: np.ndarray, features: np.ndarray, original_size: tuple[int, int],
              timings: dict[str, float] | None = None) -> "Discovered":

@@ -9,8 +9,9 @@ ones. This recipe takes every distinct region of that hierarchy at a dense set
 of thresholds, ranks them by how object-like they are, and keeps the best.
 
 Contract:
-- Input: (h, w, C) patch features of the image resized to ``input_size``
-  square (aspect not kept), and the original (H, W) in pixels.
+- Input: (h, w, C) patch features of the image resized with its aspect kept
+  (:meth:`SearchSettings.input_shape`: the region descriptor's input, so that
+  an index build needs one forward per image), and the original (H, W) in pixels.
 - Regions are sets of patches; a region seen at several thresholds is one
   region (born at the finest). Its parent is the smallest strictly larger
   kept region containing it at a coarser threshold; levels follow depth
@@ -24,7 +25,7 @@ Contract:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 from scipy import sparse
@@ -46,8 +47,8 @@ class SearchSettings:
         AR@1000 14.5; 0.7 to 0.3 in steps of 0.1 gives 135 and 11.6; steps of
         0.025 give 882 and 15.6 for 25% more merge time; 0.9 to 0.2 adds only
         tiny and huge regions).
-    input_size: side in pixels of the square the image is resized to for the
-        backbone. Multi-scale was measured and not taken: the 480 and 640 px
+    input_size: the longer side in pixels of the backbone's input, aspect
+        kept (:meth:`input_shape`). Multi-scale was measured and not taken: the 480 and 640 px
         grids together raise AR@1000 from 14.5 to 18.7 (all regions) but cost
         a second forward (~290 ms, three times the 480 px one) and 80 ms of merge.
     min_patches: regions with fewer patches are dropped.
@@ -87,6 +88,25 @@ class SearchSettings:
     def for_backbone(self, backbone: Any) -> "SearchSettings":
         """These settings with unset thresholds taken from the backbone's ``search_thresholds``."""
         return self.with_default_thresholds(backbone.search_thresholds)
+
+    def input_shape(self, height: int, width: int) -> tuple[int, int]:
+        """Network input (h, w) in pixels for an H x W image: aspect kept, the longer side about
+        ``input_size``, both sides multiples of 32 (the region descriptor's input, so that
+        :mod:`indexer.regions` serves both from one forward)."""
+        factor = self.input_size / max(height, width)
+        return tuple(max(32, int(round(side * factor / 32)) * 32) for side in (height, width))
+
+    def grid(self, backbone: Any, images: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(H, W, 3) uint8 images → (empty arrays: no CRF needs them, each image's (h, w, C) float32 patch
+        features at :meth:`input_shape`), one forward per input shape."""
+        shapes = [self.input_shape(*np.shape(image)[:2]) for image in images]
+        features: list[np.ndarray] = [np.zeros(0)] * len(images)
+        for shape in dict.fromkeys(shapes):
+            members = [i for i, other in enumerate(shapes) if other == shape]
+            batch = backbone.extract([images[i] for i in members], size=shape)  # (B, C, h, w)
+            for i, grid in zip(members, batch.permute(0, 2, 3, 1).float().cpu().numpy()):
+                features[i] = grid
+        return [np.zeros((0, 0, 3), np.uint8)] * len(images), features
 
     def find(self, image: np.ndarray, features: np.ndarray, original_size: tuple[int, int],
              timings: dict[str, float] | None = None) -> Discovered:

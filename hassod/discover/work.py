@@ -24,7 +24,7 @@ class Job:
     """One image's inputs to the post-processing."""
 
     path: str
-    image: np.ndarray  # (S, S, 3) uint8
+    image: np.ndarray  # (S, S, 3) uint8 resized image for the paper recipe's CRF; empty for search
     features: np.ndarray  # (h, w, C) float32
     size: tuple[int, int]  # original (H, W)
 

@@ -122,7 +122,11 @@ class EfficientNetLite0(Backbone):
         contiguous), and a copy to (B, C, h, w) order and back would cost ~8 ms
         per 480 px image.
         """
-        stages = self.stage_features(x)
+        return self.grid_from_stages(self.stage_features(x))
+
+    def grid_from_stages(self, stages: Sequence[torch.Tensor]) -> torch.Tensor:
+        """:meth:`forward`'s output from the stage outputs it is made of (:meth:`stage_features`), for a
+        caller that needs both from one pass through the network."""
         grid = stages[0].shape[-2:]
         scaled = [stages[0].float()]
         for feature in stages[1:]:
