@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from hassod.discover import RECIPES
 from hassod.console import fail, report
+from hassod.discover import RECIPES
 from hassod.images import DEFAULT_MAX_PIXELS
 
 
@@ -47,11 +47,10 @@ def build(images, index_dir, detector, regions_json, recipe, max_regions, db_url
           whiten_dim, device, workers, batch_size, max_pixels, as_json):
     """Index every whole, part and subpart region of IMAGES (files or folders); re-runs update it."""
     from hassod.device import resolve_device
-    from hassod.features import WeightsFormatError, WeightsNotFoundError, build_backbone
     from hassod.discover.coco import progress_path
-    from hassod.images import list_images
-
     from hassod.discover.recipes import RecipeError, recipe_settings
+    from hassod.features import WeightsFormatError, WeightsNotFoundError, build_backbone
+    from hassod.images import list_images
 
     from .build import IncompatibleSourceError, WhiteningError, WhiteningSettings, build_index, indexed_settings
     from .catalog import CatalogUnavailableError, IncompatibleIndexError

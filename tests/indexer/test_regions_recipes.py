@@ -121,3 +121,20 @@ def test_an_update_without_options_keeps_the_index_settings(tmp_path, instance_f
     assert refused.exit_code == 2
     assert refused.output.strip().splitlines() == ["error: --max-regions applies to the search recipe only "
                                                    "(paper keeps every mask it finds)"]
+
+
+def test_a_search_build_runs_the_network_once_per_image(tmp_path, instance_folder, offline_backbone, monkeypatch):
+    folder, _ = instance_folder
+    paths = sorted(folder.glob("*.png"))[:3]
+    calls = []
+    forward = RegionDescriber.feature_map
+
+    def counted(self, images, grid=False):
+        calls.append((len(images), grid))
+        return forward(self, images, grid)
+
+    monkeypatch.setattr(RegionDescriber, "feature_map", counted)
+    summary = build_index(paths, tmp_path / "index", DiscoveryRegions(offline_backbone, SearchSettings(max_regions=20)),
+                          RegionDescriber(offline_backbone), show_progress=False)
+    assert summary.added == 3 and summary.regions == 60
+    assert calls == [(3, True)]  # one batch for the regions and their descriptors, nothing more
