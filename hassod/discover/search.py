@@ -31,7 +31,7 @@ import numpy as np
 from scipy import sparse
 
 from .levels import levels_from_parents
-from .masks import MaskFilterSettings, postprocess_to_rles, rle_areas
+from .masks import resized_rles, rle_areas
 from .merge import hierarchical_merge
 from .pipeline import Discovered, StageClock
 
@@ -237,13 +237,15 @@ def search_masks(
     scores = np.zeros(len(regions.sizes))
     scores[eligible] = objectness(regions.masks[eligible], features, settings.contrast_weight)
     kept = np.sort(eligible[np.argsort(-scores[eligible], kind="stable")[: settings.max_regions]])
-    rles, mapped = postprocess_to_rles(regions.masks[kept], original_size, _NO_FILTER)
-    kept = kept[mapped]  # a region upscaled to nothing (impossible above 1 patch) would be dropped here
+    rles = resized_rles(regions.masks[kept], original_size)
+    areas = rle_areas(rles)
+    present = np.flatnonzero(areas > 0)  # a region can vanish only when the image is smaller than the grid
+    kept, rles, areas = kept[present], [rles[i] for i in present], areas[present]
     parents = merge_parents(regions, kept)
     clock.lap("regions")
     return Discovered(
         rles=rles,
-        areas=rle_areas(rles),
+        areas=areas,
         levels=levels_from_parents(parents),
         parents=parents,
         scores=scores[kept],
@@ -251,6 +253,3 @@ def search_masks(
         image_size=(int(original_size[0]), int(original_size[1])),
     )
 
-
-# Upscaled patch masks are kept as they are: no area, corner or hole filter.
-_NO_FILTER = MaskFilterSettings(min_area=1, max_corners=5, fill_holes=False)
