@@ -38,8 +38,15 @@ from .pipeline import Discovered, StageClock
 
 @dataclass(frozen=True)
 class SearchSettings:
-    """Settings of the ``search`` recipe; defaults measured on 64 COCO128 photos with efficientnet_lite0
-    (class-agnostic box AR, patch boxes; ``benchmarks/bench_regions.py`` prints the full comparison).
+    """Settings of the ``search`` recipe, with efficientnet_lite0 defaults.
+
+    They were chosen on 64 COCO128 photos (class-agnostic box AR, patch
+    boxes) with the 480 px square grid (60x60); the recipe now runs on the
+    descriptor's aspect-kept input (~60x44 patches), where
+    ``benchmarks/bench_regions.py`` measures box AR@10/100/1000 5.1 / 11.4 /
+    12.5 with these defaults (12.4 at AR@100 on the square grid: the price of
+    sharing the forward, which saves an index build a second forward, about
+    100 ms per image on one core).
 
     thresholds: merge thresholds (cosine), any order; ``None`` takes the
         backbone's ``search_thresholds`` (efficientnet_lite0: 0.8 to 0.3 in
@@ -48,9 +55,10 @@ class SearchSettings:
         0.025 give 882 and 15.6 for 25% more merge time; 0.9 to 0.2 adds only
         tiny and huge regions).
     input_size: the longer side in pixels of the backbone's input, aspect
-        kept (:meth:`input_shape`). Multi-scale was measured and not taken: the 480 and 640 px
-        grids together raise AR@1000 from 14.5 to 18.7 (all regions) but cost
-        a second forward (~290 ms, three times the 480 px one) and 80 ms of merge.
+        kept (:meth:`input_shape`). Multi-scale was measured and not taken:
+        the 480 and 640 px square grids together raise AR@1000 from 14.5 to
+        18.7 (all regions) but cost a second forward (~290 ms, three times
+        the 480 px one) and 80 ms of merge.
     min_patches: regions with fewer patches are dropped.
     max_share: regions covering more than this share of the grid are dropped.
     max_regions: at most this many regions per image, the best-scored kept:
