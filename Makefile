@@ -19,14 +19,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# The main job on bundled photos: discover wholes/parts/subparts, index every
-# region, then search with a box around the front wheel of one view of a motorcycle.
-# Finer thresholds than the default (0.6,0.5,0.4) so that wheels become regions
-# of their own: ~4x the masks and ~3x the time, higher AR (README: "Thresholds").
+# The main job on bundled photos: discover wholes/parts/subparts (the paper recipe,
+# pseudo-labels and overlays to look at), index the regions of the search recipe
+# (every region of the merge hierarchy, no CRF: the index build's default), then
+# search with a box around the front wheel of one view of a motorcycle.
+# The overlays use finer thresholds than the default (0.6,0.5,0.4) so that wheels
+# become masks of their own (README: "Thresholds").
 demo: $(STAMP)
 	$(BIN)/python -c "from hassod.samples import write_samples; write_samples('$(DEMO)/samples')"
 	$(BIN)/hassod discover $(DEMO)/samples --out $(DEMO)/pseudo.json --viz $(DEMO)/viz --thresholds 0.7,0.6,0.5
-	$(BIN)/hassod index build $(DEMO)/samples --index $(DEMO)/index --regions $(DEMO)/pseudo.json
+	$(BIN)/hassod index build $(DEMO)/samples --index $(DEMO)/index --recipe search
 	$(BIN)/hassod index stats $(DEMO)/index
 	$(BIN)/hassod search --index $(DEMO)/index --query $(DEMO)/samples/motorcycle_left.png \
 		--box 505,290,690,455 -k 5 --html $(DEMO)/search.html

@@ -8,6 +8,7 @@ import click
 from .console import Commands, fail, report
 from .convert_cli import convert
 from .detect_cli import detect, evaluate_command
+from .discover import RECIPES
 from .images import DEFAULT_MAX_PIXELS
 from .train_cli import train
 
@@ -35,7 +36,11 @@ def main() -> None:
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="COCO JSON file to write.")
 @click.option("--backbone", default="efficientnet_lite0", show_default=True, help="Feature backbone name.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Backbone weight file.")
-@click.option("--thresholds", help="Merge thresholds, e.g. 0.4,0.2,0.1 (default: the backbone's).")
+@click.option("--thresholds", help="Merge thresholds, e.g. 0.4,0.2,0.1 (default: the backbone's, per recipe).")
+@click.option("--recipe", type=click.Choice(RECIPES), default="paper", show_default=True,
+              help="paper: CRF pseudo-labels for training; search: every region of the merge hierarchy, no CRF.")
+@click.option("--max-regions", type=click.IntRange(min=1),
+              help="search recipe: keep the best-scored N per image [200].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", default=None, type=click.IntRange(min=1), help="Post-processing processes [CPU count].")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
@@ -43,17 +48,22 @@ def main() -> None:
 @click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1),
               help="Refuse images larger than this.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def discover(images, out, backbone, weights, thresholds, device, workers, batch_size, viz_dir, max_pixels, as_json):
+def discover(images, out, backbone, weights, thresholds, recipe, max_regions, device, workers, batch_size, viz_dir,
+             max_pixels, as_json):
     """Stage 1: discover wholes, parts and subparts in IMAGES (files or folders) without labels."""
     import os
 
     from .device import resolve_device
     from .discover.coco import SettingsMismatchError, progress_path
     from .discover.collection import discover_collection
-    from .discover.pipeline import DiscoverySettings
+    from .discover.recipes import RecipeError, recipe_settings
     from .features import WeightsFormatError, WeightsNotFoundError, build_backbone
     from .images import list_images
 
+    try:
+        settings = recipe_settings(recipe, _thresholds(thresholds), max_regions)
+    except RecipeError as exc:
+        fail(str(exc))
     paths = list_images(images, exclude=[out, progress_path(out), viz_dir])
     if not paths:
         fail(f"no files found in {', '.join(map(str, images))}")
@@ -61,7 +71,6 @@ def discover(images, out, backbone, weights, thresholds, device, workers, batch_
         model = build_backbone(backbone, weights=weights, device=resolve_device(device))
     except (WeightsNotFoundError, WeightsFormatError, ValueError) as exc:
         fail(str(exc))
-    settings = DiscoverySettings(thresholds=_thresholds(thresholds))
     try:
         summary = discover_collection(
             paths, out, model, settings,

@@ -26,9 +26,12 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from hassod.discover.recipes import RegionRecipe, settings_from_dict
+
 from .catalog import Catalog, ImageRecord, IncompatibleIndexError, NewRegion
 from .descriptors import RegionDescriber
-from .layout import catalog_url, claim_catalog, exclusive_build, vectors_path, whitening_path
+from .layout import (CATALOG_FILE, POINTER_FILE, catalog_url, claim_catalog, exclusive_build, vectors_path,
+                     whitening_path)
 from .regions import ImageRegions, RegionSource
 from .vectors import VectorStore, validate_index_type
 from .whitening import PCAWhitening
@@ -100,6 +103,7 @@ def index_config(
         "descriptor_dim": describer.dim,
         "descriptor_settings": asdict(describer.settings),
         "region_source": source.identity,
+        "recipe": source.recipe,
         "query_regions": source.query_settings,
         "whitening": None if whitening is None else {
             "dim": whitening.dim or describer.dim, "shrinkage": whitening.shrinkage},
@@ -207,11 +211,41 @@ def _check_config(catalog: Catalog, config: dict) -> None:
         raise IncompatibleIndexError("this index was built without whitening; "
                                      "build into a new --index directory to whiten")
     catalog.check_compatible(config)
+    indexed, requested = recipe_of(saved), config["recipe"]
+    if indexed is not None and requested is not None and indexed != requested:
+        raise IncompatibleSourceError(
+            f"this index holds regions of the {indexed} recipe, not {requested}; pass --recipe {indexed} "
+            "to update it, or build into a new --index directory")
     if saved.get("region_source") != config["region_source"]:
         raise IncompatibleSourceError(
             f"this index holds regions from {saved.get('region_source')}, not {config['region_source']}; "
             "build into a new --index directory to use other regions"
         )
+
+
+def recipe_of(config: dict | None) -> str | None:
+    """The discovery recipe an index configuration records; ``paper`` for discovery indexes from before
+    recipes were recorded, None for regions from a detector or a COCO file (or no configuration)."""
+    if not config:
+        return None
+    if "recipe" in config:
+        return config["recipe"]
+    return "paper" if str(config.get("region_source", "")).startswith("discovery:") else None
+
+
+def indexed_settings(index_dir: Path, db_url: str | None = None) -> RegionRecipe | None:
+    """The discovery recipe and settings the index at ``index_dir`` was built with (see :func:`recipe_of`);
+    None when there is no index there or its regions were not discovered."""
+    has_catalog = (Path(index_dir) / CATALOG_FILE).exists() or (Path(index_dir) / POINTER_FILE).exists()
+    if not has_catalog and not db_url:
+        return None
+    with Catalog(catalog_url(index_dir, db_url)) as catalog:
+        config = catalog.get_config()
+    recipe = recipe_of(config)
+    if recipe is None:
+        return None
+    query = {k: v for k, v in (config.get("query_regions") or {}).items() if k != "kind"}
+    return settings_from_dict({**query, "recipe": recipe})
 
 
 def _resolve_whitening(requested: WhiteningSettings | None, learned: PCAWhitening | None) -> WhiteningSettings | None:
@@ -345,7 +379,8 @@ def _store_image(
     vectors = np.zeros((0, describer.dim), np.float32)
     if regions:
         boxes = np.asarray([r.box for r in regions], dtype=np.float32)
-        fmap = describer.feature_map([result.image])[0]
+        shared = result.feature_map is not None and result.described_by == describer.name
+        fmap = result.feature_map if shared else describer.feature_map([result.image])[0]
         vectors = describer.describe(fmap, boxes, masks=[r.mask_rle for r in regions])
     described = time.perf_counter()
     timings["describe"] = timings.get("describe", 0.0) + described - start

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from hassod.console import fail, report
+from hassod.discover import RECIPES
 from hassod.images import DEFAULT_MAX_PIXELS
 
 
@@ -25,6 +26,11 @@ def index() -> None:
               help="With --detector: the checkpoint's student, or Mean Teacher's teacher.")
 @click.option("--regions", "regions_json", type=click.Path(exists=True, dir_okay=False),
               help="Regions from a COCO file, e.g. the output of `hassod discover`.")
+@click.option("--recipe", type=click.Choice(RECIPES),
+              help="How discovery finds regions: search (every region of the merge hierarchy, no CRF) or paper "
+                   "(HASSOD's CRF pseudo-labels) [the index's own; search for a new index].")
+@click.option("--max-regions", type=click.IntRange(min=1),
+              help="search recipe: keep the best-scored N per image [200].")
 @click.option("--db", "db_url", help="SQLAlchemy URL of the catalog [sqlite file inside the index].")
 @click.option("--backbone", default="efficientnet_lite0", show_default=True)
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Backbone weight file.")
@@ -39,15 +45,16 @@ def index() -> None:
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def build(images, index_dir, detector, use, regions_json, db_url, backbone, weights, index_type, whiten, whiten_dim, device,
-          workers, batch_size, max_pixels, as_json):
+def build(images, index_dir, detector, use, regions_json, recipe, max_regions, db_url, backbone, weights, index_type,
+          whiten, whiten_dim, device, workers, batch_size, max_pixels, as_json):
     """Index every whole, part and subpart region of IMAGES (files or folders); re-runs update it."""
     from hassod.device import resolve_device
-    from hassod.features import WeightsFormatError, WeightsNotFoundError, build_backbone
     from hassod.discover.coco import progress_path
+    from hassod.discover.recipes import RecipeError, recipe_settings
+    from hassod.features import WeightsFormatError, WeightsNotFoundError, build_backbone
     from hassod.images import list_images
 
-    from .build import IncompatibleSourceError, WhiteningError, WhiteningSettings, build_index
+    from .build import IncompatibleSourceError, WhiteningError, WhiteningSettings, build_index, indexed_settings
     from .catalog import CatalogUnavailableError, IncompatibleIndexError
     from .descriptors import RegionDescriber, default_settings
     from .regions import CocoRegions, DiscoveryRegions, RegionsFileError, detector_regions
@@ -57,6 +64,8 @@ def build(images, index_dir, detector, use, regions_json, db_url, backbone, weig
         fail("give either --detector (regions from a trained detector) or --regions (from a COCO file), not both")
     if use != "student" and not detector:
         fail("--use goes with --detector: it picks the checkpoint's weights")
+    if (detector or regions_json) and (recipe or max_regions):
+        fail("--recipe and --max-regions choose how discovery finds regions: not with --detector or --regions")
     # The index, and a regions file with its progress log (`hassod discover` writes them), are not images.
     regions_log = progress_path(regions_json) if regions_json else None
     paths = list_images(images, exclude=[index_dir, regions_json, regions_log])
@@ -76,14 +85,19 @@ def build(images, index_dir, detector, use, regions_json, db_url, backbone, weig
         elif regions_json:
             source = CocoRegions(regions_json, max_pixels=max_pixels)
         else:
-            source = DiscoveryRegions(model, workers=workers or os.cpu_count() or 1, batch_size=batch_size,
+            # Without --recipe an index is updated the way it was built.
+            saved = None if recipe else indexed_settings(index_dir, db_url)
+            settings = saved if saved is not None and max_regions is None else recipe_settings(
+                recipe or (saved.recipe if saved else "search"), None, max_regions)
+            source = DiscoveryRegions(model, settings, workers=workers or os.cpu_count() or 1, batch_size=batch_size,
                                       max_pixels=max_pixels)
         describer = RegionDescriber(model, default_settings(model))
         whitening = WhiteningSettings(dim=whiten_dim) if whiten or whiten_dim else None
         summary = build_index(paths, index_dir, source, describer, db_url=db_url,
                               index_type=index_type, show_progress=not as_json, whitening=whitening, roots=images)
     except (WeightsNotFoundError, WeightsFormatError, IncompatibleIndexError, IncompatibleSourceError,
-            RegionsFileError, CatalogUnavailableError, IndexTypeError, WhiteningError, NotImplementedError) as exc:
+            RegionsFileError, CatalogUnavailableError, IndexTypeError, WhiteningError, RecipeError,
+            NotImplementedError) as exc:
         fail(str(exc))
     report(summary, summary.errors, "skipped", as_json)
 

@@ -220,12 +220,15 @@ class RegionDescriber:
             for side in (height, width)
         )
 
-    def feature_map(self, images: Sequence[np.ndarray]) -> list[FeatureMap]:
+    def feature_map(self, images: Sequence[np.ndarray], grid: bool = False) -> list[FeatureMap]:
         """One forward per image (images of equal input size batched): the chosen layers.
 
         images: RGB arrays (H, W, 3) uint8, sizes may differ. Returns one
-        :class:`FeatureMap` per image, in order.
+        :class:`FeatureMap` per image, in order. grid: also the ``"grid"``
+        layer (the backbone's discovery features) from the same forward, for
+        regions found on the descriptor's input (:class:`indexer.regions.DiscoveryRegions`).
         """
+        strides = {**self.strides, **({GRID_LAYER: int(self.backbone.patch_size)} if grid else {})}
         sizes = [self.input_size(*np.shape(image)[:2]) for image in images]
         out: list[FeatureMap | None] = [None] * len(images)
         for size in dict.fromkeys(sizes):
@@ -234,13 +237,13 @@ class RegionDescriber:
                 chunk = members[start:start + self.settings.batch_size]
                 batch = self.backbone.prepare([images[i] for i in chunk], size=size)
                 with torch.inference_mode():
-                    layers = self._forward(batch)
+                    layers = self._forward(batch, tuple(strides))
                 for row, index in enumerate(chunk):
                     # A copy, so that one kept map does not hold its whole batch in memory.
                     out[index] = FeatureMap(
                         layers={name: value[row].clone() if len(chunk) > 1 else value[row]
                                 for name, value in layers.items()},
-                        strides=dict(self.strides),
+                        strides=dict(strides),
                         image_size=tuple(int(v) for v in images[index].shape[:2]),
                         input_size=size,
                     )
@@ -310,14 +313,16 @@ class RegionDescriber:
             return int(net.conv_head.out_channels)
         return int(self.backbone.stage_dims[("s8", "s16", "s32").index(name)])  # type: ignore[attr-defined]
 
-    def _forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(B, 3, h, w) prepared input → name → (B, C, h/stride, w/stride) float32."""
-        wanted = self.settings.layers
+    def _forward(self, batch: torch.Tensor, wanted: Sequence[str]) -> dict[str, torch.Tensor]:
+        """(B, 3, h, w) prepared input → name → (B, C, h/stride, w/stride) float32 for the ``wanted`` layers."""
         layers: dict[str, torch.Tensor] = {}
-        if GRID_LAYER in wanted:
-            layers[GRID_LAYER] = self.backbone(batch).float()
-        if any(name in EFFICIENTNET_LAYERS for name in wanted):
-            stages = dict(zip(("s8", "s16", "s32"), self.backbone.stage_features(batch)))  # type: ignore[attr-defined]
+        if not isinstance(self.backbone, EfficientNetLite0):
+            return {GRID_LAYER: self.backbone(batch).float()}
+        if any(name in EFFICIENTNET_LAYERS or name == GRID_LAYER for name in wanted):
+            raw = self.backbone.stage_features(batch)
+            stages = dict(zip(("s8", "s16", "s32"), raw))
+            if GRID_LAYER in wanted:  # the stages once for both
+                layers[GRID_LAYER] = self.backbone.grid_from_stages(raw).float()
             if "head" in wanted:
                 net = self.backbone.net  # type: ignore[attr-defined]
                 stages["head"] = net.bn2(net.conv_head(stages["s32"]))

@@ -2,7 +2,8 @@
 
 A region source turns image files into regions: box, mask, score, level
 (whole / part / subpart) and parent. Three sources exist: stage-1
-discovery (training-free, the default), a trained stage-2 detector
+discovery (training-free, the default; by the ``search`` recipe unless told
+``paper``, see :mod:`hassod.discover.recipes`), a trained stage-2 detector
 checkpoint, and a COCO file of regions made earlier. The build asks only for :meth:`RegionSource.regions` and
 :attr:`RegionSource.identity`, so a new source plugs in without changes there.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
@@ -18,10 +19,13 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from hassod.detect import DetectOptions, Detector
-from hassod.discover.collection import discover_records, patch_grid
-from hassod.discover.pipeline import DiscoverySettings, discover_masks
+from hassod.discover.collection import discover_records
+from hassod.discover.recipes import RegionRecipe, settings_from_dict
+from hassod.discover.search import SearchSettings
 from hassod.features import Backbone
 from hassod.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb
+
+from .descriptors import GRID_LAYER, FeatureMap, RegionDescriber, default_settings
 
 
 @dataclass(frozen=True)
@@ -46,18 +50,25 @@ class ImageRegions:
 
     image: the decoded (H, W, 3) uint8 original, handed on so that the
     descriptor step does not decode the file again; ``None`` with ``error``.
+    feature_map: the image's :class:`~indexer.descriptors.FeatureMap` when
+    the source ran the descriptor's forward itself (the search recipe), made
+    by the describer named ``described_by``: the build describes from it
+    instead of running the backbone again.
     """
 
     path: str
     image: np.ndarray | None
     regions: list[Region]
     error: str | None = None
+    feature_map: FeatureMap | None = None
+    described_by: str | None = None
 
 
 class RegionSource(Protocol):
     identity: str  # recorded in the index configuration, e.g. "discovery:efficientnet_lite0:0.6,0.5,0.4"
     # JSON-ready: how a whole-image query finds its own regions the same way (see query_regions).
     query_settings: dict[str, Any]
+    recipe: str | None  # the discovery recipe ("paper", "search"), None for regions from elsewhere
 
     def regions(self, paths: Sequence[str]) -> Iterator[ImageRegions]:
         """Regions of every path, yielded as each image finishes (any order)."""
@@ -65,24 +76,48 @@ class RegionSource(Protocol):
 
 
 class DiscoveryRegions:
-    """Regions from stage-1 discovery: no training, works on any collection at once."""
+    """Regions from stage-1 discovery: no training, works on any collection at once.
+
+    settings: the recipe, :class:`~hassod.discover.search.SearchSettings`
+    (the default) or :class:`~hassod.discover.pipeline.DiscoverySettings`
+    (``paper``). The identity of a ``paper`` source is what indexes recorded
+    before recipes existed, so those indexes update as before.
+
+    The search recipe runs in this process on the region descriptor's
+    forward (its input is the descriptor's, :meth:`SearchSettings.input_shape`):
+    the grid and the descriptor layers come from one pass through the
+    network, and each image's feature map goes on to the build with its
+    regions. The paper recipe runs in ``workers`` processes (its CRF).
+    """
 
     def __init__(
         self,
         backbone: Backbone,
-        settings: DiscoverySettings | None = None,
+        settings: RegionRecipe | None = None,
         workers: int = 1,
         batch_size: int = 8,
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ):
         self.backbone = backbone
-        self.settings = (settings or DiscoverySettings()).with_default_thresholds(backbone.default_thresholds)
+        self.settings = (settings or SearchSettings()).for_backbone(backbone)
+        self.recipe = self.settings.recipe
         self.workers, self.batch_size, self.max_pixels = workers, batch_size, max_pixels
+        descriptor = replace(default_settings(backbone), long_side=self.settings.input_size, size_multiple=32)
+        self.describer = RegionDescriber(backbone, descriptor)
         thresholds = ",".join(f"{t:g}" for t in self.settings.thresholds)
-        self.identity = f"discovery:{backbone.name}:{backbone.weights_id}:{thresholds}"
-        self.query_settings = {"kind": "discovery", "thresholds": list(self.settings.thresholds)}
+        if self.recipe == "paper":
+            self.identity = f"discovery:{backbone.name}:{backbone.weights_id}:{thresholds}"
+            self.query_settings = {"kind": "discovery", "recipe": "paper", "thresholds": list(self.settings.thresholds)}
+        else:
+            saved = self.settings.as_dict()
+            digest = hashlib.sha256(json.dumps(saved, sort_keys=True).encode()).hexdigest()[:8]
+            self.identity = f"{self.recipe}:{backbone.name}:{backbone.weights_id}:{thresholds}:{digest}"
+            self.query_settings = {"kind": "discovery", **saved}
 
     def regions(self, paths: Sequence[str]) -> Iterator[ImageRegions]:
+        if self.recipe == "search":
+            yield from self._search_regions(paths)
+            return
         records = discover_records(
             paths, self.backbone, self.settings, self.workers, self.batch_size, max_pixels=self.max_pixels
         )
@@ -92,11 +127,35 @@ class DiscoveryRegions:
                 continue
             yield ImageRegions(record.path, image, [_from_annotation(a) for a in record.annotations])
 
+    def _search_regions(self, paths: Sequence[str]) -> Iterator[ImageRegions]:
+        """The search recipe, ``batch_size`` images per forward of the descriptor's network."""
+        for start in range(0, len(paths), self.batch_size):
+            loaded, images = [], []
+            for path in paths[start:start + self.batch_size]:
+                try:
+                    images.append(load_rgb(path, self.max_pixels))
+                    loaded.append(path)
+                except ImageError as exc:
+                    yield ImageRegions(path, None, [], str(exc))
+            if not images:
+                continue
+            for path, image, fmap in zip(loaded, images, self.describer.feature_map(images, grid=True)):
+                yield ImageRegions(path, image, self._found(image, fmap), feature_map=fmap,
+                                   described_by=self.describer.name)
+
+    def _found(self, image: np.ndarray, fmap: FeatureMap) -> list[Region]:
+        """The search recipe's regions on the grid layer of ``fmap``, which is taken out of it."""
+        fmap.strides.pop(GRID_LAYER, None)
+        features = fmap.layers.pop(GRID_LAYER).permute(1, 2, 0).float().cpu().numpy()
+        found = self.settings.find(image, features, image.shape[:2])
+        return [_from_annotation(a) for a in found.annotations()]
 
     def regions_of_image(self, image: np.ndarray) -> list[Region]:
         """Regions of one in-memory (H, W, 3) uint8 image (a query), computed in this process."""
-        small, grid = patch_grid(self.backbone, [image], self.settings.input_size)
-        found = discover_masks(small[0], grid[0], image.shape[:2], self.settings)
+        if self.recipe == "search":
+            return self._found(image, self.describer.feature_map([image], grid=True)[0])
+        small, grid = self.settings.grid(self.backbone, [image])
+        found = self.settings.find(small[0], grid[0], image.shape[:2])
         return [_from_annotation(a) for a in found.annotations()]
 
 
@@ -136,7 +195,8 @@ class CocoRegions:
         self.max_pixels = max_pixels
         self.source = path
         self.identity = f"coco:{hashlib.sha256(raw).hexdigest()[:16]}"
-        # A query image is not in the file: discover its regions (the backbone's default thresholds).
+        self.recipe = None
+        # A query image is not in the file: discover its regions (the paper recipe, the backbone's thresholds).
         self.query_settings = {"kind": "discovery", "thresholds": None}
 
     def regions(self, paths: Sequence[str]) -> Iterator[ImageRegions]:
@@ -220,6 +280,7 @@ class DetectorRegions:
         self.detector = Detector(checkpoint, device=device, options=options, use=use)
         self.batch_size, self.max_pixels = batch_size, max_pixels
         self.identity = self.detector.identity
+        self.recipe = None
         self.query_settings = {"kind": "detector", "checkpoint": str(Path(checkpoint).resolve()),
                                "digest": self.detector.digest, "options": asdict(self.detector.options), "use": use}
 
@@ -260,15 +321,15 @@ def query_regions(
     """The region source that finds a query image's regions the way the index's were found.
 
     settings: the index's ``query_regions`` configuration (a source's
-    ``query_settings``); None (indexes from before it was recorded) means
-    discovery with the backbone's default thresholds. detector: where the
+    ``query_settings``): discovery by the recipe it names, ``paper`` when it
+    names none (indexes from before recipes); None (indexes from before it
+    was recorded) means ``paper`` with the backbone's default thresholds. detector: where the
     index's detector checkpoint is now, when it has moved since the build;
     it must be the same file (checked by content hash).
     """
     settings = settings or {"kind": "discovery", "thresholds": None}
     if settings["kind"] == "discovery":
-        thresholds = settings["thresholds"]
-        return DiscoveryRegions(backbone, DiscoverySettings(thresholds=tuple(thresholds) if thresholds else None))
+        return DiscoveryRegions(backbone, settings_from_dict({k: v for k, v in settings.items() if k != "kind"}))
     path = Path(detector or settings["checkpoint"])
     if not path.is_file():
         raise QuerySourceError(

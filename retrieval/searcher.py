@@ -198,8 +198,8 @@ class Searcher:
         return self._project(self.describer.describe(fmap, boxes))
 
     def _find_regions(self, pixels: np.ndarray) -> list[Region]:
-        """The regions of a query image, found as the index's were: the same discovery
-        thresholds, or the same detector checkpoint and options."""
+        """The regions of a query image, found as the index's were: the same discovery recipe
+        (``paper`` for indexes that record none) and settings, or the same detector checkpoint and options."""
         if self._query_source is None:
             # Imported here: discovery and the detector take ~1 s to import,
             # which box queries (most of `hassod search`'s calls) never need.

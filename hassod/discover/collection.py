@@ -18,9 +18,9 @@ import numpy as np
 from tqdm import tqdm
 
 from ..features import Backbone
-from ..images import DEFAULT_MAX_PIXELS, ImageError, load_rgb, resize_square
+from ..images import DEFAULT_MAX_PIXELS, ImageError, load_rgb
 from .coco import ImageRecord, ProgressLog, build_coco, common_root, progress_path, write_json_atomic
-from .pipeline import DiscoverySettings
+from .recipes import RegionRecipe
 from .work import Job, limit_threads, process_job
 
 
@@ -54,7 +54,7 @@ def discover_collection(
     paths: Sequence[Path],
     out: Path,
     backbone: Backbone,
-    settings: DiscoverySettings,
+    settings: RegionRecipe,
     workers: int = 1,
     batch_size: int = 8,
     viz_dir: Path | None = None,
@@ -63,7 +63,7 @@ def discover_collection(
 ) -> DiscoverySummary:
     """Discover masks in every file of ``paths`` and write COCO pseudo-labels to ``out``."""
     start = time.perf_counter()
-    settings = settings.with_default_thresholds(backbone.default_thresholds)
+    settings = settings.for_backbone(backbone)
     run_settings = {"backbone": backbone.name, "weights": backbone.weights_id, "discovery": settings.as_dict()}
     log = ProgressLog(progress_path(out), run_settings)
     keys = [str(Path(p).resolve()) for p in paths]
@@ -96,7 +96,7 @@ def discover_collection(
 def discover_records(
     paths: Sequence[str],
     backbone: Backbone,
-    settings: DiscoverySettings,
+    settings: RegionRecipe,
     workers: int = 1,
     batch_size: int = 8,
     viz_dir: Path | None = None,
@@ -109,13 +109,13 @@ def discover_records(
     are yielded as soon as they finish, so a caller that persists each one
     loses only the images in flight when it is killed.
     """
-    settings = settings.with_default_thresholds(backbone.default_thresholds)
+    settings = settings.for_backbone(backbone)
     decoded: dict[str, np.ndarray] = {}
     with _postprocessor(min(workers, len(paths))) as submit:
         pending: set[Future] = set()
         limit = 2 * max(workers, 1) + batch_size  # features are megabytes per image
         for batch in _batches(list(paths), batch_size):
-            jobs, images, errors = _prepare(batch, backbone, settings.input_size, max_pixels)
+            jobs, images, errors = _prepare(batch, backbone, settings, max_pixels)
             for record in errors:
                 yield record, None
             decoded.update((job.path, image) for job, image in zip(jobs, images))
@@ -130,23 +130,13 @@ def discover_records(
             yield record, decoded.pop(record.path)
 
 
-def patch_grid(backbone: Backbone, images: list[np.ndarray], input_size: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """Resize (H, W, 3) uint8 images to input_size squares and run the backbone once on them.
-
-    Returns the resized images and their (B, h, w, C) float32 patch features.
-    """
-    small = [resize_square(image, input_size) for image in images]
-    features = backbone.extract(small, size=input_size)  # (B, C, h, w)
-    return small, features.permute(0, 2, 3, 1).float().cpu().numpy()
-
-
 def _batches(items: list[str], size: int) -> Iterator[list[str]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
 
 
 def _prepare(
-    batch: list[str], backbone: Backbone, input_size: int, max_pixels: int
+    batch: list[str], backbone: Backbone, settings: RegionRecipe, max_pixels: int
 ) -> tuple[list[Job], list[np.ndarray], list[ImageRecord]]:
     """Decode a batch, run the backbone once on it, and split into per-image jobs."""
     images, loaded, errors = [], [], []
@@ -158,7 +148,7 @@ def _prepare(
             errors.append(ImageRecord(path=path, error=str(exc)))
     if not images:
         return [], [], errors
-    small, grid = patch_grid(backbone, images, input_size)
+    small, grid = settings.grid(backbone, images)
     jobs = [
         Job(path, np.ascontiguousarray(small[i]), np.ascontiguousarray(grid[i]), images[i].shape[:2])
         for i, path in enumerate(loaded)

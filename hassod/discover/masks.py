@@ -123,6 +123,12 @@ def resize_masks(masks: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
     return _pasted(list(_resized_crops(masks, out_size)), out_size)
 
 
+def resized_rles(masks: np.ndarray, out_size: tuple[int, int]) -> list[dict]:
+    """(N, h, w) bool → N COCO RLEs (str counts) of the masks resized to ``out_size`` (H, W) as
+    :func:`resize_masks` does, encoded together and never held as full frames when upscaling."""
+    return crops_to_rle(list(_resized_crops(masks, out_size)), out_size)
+
+
 def _resized_crops(masks: np.ndarray, out_size: tuple[int, int]) -> Iterator[MaskCrop]:
     """One crop per mask of (N, h, w) bool ``masks`` resized to ``out_size`` (see resize_masks), in order."""
     height, width = int(out_size[0]), int(out_size[1])

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
+from ..images import resize_square
 from .crf import CRFSettings, refine_partition
 from .levels import distinct_masks, find_parents, levels_from_parents, rle_intersections
 from .masks import MaskFilterSettings, postprocess_to_rles, rle_boxes_xywh, rle_to_masks
@@ -33,12 +34,30 @@ class DiscoverySettings:
     crf: CRFSettings = field(default_factory=CRFSettings)
     masks: MaskFilterSettings = field(default_factory=MaskFilterSettings)
 
+    recipe = "paper"
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def with_default_thresholds(self, defaults: tuple[float, ...]) -> "DiscoverySettings":
         """These settings with ``thresholds`` filled from ``defaults`` if unset, sorted high to low."""
         return replace(self, thresholds=tuple(sorted(self.thresholds or defaults, reverse=True)))
+
+    def for_backbone(self, backbone: Any) -> "DiscoverySettings":
+        """These settings with unset thresholds taken from the backbone's ``default_thresholds``."""
+        return self.with_default_thresholds(backbone.default_thresholds)
+
+    def grid(self, backbone: Any, images: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(H, W, 3) uint8 images → (each resized to the ``input_size`` square, its (h, w, C) float32 patch
+        features), one forward for all."""
+        small = [resize_square(image, self.input_size) for image in images]
+        features = backbone.extract(small, size=self.input_size)  # (B, C, h, w)
+        return small, list(features.permute(0, 2, 3, 1).float().cpu().numpy())
+
+    def find(self, image: np.ndarray, features: np.ndarray, original_size: tuple[int, int],
+             timings: dict[str, float] | None = None) -> "Discovered":
+        """Masks of one image by this recipe (see :func:`discover_masks`)."""
+        return discover_masks(image, features, original_size, self, timings)
 
 
 @dataclass
@@ -48,8 +67,9 @@ class Discovered:
     rles: N COCO RLEs (str counts). areas: (N,) int64 mask pixels.
     levels: (N,) 0 whole / 1 part / 2 subpart. parents: (N,) index of the
     parent mask or -1. scores: (N,) agreement of the mask with its CRF
-    refinement (IoU, 0..1). thresholds: (N,) the merge threshold each mask
-    came from.
+    refinement (IoU, 0..1) for the ``paper`` recipe, objectness for
+    ``search`` (:mod:`.search`). thresholds: (N,) the merge threshold each
+    mask came from (for ``search``: the finest one it exists at).
     """
 
     rles: list[dict]
@@ -108,7 +128,7 @@ def discover_masks(
     if not settings.thresholds:
         raise ValueError("discover_masks needs settings.thresholds; use settings.with_default_thresholds()")
     thresholds = tuple(sorted(settings.thresholds, reverse=True))
-    clock = _StageClock(timings)
+    clock = StageClock(timings)
     partitions = hierarchical_merge(features, thresholds)
     clock.lap("merge")
     rles: list[dict] = []
@@ -135,7 +155,7 @@ def discover_masks(
     )
 
 
-class _StageClock:
+class StageClock:
     """Adds the thread CPU seconds since the previous lap to ``timings[stage]`` (no-op without a dict)."""
 
     def __init__(self, timings: dict[str, float] | None):

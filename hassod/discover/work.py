@@ -15,7 +15,7 @@ from threadpoolctl import threadpool_limits
 
 from .coco import ImageRecord
 from .masks import RleMasks
-from .pipeline import DiscoverySettings, discover_masks
+from .recipes import RegionRecipe
 from .viz import save_overlay
 
 
@@ -24,14 +24,14 @@ class Job:
     """One image's inputs to the post-processing."""
 
     path: str
-    image: np.ndarray  # (S, S, 3) uint8
+    image: np.ndarray  # (S, S, 3) uint8 resized image for the paper recipe's CRF; empty for search
     features: np.ndarray  # (h, w, C) float32
     size: tuple[int, int]  # original (H, W)
 
 
-def process_job(job: Job, settings: DiscoverySettings, viz_dir: Path | None) -> ImageRecord:
-    """Stage 1 on one image (``settings.thresholds`` set), with its overlay when ``viz_dir`` is given."""
-    found = discover_masks(job.image, job.features, job.size, settings)
+def process_job(job: Job, settings: RegionRecipe, viz_dir: Path | None) -> ImageRecord:
+    """One image's regions by its recipe (``settings.thresholds`` set), with its overlay when ``viz_dir`` is given."""
+    found = settings.find(job.image, job.features, job.size)
     if viz_dir is not None:
         save_overlay(job.path, RleMasks(found.rles), found.levels, Path(viz_dir))
     height, width = job.size

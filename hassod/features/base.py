@@ -24,6 +24,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Merge thresholds of the paper (DESIGN.md §4), meaningful for DINO keys.
 PAPER_THRESHOLDS = (0.4, 0.2, 0.1)
 
+# The search recipe's dense thresholds for DINO keys: the paper's range and a
+# little above, in steps of 0.05 (not measured here: no DINO weights offline).
+PAPER_SEARCH_THRESHOLDS = (0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05)
+
 
 class Backbone(nn.Module):
     """A frozen feature extractor producing a patch grid.
@@ -34,6 +38,8 @@ class Backbone(nn.Module):
         patch_size: stride of the output grid, in input pixels.
         default_thresholds: merge thresholds for stage-1 clustering in this
             feature space, descending.
+        search_thresholds: the dense thresholds of the ``search`` region
+            recipe (:mod:`hassod.discover.search`), descending.
         weights_id: sha256 hex prefix of the weight file, or ``"random"``.
         mean, std: per-channel RGB normalisation on the [0, 1] pixel scale.
 
@@ -45,6 +51,7 @@ class Backbone(nn.Module):
     dim: int
     patch_size: int
     default_thresholds: tuple[float, ...]
+    search_thresholds: tuple[float, ...]
     weights_id: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]

@@ -82,6 +82,8 @@ class EfficientNetLite0(Backbone):
     # issue's budget is 1 s); 0.7/0.6/0.5 gives 99 masks, AR@100 12.4 (the best of
     # the sets tried) and wheel-sized parts, but 2.2 s. The default keeps the budget.
     default_thresholds = (0.6, 0.5, 0.4)
+    # The search recipe's (hassod.discover.search.SearchSettings: how it was measured).
+    search_thresholds = (0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.45, 0.4, 0.35, 0.3)
     # The TF checkpoint expects pixels scaled to [-1, 1].
     mean = (0.5, 0.5, 0.5)
     std = (0.5, 0.5, 0.5)
@@ -120,7 +122,11 @@ class EfficientNetLite0(Backbone):
         contiguous), and a copy to (B, C, h, w) order and back would cost ~8 ms
         per 480 px image.
         """
-        stages = self.stage_features(x)
+        return self.grid_from_stages(self.stage_features(x))
+
+    def grid_from_stages(self, stages: Sequence[torch.Tensor]) -> torch.Tensor:
+        """:meth:`forward`'s output from the stage outputs it is made of (:meth:`stage_features`), for a
+        caller that needs both from one pass through the network."""
         grid = stages[0].shape[-2:]
         scaled = [stages[0].float()]
         for feature in stages[1:]:

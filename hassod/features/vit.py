@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import timm
 import torch
 
-from hassod.features.base import IMAGENET_MEAN, IMAGENET_STD, PAPER_THRESHOLDS, Backbone
+from hassod.features.base import IMAGENET_MEAN, IMAGENET_STD, PAPER_SEARCH_THRESHOLDS, PAPER_THRESHOLDS, Backbone
 from hassod.features.weights import (
     WeightSearch,
     WeightsFormatError,
@@ -68,6 +68,7 @@ class DinoViT(Backbone):
     """
 
     default_thresholds = PAPER_THRESHOLDS
+    search_thresholds = PAPER_SEARCH_THRESHOLDS
     mean = IMAGENET_MEAN
     std = IMAGENET_STD
 

@@ -269,12 +269,16 @@ def test_sqlite_and_postgresql_give_identical_results(tmp_path, instance_folder,
     pg.close()
 
 
-def test_discovery_regions_round_trip(tmp_path, instance_folder, instance_scenes, offline_backbone):
-    """The default, training-free region source: discovery finds the pasted objects well enough to search."""
+@pytest.mark.parametrize("recipe", ["search", "paper"])
+def test_discovery_regions_round_trip(tmp_path, instance_folder, instance_scenes, offline_backbone, recipe):
+    """The training-free region source, by either recipe (search is the default): discovery finds the
+    pasted objects well enough that a box query returns them with box IoU >= 0.5."""
+    from hassod.discover.recipes import recipe_settings
+
     folder, _ = instance_folder
     paths = sorted(folder.glob("*.png"))[:6]
-    summary = build_index(paths, tmp_path / "index", DiscoveryRegions(offline_backbone, workers=2),
-                          RegionDescriber(offline_backbone), show_progress=False)
+    source = DiscoveryRegions(offline_backbone, recipe_settings(recipe), workers=2)
+    summary = build_index(paths, tmp_path / "index", source, RegionDescriber(offline_backbone), show_progress=False)
     assert summary.added == 6 and summary.regions >= 6 * 2
     searcher = Searcher(tmp_path / "index", backbone=offline_backbone)
     scenes = instance_scenes[:6]
