@@ -9,6 +9,7 @@ import sys
 import click
 
 from .device import DeviceError
+from .errors import UserError
 from .locks import BusyError
 
 # A full disk (or quota, or file-size limit) while writing: every long job
@@ -16,6 +17,8 @@ from .locks import BusyError
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _NOT_ALLOWED = {errno.EACCES, errno.EPERM, errno.EROFS}
 _RETRY = "finished work is saved: make room and run the same command again to continue"
+# A path the user named that cannot be (a folder under a file, or under /proc): said as it is.
+_NO_SUCH_PATH = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR}
 
 
 def fail(message: str) -> None:
@@ -46,17 +49,19 @@ def storage_error(exc: BaseException) -> str | None:
 
 
 class Commands(click.Group):
-    """The ``hassod`` command group: a device that is not there, an output another run is
-    writing, or a write refused by the storage ends in a one-line error, not a traceback,
-    whichever command met it."""
+    """The ``hassod`` command group: a :class:`~hassod.errors.UserError`, a device that is not
+    there, an output another run is writing, or a write refused by the storage ends in a one-line
+    error, not a traceback, whichever command met it."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (DeviceError, BusyError) as exc:
+        except (DeviceError, BusyError, UserError) as exc:
             fail(str(exc))
         except Exception as exc:
             message = storage_error(exc)
+            if message is None and isinstance(exc, OSError) and exc.errno in _NO_SUCH_PATH and exc.filename:
+                message = f"{(exc.strerror or str(exc)).lower()}: {exc.filename}"
             if message is None:
                 raise
             fail(message)

@@ -355,7 +355,7 @@ def detect_collection(
     """
     start = time.perf_counter()
     log = ProgressLog(progress_path(out), detector.run_settings())
-    keys = [str(Path(p).resolve()) for p in paths]
+    keys = [os.path.realpath(p) for p in paths]
     todo = [k for k in keys if k not in log.done]
     summary = DetectSummary(resumed=len(keys) - len(todo), out=str(out), images_file=str(images_file(out)))
     if viz_dir is not None:
@@ -429,6 +429,6 @@ def build_results(
 
 def _relative(path: str, root: Path) -> str:
     try:
-        return Path(path).resolve().relative_to(root).as_posix()
+        return Path(os.path.realpath(path)).relative_to(root).as_posix()
     except ValueError:
         return Path(path).as_posix()

@@ -78,7 +78,7 @@ def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> n
                 raise ImageError("image has zero size")
             img.load()
             ImageOps.exif_transpose(img, in_place=True)  # a copy otherwise, even when upright: 30 ms at 12 MP
-            return _to_rgb(img)
+            return to_rgb(img)
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -87,7 +87,9 @@ def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> n
         raise ImageError(f"unreadable image: {exc}") from None
 
 
-def _to_rgb(img: Image.Image) -> np.ndarray:
+def to_rgb(img: Image.Image) -> np.ndarray:
+    """A decoded PIL image as (H, W, 3) uint8 RGB: 16-bit and float grayscale scaled by their range,
+    transparency composited on white (what every stage sees, and what the server shows)."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # High-bit-depth grayscale: PIL's own conversion to 8 bit clips at 255,
         # so scale by the actual range instead.

@@ -16,6 +16,7 @@ every vector of an index lives in the same space as the queries.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import time
@@ -33,7 +34,7 @@ from .descriptors import RegionDescriber
 from .layout import (CATALOG_FILE, POINTER_FILE, catalog_url, claim_catalog, exclusive_build, vectors_path,
                      whitening_path)
 from .regions import ImageRegions, RegionSource
-from .vectors import VectorStore, validate_index_type
+from .vectors import VectorFileError, VectorStore, validate_index_type
 from .whitening import PCAWhitening
 
 
@@ -75,11 +76,13 @@ class BuildSummary:
     regions: int = 0
     errors: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    rebuilt_vectors: bool = False  # the vectors file was damaged: set aside as vectors.faiss.damaged, rebuilt
 
     def line(self) -> str:
+        rebuilt = "; the damaged vectors file was rebuilt" if self.rebuilt_vectors else ""
         return (
             f"{self.added} added, {self.updated} updated, {self.removed} removed, {self.unchanged} unchanged; "
-            f"{self.regions} regions indexed; {len(self.errors)} skipped in {self.seconds:.1f} s"
+            f"{self.regions} regions indexed; {len(self.errors)} skipped in {self.seconds:.1f} s{rebuilt}"
         )
 
 
@@ -155,11 +158,12 @@ def build_index(
             config = index_config(describer, source, whitening)
             _check_config(catalog, config)
             dim = describer.dim if whitening is None else config["whitening"]["dim"]
-            store = _open_vectors(index_dir, dim, index_type)
+            store = _open_vectors(index_dir, dim, index_type, summary)
             _reconcile(catalog, store)
             sink = _VectorSink(store, whitening, learned, whitening_path(index_dir))
 
-            states = [_file_state(p) for p in paths]
+            states, unusable = _file_states(paths)
+            summary.errors += unusable
             current = {s.path for s in states}
             known = {record.path: record for record in catalog.images()}
             listed = _within(roots)
@@ -262,10 +266,17 @@ def _resolve_whitening(requested: WhiteningSettings | None, learned: PCAWhitenin
     return WhiteningSettings(dim=learned.dim_out, shrinkage=learned.shrinkage)
 
 
-def _open_vectors(index_dir: Path, dim: int, index_type: str) -> VectorStore:
+def _open_vectors(index_dir: Path, dim: int, index_type: str, summary: BuildSummary) -> VectorStore:
     path = vectors_path(index_dir)
     if path.exists():
-        store = VectorStore.load(path)
+        try:
+            store = VectorStore.load(path)
+        except VectorFileError:
+            # The catalog still knows every image and region: with an empty store each image counts as
+            # not indexed (its regions have no vectors) and is described again. The damaged file is kept.
+            os.replace(path, path.with_name(path.name + ".damaged"))
+            summary.rebuilt_vectors = True
+            return VectorStore.create(dim, index_type)
         if store.dim == dim or len(store):  # an empty store of another size is a killed first build's
             return store
     return VectorStore.create(dim, index_type)
@@ -329,14 +340,40 @@ def _within(roots: Sequence[str | os.PathLike] | None) -> Callable[[str], bool]:
     """Whether a resolved path is one of ``roots`` or lies below one (any path when ``roots`` is None)."""
     if roots is None:
         return lambda path: True
-    exact = {str(Path(root).resolve()) for root in roots}
+    exact = {os.path.realpath(root) for root in roots}
     below = tuple(root.rstrip(os.sep) + os.sep for root in exact)
     return lambda path: path in exact or path.startswith(below)
 
 
+def _file_states(paths: Sequence[Path]) -> tuple[list[_FileState], list[tuple[str, str]]]:
+    """The state of every file that can be indexed, and (printable path, reason) for the others:
+    broken symbolic links, link loops, and names that are not UTF-8 (no catalog can store them)."""
+    states, unusable = [], []
+    for path in paths:
+        try:
+            state = _file_state(path)
+            state.path.encode("utf-8")
+        except UnicodeEncodeError:
+            unusable.append((_printable(path), "its name is not valid UTF-8, which the catalog cannot store; "
+                                               "rename the file to index it"))
+        except OSError as exc:
+            broken = exc.errno == errno.ENOENT and os.path.islink(path)
+            unusable.append((_printable(path), "broken symbolic link: its target does not exist" if broken
+                             else "symbolic link loop" if exc.errno == errno.ELOOP else str(exc.strerror).lower()))
+        else:
+            states.append(state)
+    return states, unusable
+
+
+def _printable(path: Path) -> str:
+    """The path with bytes that are not UTF-8 shown as U+FFFD, safe to print and to store as text."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
 def _file_state(path: Path) -> _FileState:
     stat = os.stat(path)
-    return _FileState(str(Path(path).resolve()), stat.st_size, stat.st_mtime)
+    # realpath, not Path.resolve(): that raises on a symbolic link loop (Python < 3.13).
+    return _FileState(os.path.realpath(path), stat.st_size, stat.st_mtime)
 
 
 def _hash(path: str) -> str:

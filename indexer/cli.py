@@ -115,17 +115,29 @@ def stats(index_dir, as_json):
     except (IndexNotFoundError, CatalogUnavailableError) as exc:
         fail(str(exc))
     with catalog:
-        info = {**catalog.stats(), "vectors": store.info(), "config": catalog.get_config(),
-                "bytes_on_disk": vectors_path(index_dir).stat().st_size}
+        info = {**catalog.stats(), **_searchable(catalog, store), "vectors": store.info(),
+                "config": catalog.get_config(), "bytes_on_disk": vectors_path(index_dir).stat().st_size}
     if as_json:
         click.echo(json.dumps(info, default=str))
         return
     levels = info["regions_by_level"]
     vectors = info["vectors"]
     click.echo(f"images    {info['images_ok']} indexed, {info['images_error']} skipped (unreadable or without regions)")
-    click.echo(f"regions   {info['regions']} ({levels['whole']} whole, {levels['part']} part, {levels['subpart']} subpart)")
+    waiting = info["regions_without_vectors"]
+    click.echo(f"regions   {info['regions']} ({levels['whole']} whole, {levels['part']} part, {levels['subpart']} subpart)"
+               + (f"; {waiting} more without vectors (an interrupted build: run it again)" if waiting else ""))
     whitened = f" (PCA-whitened from {info['config']['descriptor_dim']})" if info["config"].get("whitening") else ""
     click.echo(f"vectors   {vectors['size']} x {vectors['dim']}{whitened}, {vectors['kind']} index, "
                f"{info['bytes_on_disk'] / 1e6:.1f} MB on disk")
     click.echo(f"backbone  {info['config']['backbone']} ({info['config']['descriptor']}); "
                f"regions from {info['config']['region_source']}")
+
+
+def _searchable(catalog, store) -> dict:
+    """Regions counted as a search sees them: those with a vector (a killed build can leave catalog rows
+    whose vectors were never saved; the next build redoes their images)."""
+    from hassod.discover.coco import LEVEL_NAMES
+
+    by_level = {name: int(store.contains(catalog.region_ids(level)).sum()) for level, name in enumerate(LEVEL_NAMES)}
+    total = sum(by_level.values())
+    return {"regions": total, "regions_by_level": by_level, "regions_without_vectors": len(catalog.region_ids()) - total}

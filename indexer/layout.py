@@ -93,6 +93,8 @@ def whitening_path(index_dir: Path) -> Path:
 def open_existing(index_dir: Path) -> tuple[Catalog, VectorStore]:
     """Catalog and vectors of a built index, or :class:`IndexNotFoundError` saying what is missing."""
     index_dir = Path(index_dir)
+    if index_dir.exists() and not index_dir.is_dir():
+        raise IndexNotFoundError(f"{index_dir} is a file, not an index directory")
     has_catalog = (index_dir / CATALOG_FILE).exists() or (index_dir / POINTER_FILE).exists()
     if not index_dir.is_dir() or not has_catalog:
         raise IndexNotFoundError(f"no index at {index_dir} (build one with `hassod index build IMAGES --index {index_dir}`)")

@@ -9,6 +9,8 @@ checkpoint, and a COCO file of regions made earlier. The build asks only for :me
 """
 from __future__ import annotations
 
+import os
+
 import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
@@ -201,7 +203,7 @@ class CocoRegions:
 
     def regions(self, paths: Sequence[str]) -> Iterator[ImageRegions]:
         for path in paths:
-            entry = self.entries.get(str(Path(path).resolve()))
+            entry = self.entries.get(os.path.realpath(path))
             if entry is None:
                 yield ImageRegions(path, None, [], f"no entry for this file in {self.source}")
                 continue

@@ -15,6 +15,7 @@ regions (computed from its stored vectors, so a score does not depend on k).
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ import numpy as np
 from hassod.images import DEFAULT_MAX_PIXELS, load_rgb
 from indexer.catalog import LEVEL_NAMES, IncompatibleIndexError
 from indexer.layout import IndexNotFoundError, open_existing, vectors_path, whitening_path
-from indexer.vectors import VectorStore
+from indexer.vectors import VectorFileError, VectorStore
 from indexer.whitening import PCAWhitening
 
 # torch, the backbone and the descriptors are imported when the first image
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
 # Region candidates fetched per wanted image on the first try; doubled until
 # k distinct images are found or the (allowed) regions are exhausted.
 _CANDIDATES_PER_IMAGE = 8
+
+log = logging.getLogger(__name__)
 
 
 # Similarities within this of an image's best count as tied when choosing the region to show.
@@ -149,7 +152,13 @@ class Searcher:
         stamp = _stamp(self._vectors)
         if stamp is None or stamp == self._vectors_stamp:  # unchanged, or removed: keep what is loaded
             return False
-        self.store = VectorStore.load(self._vectors)
+        try:
+            store = VectorStore.load(self._vectors)
+        except VectorFileError as exc:  # keep answering from what is loaded; the next build repairs the file
+            log.warning("%s; still answering from the vectors loaded before", exc)
+            self._vectors_stamp = stamp
+            return False
+        self.store = store
         self._filters.clear()
         self._vectors_stamp = stamp
         return True
@@ -171,7 +180,8 @@ class Searcher:
 
     def search_region(self, region_id: int, level: str | int | None = None, k: int = 10) -> list[Match]:
         """Best k images for an indexed region (its stored vector is the query)."""
-        if not self.store.contains(np.asarray([region_id], dtype=np.int64))[0]:
+        # Ids are int64 (FAISS ids): an integer beyond that range names no region.
+        if not -(2**63) <= region_id < 2**63 or not self.store.contains(np.asarray([region_id], dtype=np.int64))[0]:
             raise QueryError(f"no region {region_id} in this index")
         return self._rank(self.store.reconstruct(np.asarray([region_id], dtype=np.int64)), _level_id(level), k)
 
@@ -303,7 +313,7 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
     """Which file is at ``path`` now: (inode, size, mtime in ns); None when there is none."""
     try:
         info = path.stat()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     return info.st_ino, info.st_size, info.st_mtime_ns
 

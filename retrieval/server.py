@@ -49,7 +49,7 @@ from fastapi import FastAPI, File, Form, HTTPException, Path, Query, UploadFile
 from fastapi.responses import HTMLResponse, Response
 from PIL import Image, ImageOps
 
-from hassod.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb
+from hassod.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb, to_rgb
 from indexer.catalog import LEVEL_NAMES, ImageRecord, RegionRecord
 
 from .outlines import Outline, outline
@@ -344,7 +344,8 @@ def _jpeg_thumbnail(path: str, side: int, max_pixels: int) -> bytes:
         if picture.width * picture.height > max_pixels:
             raise ImageError("image too large to show")
         picture.draft("RGB", (side, side))  # JPEG: decode at a reduced scale, far faster than full size
-        picture = ImageOps.exif_transpose(picture).convert("RGB")
+        # The pixels the index saw: 16-bit scaled, transparency on white (a plain convert clips or blackens them).
+        picture = Image.fromarray(to_rgb(ImageOps.exif_transpose(picture)))
         picture.thumbnail((side, side))
         out = io.BytesIO()
         picture.save(out, format="JPEG", quality=85)

@@ -149,14 +149,14 @@ def build_coco(records: Iterable[ImageRecord], root: Path, info: dict[str, Any])
 
 def _relative(path: str, root: Path) -> str:
     try:
-        return Path(path).resolve().relative_to(root).as_posix()
+        return Path(os.path.realpath(path)).relative_to(root).as_posix()
     except ValueError:
         return Path(path).as_posix()
 
 
 def common_root(paths: Iterable[Path]) -> Path:
     """The deepest folder containing every path (resolved)."""
-    parents = [str(Path(p).resolve().parent) for p in paths]
+    parents = [os.path.dirname(os.path.realpath(p)) for p in paths]
     return Path(os.path.commonpath(parents)) if parents else Path.cwd()
 
 

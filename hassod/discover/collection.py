@@ -7,6 +7,8 @@ so an interrupted run resumes where it stopped.
 """
 from __future__ import annotations
 
+import os
+
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, as_completed, wait
 from dataclasses import dataclass, field
@@ -66,7 +68,7 @@ def discover_collection(
     settings = settings.for_backbone(backbone)
     run_settings = {"backbone": backbone.name, "weights": backbone.weights_id, "discovery": settings.as_dict()}
     log = ProgressLog(progress_path(out), run_settings)
-    keys = [str(Path(p).resolve()) for p in paths]
+    keys = [os.path.realpath(p) for p in paths]
     todo = [k for k in keys if k not in log.done]
     summary = DiscoverySummary(resumed=len(keys) - len(todo), out=str(out))
     if viz_dir is not None:

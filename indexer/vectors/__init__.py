@@ -21,8 +21,8 @@ from .ids import IdFilter
 from .kind import IndexKind
 from .planning import (NAMED_KINDS, IndexPlan, IndexTypeError, VectorStoreSettings, bytes_per_vector, choose_kind,
                        choose_nlist, physical_memory_bytes, validate_index_type)
-from .store import KINDS, VectorStore
+from .store import KINDS, VectorFileError, VectorStore
 
-__all__ = ["KINDS", "NAMED_KINDS", "ExactTopK", "IdFilter", "IndexKind", "IndexPlan", "IndexTypeError", "VectorStore",
+__all__ = ["KINDS", "NAMED_KINDS", "ExactTopK", "IdFilter", "IndexKind", "IndexPlan", "IndexTypeError", "VectorFileError", "VectorStore",
            "VectorStoreSettings", "bytes_per_vector", "choose_kind", "choose_nlist", "physical_memory_bytes",
            "validate_index_type"]

@@ -27,6 +27,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from hassod.errors import UserError
+
 from .calibration import CALIBRATION_K, ExactTopK, LeaveOneOut, calibration_target
 from .flat import FlatKind
 from .hnsw import HNSWKind
@@ -57,6 +59,10 @@ _WIDEN_FACTOR = 4
 _HIDDEN_MAX_SHARE = 0.25  # removed ids still in the index (hnsw) beyond this share trigger a rebuild
 
 ChunkSource = Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]  # a fresh pass over (ids, vectors) per call
+
+
+class VectorFileError(UserError, ValueError):
+    """A vectors file that is not one, or is truncated or damaged; ``str()`` says how to rebuild it."""
 
 
 class VectorStore:
@@ -446,11 +452,26 @@ class VectorStore:
 
     @classmethod
     def load(cls, path: str | os.PathLike, settings: VectorStoreSettings | None = None) -> VectorStore:
-        """Read a store written by ``save``; ``settings`` overrides the saved ones."""
+        """Read a store written by ``save``; ``settings`` overrides the saved ones.
+
+        Raises :class:`VectorFileError` for a file that is not one, or is truncated or damaged.
+        """
         path = Path(path)
+        try:
+            return cls._read(path, settings)
+        except VectorFileError:
+            raise
+        except (ValueError, KeyError, TypeError, RuntimeError, struct.error, UnicodeDecodeError) as exc:
+            # faiss's message ends "failed: read error in PyCallbackIOReader: 346801 != 691200 (Success)".
+            reason = str(exc).strip().splitlines()[0].split("failed: ")[-1].replace(" (Success)", "")[-120:]
+            raise VectorFileError(f"the vectors file {path} is damaged ({reason}); `hassod index build` "
+                                  "of the same images rebuilds it from the catalog") from None
+
+    @classmethod
+    def _read(cls, path: Path, settings: VectorStoreSettings | None) -> VectorStore:
         with open(path, "rb") as f:
             if f.read(len(_MAGIC)) != _MAGIC:
-                raise ValueError(f"{path} is not a hassod vector store file")
+                raise VectorFileError(f"{path} is not a hassod vector store file")
             (header_len,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(header_len))
             if header["format"] != _FORMAT_VERSION:
