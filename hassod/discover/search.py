@@ -14,9 +14,10 @@ Contract:
   an index build needs one forward per image), and the original (H, W) in pixels.
 - Regions are sets of patches; a region seen at several thresholds is one
   region (born at the finest). Its parent is the smallest strictly larger
-  kept region containing it at a coarser threshold; levels follow depth
-  (0 whole, 1 part, 2 and deeper subpart), so every mask lies inside its
-  parent's.
+  kept region containing it at a coarser threshold, so every mask lies inside
+  its parent's. Levels follow depth (0 whole, 1 part, 2 and deeper subpart)
+  counting only ancestors the region fills less than ``level_share`` of
+  (:func:`element_parents`).
 - Masks are the patch masks upscaled to (H, W) bilinearly (threshold 0.5),
   which keeps nesting: a child's upscaled mask is inside its parent's.
 - ``min_patches`` and ``max_share`` are in patches of the grid; boxes out of
@@ -71,6 +72,8 @@ class SearchSettings:
         persistence across thresholds (threshold span) 0.8 / 6.3 with 5
         thresholds, below random order (0.6 / 9.0): long-lived regions are
         mostly small flat patches; a 2-patch-wide ring 5.2 / 12.5 for 5 ms more.
+    level_share: a region counts as a part of an ancestor only when it fills less than this
+        share of it (:func:`element_parents`); 0.9 is stage 1's coverage τ.
     """
 
     thresholds: tuple[float, ...] | None = None
@@ -78,6 +81,7 @@ class SearchSettings:
     min_patches: int = 2
     max_share: float = 0.95
     max_regions: int = 200
+    level_share: float = 0.9
     contrast_weight: float = 0.3
 
     recipe = "search"
@@ -192,6 +196,24 @@ def merge_parents(regions: MergeRegions, kept: np.ndarray) -> np.ndarray:
     return np.where(valid.any(axis=1), position[chosen], -1)
 
 
+def element_parents(parents: np.ndarray, sizes: np.ndarray, share: float) -> np.ndarray:
+    """(K,) merge parents and sizes → (K,) each region's nearest ancestor that it fills less than
+    ``share`` of (-1: none), the links that count for its level.
+
+    Dense thresholds grow a region by a few patches from one to the next; a region that is most of
+    its parent is the same element of the scene, as stage 1's coverage rule says at τ = 0.9 (a mask
+    covered by another that it covers back at τ is no part of it). Without this, levels by depth
+    made nearly every region a subpart.
+    """
+    ancestors = np.asarray(parents, dtype=np.int64).copy()
+    for _ in range(len(ancestors)):
+        near = (ancestors >= 0) & (sizes >= share * sizes[np.maximum(ancestors, 0)])
+        if not near.any():
+            break
+        ancestors[near] = parents[ancestors[near]]
+    return ancestors
+
+
 def objectness(masks: np.ndarray, features: np.ndarray, contrast_weight: float) -> np.ndarray:
     """(N, h, w) bool patch masks → (N,) score: sqrt(share of the grid) + ``contrast_weight`` x
     :func:`ring_contrast`. features: the (h, w, C) patch features the regions were merged from."""
@@ -254,7 +276,7 @@ def search_masks(
     return Discovered(
         rles=rles,
         areas=areas,
-        levels=levels_from_parents(parents),
+        levels=levels_from_parents(element_parents(parents, areas, settings.level_share)),
         parents=parents,
         scores=scores[kept],
         thresholds=thresholds[regions.birth[kept]],

@@ -6,7 +6,7 @@ import pytest
 
 from hassod.discover.levels import levels_from_parents, rle_intersections
 from hassod.discover.recipes import RecipeError, recipe_settings, settings_from_dict
-from hassod.discover.search import SearchSettings, merge_parents, merge_regions, ring_contrast, search_masks
+from hassod.discover.search import SearchSettings, element_parents, merge_parents, merge_regions, ring_contrast, search_masks
 from hassod.synthetic import make_scene, scene_features
 
 # A 2x4 grid merged in three steps; regions named by their patches (raster order):
@@ -92,8 +92,19 @@ def test_every_mask_lies_inside_its_parents_on_a_photo(photo_features):
     # All of the child is inside the parent, and the parent is strictly larger.
     np.testing.assert_array_equal(inter[children, found.parents[children]], found.areas[children])
     assert (found.areas[found.parents[children]] > found.areas[children]).all()
-    np.testing.assert_array_equal(found.levels, levels_from_parents(found.parents))
+    # Levels count only the ancestors a region fills less than 90% of: chains of near-copies are one element.
+    sizes = found.areas.astype(np.float64)
+    np.testing.assert_array_equal(found.levels, levels_from_parents(element_parents(found.parents, sizes, 0.9)))
     assert set(found.levels.tolist()) == {0, 1, 2}
+    assert (found.levels <= levels_from_parents(found.parents)).all()
+
+
+def test_levels_skip_ancestors_a_region_nearly_fills():
+    # 0 ⊃ 1 ⊃ 2 ⊃ 3 with sizes 100, 95, 50, 48: 1 is most of 0 (both wholes), 3 most of 2 (both parts of 1).
+    parents, sizes = np.array([-1, 0, 1, 2]), np.array([100, 95, 50, 48])
+    assert element_parents(parents, sizes, 0.9).tolist() == [-1, -1, 1, 1]
+    assert levels_from_parents(element_parents(parents, sizes, 0.9)).tolist() == [0, 0, 1, 1]
+    assert levels_from_parents(parents).tolist() == [0, 1, 2, 2]
 
 
 def test_max_regions_keeps_the_best_scored(photo_features):
