@@ -1,4 +1,4 @@
-"""An index of the synthetic instance scenes, built through the command line."""
+"""Indexes of the synthetic instance scenes: one built through the command line per test, one shared by a module."""
 from __future__ import annotations
 
 import json
@@ -6,6 +6,10 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from hassod.synthetic import save_scenes
+from indexer.build import build_index
+from indexer.descriptors import RegionDescriber
+from indexer.regions import CocoRegions
 from retrieval.cli import app
 
 
@@ -20,3 +24,14 @@ def built_index(tmp_path, instance_folder):
     summary = json.loads(result.output.strip().splitlines()[-1])
     assert summary["added"] == 8 and summary["errors"] == []
     return folder, index_dir
+
+
+@pytest.fixture(scope="module")
+def scenes_index(tmp_path_factory, instance_scenes, offline_backbone):
+    """(folder of the 8 scenes, index directory of their true regions), built once per module: its tests only read it."""
+    root = tmp_path_factory.mktemp("scenes_index")
+    folder = root / "collection"
+    truth = save_scenes(instance_scenes, folder, root / "truth.json")
+    build_index(sorted(folder.glob("*.png")), root / "index", CocoRegions(truth), RegionDescriber(offline_backbone),
+                show_progress=False)
+    return folder, root / "index"

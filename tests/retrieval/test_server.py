@@ -32,17 +32,6 @@ from retrieval.server import _Upload, _Uploads, create_app
 
 
 @pytest.fixture(scope="module")
-def scenes_index(tmp_path_factory, instance_scenes, offline_backbone):
-    """(folder of the 8 scenes, index directory of their true regions), built once: these tests only read it."""
-    root = tmp_path_factory.mktemp("served")
-    folder = root / "collection"
-    truth = save_scenes(instance_scenes, folder, root / "truth.json")
-    build_index(sorted(folder.glob("*.png")), root / "index", CocoRegions(truth), RegionDescriber(offline_backbone),
-                show_progress=False)
-    return folder, root / "index"
-
-
-@pytest.fixture(scope="module")
 def served(scenes_index, offline_backbone):
     """(folder, searcher, client): one searcher answers both the library calls and the HTTP ones."""
     folder, index_dir = scenes_index

@@ -24,12 +24,8 @@ from pycocotools import mask as mask_utils
 from scipy import ndimage
 from skimage import draw
 
-from hassod.synthetic import save_scenes
-from indexer.build import build_index
 from indexer.catalog import LEVEL_NAMES, Catalog, RegionRecord
-from indexer.descriptors import RegionDescriber
 from indexer.layout import open_existing
-from indexer.regions import CocoRegions
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALL_HINT = "run .ci/install_chromium.sh (as root) to install Debian's chromium and chromium-driver"
@@ -50,29 +46,18 @@ def _browser_binaries() -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def page_index(tmp_path_factory, instance_scenes, offline_backbone) -> tuple[Path, Path]:
-    """(folder of the 8 scenes, index directory of their true regions), built once."""
-    root = tmp_path_factory.mktemp("web")
-    folder = root / "collection"
-    truth = save_scenes(instance_scenes, folder, root / "truth.json")
-    build_index(sorted(folder.glob("*.png")), root / "index", CocoRegions(truth), RegionDescriber(offline_backbone),
-                show_progress=False)
-    return folder, root / "index"
-
-
-@pytest.fixture(scope="module")
-def catalog(page_index) -> Iterator[Catalog]:
-    catalog, _ = open_existing(page_index[1])
+def catalog(scenes_index) -> Iterator[Catalog]:
+    catalog, _ = open_existing(scenes_index[1])
     yield catalog
     catalog.close()
 
 
 @pytest.fixture(scope="module")
-def server(page_index, tmp_path_factory) -> Iterator[str]:
+def server(scenes_index, tmp_path_factory) -> Iterator[str]:
     """The base URL of `hassod serve` on the index, on a free port of 127.0.0.1."""
     logs = tmp_path_factory.mktemp("serve")
     out, err = (logs / "stdout.txt").open("w"), (logs / "stderr.txt").open("w")  # files: a full pipe would block it
-    process = subprocess.Popen([sys.executable, "-m", "retrieval.cli", "serve", "--index", str(page_index[1]),
+    process = subprocess.Popen([sys.executable, "-m", "retrieval.cli", "serve", "--index", str(scenes_index[1]),
                                 "--port", "0", "--device", "cpu"], stdout=out, stderr=err, cwd=REPO, text=True)
     try:
         deadline = time.monotonic() + WAIT_S
@@ -323,8 +308,8 @@ def test_clicking_a_part_searches_for_it_and_walks_up_the_hierarchy(page, catalo
     page.screenshot("result_opened")
 
 
-def test_an_uploaded_images_regions_are_found_and_searched(page, catalog, page_index):
-    folder, _ = page_index
+def test_an_uploaded_images_regions_are_found_and_searched(page, catalog, scenes_index):
+    folder, _ = scenes_index
     photo = folder / "scene_05.png"
     page.find("#file").send_keys(str(photo))
     page.wait_view("blob:")

@@ -18,7 +18,7 @@ from hassod.train.loop import Trainer, train
 from hassod.train.mean_teacher import ema_update, loss_weights, teacher_targets
 from hassod.train.settings import TrainSettings
 from hassod.train.views import StrongAugmentation, strong_view
-from tests.hassod.train.train_helpers import one_thread, write_scenes
+from tests.hassod.train.train_helpers import read_log, write_scenes
 
 MT = TrainSettings(batch_size=2, iterations=6, burn_in=3, warmup_iters=1, mt_warmup_iters=1, checkpoint_period=2,
                    device="cpu", workers=0, lr=0.01, augmentation=Augmentation(copy_paste_prob=0.5),
@@ -29,16 +29,6 @@ MT = TrainSettings(batch_size=2, iterations=6, burn_in=3, warmup_iters=1, mt_war
 def pseudo(tmp_path_factory) -> Path:
     path, _ = write_scenes(tmp_path_factory.mktemp("scenes"), [21, 22, 23], size=(96, 128))
     return path
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
-def _log(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
 def test_ema_update_follows_the_formula_on_every_entry_of_the_state_dict():
@@ -168,7 +158,7 @@ def test_teacher_starts_as_the_student_and_moves_only_by_its_ema(pseudo, tmp_pat
 def test_mean_teacher_log_and_checkpoints(pseudo, tmp_path):
     result = train(MT, DetectorSettings.tiny(), pseudo, None, tmp_path / "run", random_init=True, progress=False,
                    eval_gt=pseudo)
-    log = _log(tmp_path / "run")
+    log = read_log(tmp_path / "run")
     assert [("alpha_label" in r) for r in log] == [False] * 3 + [True] * 3
     assert [r["alpha_label"] for r in log[3:]] == pytest.approx([1.0, 0.75, 0.25])
     assert [r["alpha_teacher"] for r in log[3:]] == pytest.approx([2.0, 2.25, 2.75])
@@ -199,7 +189,7 @@ def test_resume_in_the_middle_of_mean_teacher_is_exact(pseudo, tmp_path):
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
     assert a["samplers"] == b["samplers"] == {"labelled": 6, "unlabelled": 6}
-    log_a, log_b = _log(tmp_path / "whole"), _log(tmp_path / "split")
+    log_a, log_b = read_log(tmp_path / "whole"), read_log(tmp_path / "split")
     assert [r["iteration"] for r in log_b] == list(range(1, 7))
     assert [(r["total_loss"], r.get("teacher_targets")) for r in log_a] == \
            [(r["total_loss"], r.get("teacher_targets")) for r in log_b]
@@ -213,7 +203,7 @@ def test_burn_in_equal_to_iterations_is_the_plain_training_loop(pseudo, tmp_path
     settings = replace(MT, burn_in=MT.iterations)
     detector = DetectorSettings.tiny()
     result = train(settings, detector, pseudo, None, tmp_path / "run", random_init=True, progress=False)
-    assert "alpha_label" not in _log(tmp_path / "run")[-1]
+    assert "alpha_label" not in read_log(tmp_path / "run")[-1]
     assert read_checkpoint(result.final_checkpoint)["teacher"] is None
 
     torch.manual_seed(settings.seed)
@@ -251,7 +241,7 @@ def test_commands_train_with_burn_in_and_use_the_teacher(pseudo, tmp_path, offli
     trained = runner.invoke(app, [*base, "--out", str(run), "--burn-in", "2", "--teacher-thresh", "0.05",
                                   "--ema-keep", "0.5", "--mt-warmup", "1"])
     assert plain.exit_code == 0 and trained.exit_code == 0, trained.output
-    assert [("alpha_label" in r) for r in _log(run)] == [False, False, True]
+    assert [("alpha_label" in r) for r in read_log(run)] == [False, False, True]
     saved = read_checkpoint(run / "last.pth")["train_settings"]
     assert (saved["burn_in"], saved["ema_keep"], saved["teacher_thresh"], saved["mt_warmup_iters"]) == (2, 0.5, 0.05, 1)
 

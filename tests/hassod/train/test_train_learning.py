@@ -11,7 +11,6 @@ import json
 import math
 
 import numpy as np
-import pytest
 import torch
 from torchvision.ops import box_iou
 
@@ -19,7 +18,7 @@ from hassod.model import DetectorSettings, load_detector
 from hassod.train.data import Augmentation
 from hassod.train.loop import train
 from hassod.train.settings import TrainSettings
-from tests.hassod.train.train_helpers import boxes_xyxy, one_thread, write_scenes
+from tests.hassod.train.train_helpers import boxes_xyxy, write_scenes
 
 SCENES = list(range(200, 206))
 SIZE = (128, 128)
@@ -41,12 +40,6 @@ def level_accuracy(model, scenes) -> tuple[float, int]:
                 matched += 1
                 correct += int(out["levels"][best[obj]]) == int(scene.levels[obj])
     return correct / max(1, matched), matched
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 def test_tiny_detector_learns_boxes_and_levels(tmp_path):

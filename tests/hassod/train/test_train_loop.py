@@ -15,7 +15,7 @@ from hassod.train.data import Augmentation
 from hassod.train.loop import TrainError, train
 from hassod.train.settings import TrainSettings
 from hassod.train_cli import train as train_command
-from tests.hassod.train.train_helpers import one_thread, write_scenes
+from tests.hassod.train.train_helpers import read_log, write_scenes
 
 SETTINGS = TrainSettings(batch_size=2, iterations=8, warmup_iters=2, checkpoint_period=3, device="cpu",
                          workers=0, lr=0.01, augmentation=Augmentation(copy_paste_prob=0.5), eval_period=4)
@@ -25,16 +25,6 @@ SETTINGS = TrainSettings(batch_size=2, iterations=8, warmup_iters=2, checkpoint_
 def pseudo(tmp_path_factory) -> Path:
     path, _ = write_scenes(tmp_path_factory.mktemp("scenes"), [11, 12, 13], size=(96, 128))
     return path
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
-def _log(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(pseudo, tmp_path):
@@ -58,7 +48,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(pseudo, tmp_path)
     final = read_checkpoint(tmp_path / "whole" / "model_final.pth")
     assert all(torch.equal(final["model"][k], a["model"][k]) for k in a["model"])
 
-    log_a, log_b = _log(tmp_path / "whole"), _log(tmp_path / "split")
+    log_a, log_b = read_log(tmp_path / "whole"), read_log(tmp_path / "split")
     assert [r["iteration"] for r in log_a] == list(range(1, 9)) == [r["iteration"] for r in log_b]
     for ra, rb in zip(log_a, log_b):
         losses = {k: v for k, v in ra.items() if k.startswith("loss")}
@@ -99,7 +89,7 @@ def test_cli_trains_and_reports(pseudo, tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output.strip().splitlines()[-1])
     assert summary["iteration"] == 2 and summary["finished"] and summary["skipped"] == 0
-    assert (out / "model_final.pth").exists() and len(_log(out)) == 2
+    assert (out / "model_final.pth").exists() and len(read_log(out)) == 2
     again = runner.invoke(train_command, args)
     assert again.exit_code == 2 and again.output.count("\n") == 1 and "--resume" in again.output
     missing = runner.invoke(train_command, ["--pseudo", str(tmp_path / "nope.json"), "--out", str(tmp_path / "x"),

@@ -61,3 +61,8 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def read_log(run: Path) -> list[dict]:
+    """The run's ``log.jsonl``, one dict per iteration."""
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
