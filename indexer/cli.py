@@ -29,7 +29,8 @@ def index() -> None:
 @click.option("--backbone", default="efficientnet_lite0", show_default=True)
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Backbone weight file.")
 @click.option("--index-type", default="auto", show_default=True,
-              help="auto, flat, ivf, ivfsq, ivfpq, hnsw, pqfs (descriptors without neighbourhood structure).")
+              help="auto, flat, ivf, ivfsq, ivfpq, hnsw, pqfs (descriptors without neighbourhood structure), "
+                   "ondisk (inverted lists memory-mapped from the index folder: larger than memory).")
 @click.option("--whiten", is_flag=True,
               help="Learn a PCA-whitening of the descriptors at the first build; later builds and queries reuse it.")
 @click.option("--whiten-dim", type=click.IntRange(min=1),
