@@ -1,6 +1,7 @@
 """`hassod index build` and `hassod index stats`."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -39,19 +40,22 @@ def index() -> None:
 @click.option("--workers", default=None, type=click.IntRange(min=1), help="Discovery processes [CPU count].")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1))
+@click.option("--ray", "ray_address", metavar="ADDRESS|auto",
+              help="Compute regions and descriptors on this Ray cluster (pip install 'hassod[ray]'); "
+                   "writes an ondisk index.")
+@click.option("--actors", type=click.IntRange(min=1), help="With --ray: actors [one per GPU, else one per CPU].")
+@click.option("--gpus-per-actor", type=click.FloatRange(min=0), help="With --ray: GPUs per actor [1 with GPUs, else 0].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def build(images, index_dir, detector, use, regions_json, db_url, backbone, weights, index_type, whiten, whiten_dim, device,
-          workers, batch_size, max_pixels, as_json):
+          workers, batch_size, max_pixels, ray_address, actors, gpus_per_actor, as_json):
     """Index every whole, part and subpart region of IMAGES (files or folders); re-runs update it."""
-    from hassod.device import resolve_device
-    from hassod.features import WeightsFormatError, WeightsNotFoundError, build_backbone
+    from hassod.features import WeightsFormatError, WeightsNotFoundError
     from hassod.discover.coco import progress_path
     from hassod.images import list_images
 
     from .build import IncompatibleSourceError, WhiteningError, WhiteningSettings, build_index
     from .catalog import CatalogUnavailableError, IncompatibleIndexError
-    from .descriptors import RegionDescriber, default_settings
-    from .regions import CocoRegions, DiscoveryRegions, RegionsFileError, detector_regions
+    from .regions import RegionsFileError
     from .vectors import IndexTypeError
 
     if detector and regions_json:
@@ -63,30 +67,59 @@ def build(images, index_dir, detector, use, regions_json, db_url, backbone, weig
     paths = list_images(images, exclude=[index_dir, regions_json, regions_log])
     if not paths:
         fail(f"no files found in {', '.join(map(str, images))}")
+    if ray_address is None and (actors or gpus_per_actor is not None):
+        fail("--actors and --gpus-per-actor go with --ray ADDRESS")
+    if ray_address is not None and (whiten or whiten_dim or index_type not in ("auto", "ondisk")):
+        fail("a --ray build writes an ondisk index without whitening: leave out --whiten, --whiten-dim, --index-type")
+    parts = functools.partial(region_parts, backbone=backbone, weights=weights, device=device, detector=detector,
+                              use=use, regions_json=regions_json, workers=workers, batch_size=batch_size,
+                              max_pixels=max_pixels)
     try:
-        model = build_backbone(backbone, weights=weights, device=resolve_device(device))
-        if detector:
-            from hassod.model import CheckpointError
+        if ray_address is not None:
+            from .distributed import DistributedBuildError, build_index_ray
 
             try:
-                # --batch-size is discovery's: a detected image holds its masks at full size, so the detector
-                # keeps its own (smaller) default.
-                source = detector_regions(detector, device=device, max_pixels=max_pixels, use=use)
-            except CheckpointError as exc:
-                fail(f"--detector {detector}: {exc}")
-        elif regions_json:
-            source = CocoRegions(regions_json, max_pixels=max_pixels)
+                summary = build_index_ray(paths, index_dir, functools.partial(parts, workers=1), address=ray_address,
+                                          actors=actors, gpus_per_actor=gpus_per_actor, db_url=db_url,
+                                          roots=images, show_progress=not as_json)
+            except DistributedBuildError as exc:
+                fail(str(exc))
         else:
-            source = DiscoveryRegions(model, workers=workers or os.cpu_count() or 1, batch_size=batch_size,
-                                      max_pixels=max_pixels)
-        describer = RegionDescriber(model, default_settings(model))
-        whitening = WhiteningSettings(dim=whiten_dim) if whiten or whiten_dim else None
-        summary = build_index(paths, index_dir, source, describer, db_url=db_url,
-                              index_type=index_type, show_progress=not as_json, whitening=whitening, roots=images)
+            source, describer = parts()
+            whitening = WhiteningSettings(dim=whiten_dim) if whiten or whiten_dim else None
+            summary = build_index(paths, index_dir, source, describer, db_url=db_url,
+                                  index_type=index_type, show_progress=not as_json, whitening=whitening, roots=images)
     except (WeightsNotFoundError, WeightsFormatError, IncompatibleIndexError, IncompatibleSourceError,
             RegionsFileError, CatalogUnavailableError, IndexTypeError, WhiteningError, NotImplementedError) as exc:
         fail(str(exc))
     report(summary, summary.errors, "skipped", as_json)
+
+
+def region_parts(backbone: str, weights: str | None, device: str, detector: str | None, use: str,
+                 regions_json: str | None, workers: int | None, batch_size: int, max_pixels: int):
+    """The region source and describer a build asks for (in the driver, and in each Ray actor)."""
+    from hassod.device import resolve_device
+    from hassod.features import build_backbone
+
+    from .descriptors import RegionDescriber, default_settings
+    from .regions import CocoRegions, DiscoveryRegions, detector_regions
+
+    model = build_backbone(backbone, weights=weights, device=resolve_device(device))
+    if detector:
+        from hassod.model import CheckpointError
+
+        try:
+            # --batch-size is discovery's: a detected image holds its masks at full size, so the detector
+            # keeps its own (smaller) default.
+            source = detector_regions(detector, device=device, max_pixels=max_pixels, use=use)
+        except CheckpointError as exc:
+            fail(f"--detector {detector}: {exc}")
+    elif regions_json:
+        source = CocoRegions(regions_json, max_pixels=max_pixels)
+    else:
+        source = DiscoveryRegions(model, workers=workers or os.cpu_count() or 1, batch_size=batch_size,
+                                  max_pixels=max_pixels)
+    return source, RegionDescriber(model, default_settings(model))
 
 
 @index.command()

@@ -1,0 +1,138 @@
+"""`hassod index build --ray` (indexer/distributed.py) on a local 2-CPU Ray cluster started by the tests."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from indexer import distributed
+from indexer.build import build_index
+from indexer.catalog import Catalog
+from indexer.layout import catalog_url
+from retrieval.cli import app
+from retrieval.searcher import Searcher
+from tests.indexer.test_build import _catalog_dump
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster of 2 CPUs on 127.0.0.1, no dashboard; shut down after the module."""
+    ray = pytest.importorskip("ray")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    yield ray
+    ray.shutdown()
+
+
+def coco_parts(truth: str):
+    """Regions from the scenes' true regions, described with the offline backbone on the CPU."""
+    from hassod.features import build_backbone
+    from indexer.descriptors import RegionDescriber
+    from indexer.regions import CocoRegions
+
+    return CocoRegions(truth), RegionDescriber(build_backbone("efficientnet_lite0", device="cpu"))
+
+
+def _ray_build(folder: Path, truth: Path, index_dir: Path, **kwargs):
+    import functools
+
+    return distributed.build_index_ray(sorted(folder.glob("*.png")), index_dir, functools.partial(coco_parts, str(truth)),
+                                       actors=2, show_progress=False, **kwargs)
+
+
+def _top(searcher: Searcher, scenes, folder: Path) -> list[list[tuple]]:
+    """Top 5 (file, box) of a query with every object's box in its first holder."""
+    tops = []
+    for obj in sorted({o for s in scenes for o in s.objects}):
+        first = next(i for i, s in enumerate(scenes) if obj in s.objects)
+        matches = searcher.search(folder / f"scene_{first:02d}.png", box=scenes[first].boxes[scenes[first].objects.index(obj)], k=5)
+        tops.append([(Path(m.path).name, tuple(round(v, 1) for v in m.box)) for m in matches])
+    return tops
+
+
+def test_ray_build_matches_a_single_process_build(tmp_path, ray_cluster, instance_folder, instance_scenes,
+                                                  offline_backbone):
+    folder, truth = instance_folder
+    local = build_index(sorted(folder.glob("*.png")), tmp_path / "local", *coco_parts(str(truth)),
+                        index_type="flat", show_progress=False)
+    # shards of 3 images after a 30-vector training sample, merged at the end
+    summary = _ray_build(folder, truth, tmp_path / "ray", shard_images=3, train_sample=30)
+    assert summary.added == local.added == 8 and summary.regions == local.regions
+    assert _catalog_dump(catalog_url(tmp_path / "ray")) == _catalog_dump(catalog_url(tmp_path / "local"))
+    ray_search = Searcher(tmp_path / "ray", backbone=offline_backbone)
+    assert ray_search.store.kind == "ondisk" and list((tmp_path / "ray").glob("vectors.*.ivfdata"))
+    with Catalog(catalog_url(tmp_path / "ray")) as catalog:
+        np.testing.assert_array_equal(ray_search.store.ids(), catalog.region_ids())
+    # the collection is one IVF list (too few vectors for more): the search is exact, as flat's
+    assert _top(ray_search, instance_scenes, folder) == _top(Searcher(tmp_path / "local", backbone=offline_backbone),
+                                                             instance_scenes, folder)
+
+
+def test_an_interrupted_ray_build_resumes_without_duplicates(tmp_path, ray_cluster, instance_folder, instance_scenes,
+                                                             monkeypatch):
+    folder, truth = instance_folder
+    index_dir = tmp_path / "index"
+    real_record, recorded = distributed.record_image, []
+
+    def killed_after_six(*args):
+        if len(recorded) == 6:
+            raise KeyboardInterrupt  # the driver dies: no clean-up beyond the lock
+        real_record(*args)
+        recorded.append(args[-1].path)
+
+    monkeypatch.setattr(distributed, "record_image", killed_after_six)
+    with pytest.raises(KeyboardInterrupt):
+        _ray_build(folder, truth, index_dir, shard_images=2, train_sample=10)
+    monkeypatch.undo()
+    shards = list((index_dir / "shards").glob("shard-*.index"))
+    assert shards  # written by the killed build: all their images committed
+    with Catalog(catalog_url(index_dir)) as catalog:
+        assert len(catalog.images()) == 6
+
+    summary = _ray_build(folder, truth, index_dir, shard_images=2, train_sample=10)
+    assert summary.added == 2 and summary.unchanged + summary.updated == 6
+    assert not list((index_dir / "shards").glob("*"))
+    with Catalog(catalog_url(index_dir)) as catalog:
+        assert sorted(Path(i.path).name for i in catalog.images()) == [f"scene_{i:02d}.png" for i in range(8)]
+        region_ids = catalog.region_ids()
+    assert len(region_ids) == sum(len(s.masks) for s in instance_scenes)  # no region twice
+    from indexer.vectors import VectorStore
+
+    stored = VectorStore.load(index_dir / "vectors.faiss")
+    np.testing.assert_array_equal(stored.ids(), region_ids)  # every region once, with its vector
+    # through the command line, on the running cluster: nothing left to do
+    result = CliRunner().invoke(app, ["index", "build", str(folder), "--index", str(index_dir), "--regions", str(truth),
+                                      "--device", "cpu", "--ray", "auto", "--actors", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    again = json.loads(result.stdout)
+    assert again["unchanged"] == 8 and again["added"] == again["updated"] == 0
+
+
+def test_a_multi_node_cluster_needs_postgresql():
+    class TwoNodes:
+        @staticmethod
+        def nodes():
+            return [{"Alive": True}, {"Alive": True}, {"Alive": False}]
+
+    with pytest.raises(distributed.DistributedBuildError, match="2 nodes: the catalog must be PostgreSQL"):
+        distributed._check_cluster(TwoNodes, "sqlite:///x.sqlite")
+    distributed._check_cluster(TwoNodes, "postgresql+psycopg://u@/db")
+
+
+def test_a_build_without_ray_never_imports_it(tmp_path, instance_folder):
+    folder, truth = instance_folder
+    code = ("import sys; from click.testing import CliRunner; from retrieval.cli import app; "
+            f"r = CliRunner().invoke(app, ['index', 'build', {str(folder)!r}, '--index', {str(tmp_path / 'i')!r}, "
+            f"'--regions', {str(truth)!r}, '--device', 'cpu', '--json']); "
+            "assert r.exit_code == 0, r.output; print('ray' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "False"
