@@ -33,6 +33,10 @@ from .planning import IndexPlan, VectorStoreSettings
 
 log = logging.getLogger(__name__)
 
+# faiss starts this many threads per search to read the probed lists ahead (default 32): they cost 2.5 ms per
+# single query and gained nothing even with the file's pages dropped (docs/benchmarks.md, "On-disk index").
+_PREFETCH_THREADS = 0
+
 
 class OnDiskKind(IVFKind):
     gpu = False
@@ -82,6 +86,7 @@ class OnDiskKind(IVFKind):
             return
         lists.filename = str(path.parent / Path(lists.filename).name)  # the folder may have moved
         lists.read_only = True  # mapped read-only: changes go to a private copy (``_writable``)
+        lists.prefetch_nthread = _PREFETCH_THREADS
         lists.do_mmap()
 
 
@@ -125,6 +130,7 @@ def merge_shards(index: faiss.Index, shard_fnames: Sequence[str | os.PathLike], 
     with _quiet():
         target = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(_new_file(directory, stem)))
         merged.ntotal = ivf.ntotal = target.merge_from_multiple(sources.data(), sources.size(), False)
+    target.prefetch_nthread = _PREFETCH_THREADS
     ivf.replace_invlists(target, True)
     target.this.disown()  # owned by the index now
     return merged
@@ -146,6 +152,7 @@ def _move_lists(index: faiss.Index, target: Path) -> None:
     sources = faiss.InvertedListsPtrVector()
     sources.push_back(ivf.invlists)
     copy.merge_from_multiple(sources.data(), sources.size(), False)
+    copy.prefetch_nthread = _PREFETCH_THREADS
     ivf.replace_invlists(copy, True)
     copy.this.disown()  # owned by the index now
 
