@@ -6,13 +6,14 @@ and by a local Ray cluster of 2 actors (`--ray`, one discovery process each):
 images/s, regions/image, and the per-image seconds the 100M-region paper
 estimate in docs/distributed.md starts from.
 
-Part 2 (search): ``--vectors`` clustered unit vectors of the descriptor's
-dimension (432). The on-disk store is built the way a Ray build builds it:
+Part 2 (search): ``--vectors`` unit vectors of the descriptor's dimension
+(432), bench_search_scaling's "hierarchical" collection (queries are fresh
+draws). The on-disk store is built the way a Ray build builds it:
 quantizer trained on a sample, the rest written as shards and merged into
 the memory-mapped lists; the in-memory IVF holds the same lists (same
 quantizer) in RAM. Single-query latency p50 / p95 at the calibrated nprobe,
 the on-disk index cold (its file's pages dropped from the page cache with
-posix_fadvise) and warm; recall@10 against exact search; resident memory of
+posix_fadvise before it is loaded) and warm; recall@10 against exact search; resident memory of
 a process that loads each index and runs the queries (anonymous vs
 file-backed RSS).
 
@@ -34,9 +35,11 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 import faiss  # noqa: E402
 
+from bench_search_scaling import Collection  # noqa: E402  (hierarchical clusters, as real descriptors)
 from indexer.vectors import ExactTopK, VectorStore, VectorStoreSettings  # noqa: E402
 from indexer.vectors.ivf import ivf_params  # noqa: E402
 
@@ -57,6 +60,7 @@ def bench_build(n_images: int, work: Path) -> None:
 
     from hassod.synthetic import make_instance_scenes, save_scenes
     from indexer.build import build_index
+    from indexer import distributed
     from indexer.distributed import build_index_ray
 
     scenes = make_instance_scenes(seed=0, n_objects=6, n_images=n_images)
@@ -77,45 +81,37 @@ def bench_build(n_images: int, work: Path) -> None:
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     started = time.perf_counter() - start
+    committing = []
+    real_record = distributed.record_image
+
+    def timed_record(*args):  # the driver's share per image: catalog transaction + vectors to the shard
+        began = time.perf_counter()
+        real_record(*args)
+        committing.append(time.perf_counter() - began)
+
+    distributed.record_image = timed_record
     start = time.perf_counter()
     summary = build_index_ray(paths, work / "ray", functools.partial(discovery_parts, 1), actors=2,
                               show_progress=False)
     ray_s = time.perf_counter() - start
     ray.shutdown()
+    distributed.record_image = real_record
     print(f"Ray build (local cluster, 2 actors x 1 discovery process): {summary.regions} regions in {ray_s:.1f} s "
           f"= {n_images / ray_s:.2f} images/s (+ {started:.1f} s cluster start, not counted); "
-          f"per image {ray_s / n_images:.2f} s wall on 2 CPUs = {2 * ray_s / n_images:.2f} CPU-s")
-
-
-def clustered(n: int, dim: int, seed: int = 0, chunk: int = 200_000):
-    """(ids, vectors) chunks of n unit vectors around 4096 centres, and 200 held-out queries."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((4096, dim)).astype(np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-
-    def sample(m, r):
-        x = centres[r.integers(0, 4096, m)] + 0.6 / np.sqrt(dim) * r.standard_normal((m, dim)).astype(np.float32)
-        return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-    queries = sample(200, np.random.default_rng(seed + 1))
-
-    def chunks():
-        r = np.random.default_rng(seed + 2)
-        for start in range(0, n, chunk):
-            m = min(chunk, n - start)
-            yield np.arange(start, start + m, dtype=np.int64), sample(m, r)
-
-    return chunks, queries
+          f"per image {ray_s / n_images:.2f} s wall on 2 CPUs = {2 * ray_s / n_images:.2f} CPU-s; "
+          f"driver commit {1e3 * np.mean(committing):.1f} ms per image (SQLite)")
 
 
 def bench_search(n: int, work: Path) -> None:
-    chunks, queries = clustered(n, DIM)
+    data = Collection("hierarchical", n, DIM)
+    queries = data.queries(200)
     truth = ExactTopK(queries, 10)
     settings = VectorStoreSettings(lists_per_sqrt_n=1.0, kmeans_iters=8)  # nlist = √n: training time on 2 CPUs
     store = VectorStore.create(DIM, "ondisk", expected_size=n, settings=settings)
     start = time.perf_counter()
     shards, memory = [], None
-    for number, (ids, x) in enumerate(chunks()):
+    pieces = ((ids[i:i + 200_000], x[i:i + 200_000]) for ids, x, _ in data.chunks() for i in range(0, ids.size, 200_000))
+    for number, (ids, x) in enumerate(pieces):
         truth.update(ids, x)
         if number == 0:
             store.add(ids, x)  # trains the quantizer on this sample
@@ -160,6 +156,10 @@ def measure(kind: str, work: Path) -> None:
     """In a fresh process: load one index, time single queries, report RSS (one JSON line)."""
     queries, truth = np.load(work / "queries.npy"), np.load(work / "truth.npy")
     faiss.omp_set_num_threads(1)
+    for data in work.glob("vectors.*.ivfdata"):  # mapped by nobody yet: its pages leave the page cache
+        fd = os.open(data, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
     if kind == "memory":
         index = faiss.read_index(str(work / "memory.index"))
         estimate = index.ntotal * (4 * DIM + 8) / 1e6
@@ -184,10 +184,6 @@ def measure(kind: str, work: Path) -> None:
 
     result = {}
     if kind == "ondisk":
-        for data in work.glob("vectors.*.ivfdata"):
-            fd = os.open(data, os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # this file's pages leave the page cache
-            os.close(fd)
         result["cold"] = run()
     result["warm"] = run()
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)

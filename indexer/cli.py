@@ -134,9 +134,10 @@ def stats(index_dir, as_json):
         catalog, store = open_existing(index_dir)
     except (IndexNotFoundError, CatalogUnavailableError) as exc:
         fail(str(exc))
+    data_files = [vectors_path(index_dir)] + sorted(Path(index_dir).glob("vectors.*.ivfdata"))
     with catalog:
         info = {**catalog.stats(), "vectors": store.info(), "config": catalog.get_config(),
-                "bytes_on_disk": vectors_path(index_dir).stat().st_size}
+                "bytes_on_disk": sum(f.stat().st_size for f in data_files)}
     if as_json:
         click.echo(json.dumps(info, default=str))
         return
@@ -146,6 +147,8 @@ def stats(index_dir, as_json):
     click.echo(f"regions   {info['regions']} ({levels['whole']} whole, {levels['part']} part, {levels['subpart']} subpart)")
     whitened = f" (PCA-whitened from {info['config']['descriptor_dim']})" if info["config"].get("whitening") else ""
     click.echo(f"vectors   {vectors['size']} x {vectors['dim']}{whitened}, {vectors['kind']} index, "
-               f"{info['bytes_on_disk'] / 1e6:.1f} MB on disk")
+               f"{info['bytes_on_disk'] / 1e6:.1f} MB on disk"
+               + (f" (memory-mapped), {vectors['bytes_estimate'] / 1e6:.1f} MB resident"
+                  if vectors["disk_bytes_estimate"] else ""))
     click.echo(f"backbone  {info['config']['backbone']} ({info['config']['descriptor']}); "
                f"regions from {info['config']['region_source']}")

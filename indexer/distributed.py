@@ -100,7 +100,10 @@ def build_index_ray(
         sink = _ShardSink(store, index_dir, shard_images, train_sample, len(states))
         with tqdm(total=len(states), unit="img", disable=not show_progress) as bar:
             for described in _described(ray, list(states), parts, actors, gpus_per_actor, batch_size):
-                record_image(build.catalog, store, sink, summary, changes, states[described.path], described)
+                state = states.pop(described.path, None)
+                if state is None:  # a batch retried after its actor died, delivered twice
+                    continue
+                record_image(build.catalog, store, sink, summary, changes, state, described)
                 sink.image_done()
                 bar.update()
         sink.close()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -126,13 +127,24 @@ def test_a_multi_node_cluster_needs_postgresql():
     distributed._check_cluster(TwoNodes, "postgresql+psycopg://u@/db")
 
 
-def test_a_build_without_ray_never_imports_it(tmp_path, instance_folder):
+def test_a_build_without_ray_never_imports_it(tmp_path, instance_folder, instance_scenes, offline_backbone):
+    """Also the single-process on-disk build through the command line: its --json summary alone on stdout
+    (faiss prints when it grows a lists file), its index searched as any other."""
     folder, truth = instance_folder
-    code = ("import sys; from click.testing import CliRunner; from retrieval.cli import app; "
-            f"r = CliRunner().invoke(app, ['index', 'build', {str(folder)!r}, '--index', {str(tmp_path / 'i')!r}, "
-            f"'--regions', {str(truth)!r}, '--device', 'cpu', '--json']); "
-            "assert r.exit_code == 0, r.output; print('ray' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    code = ("import atexit, runpy, sys; atexit.register(lambda: print('ray' in sys.modules, file=sys.stderr)); "
+            "runpy.run_module('retrieval.cli', run_name='__main__')")
+    command = [sys.executable, "-c", code, "index", "build", str(folder), "--index", str(tmp_path / "index"),
+               "--regions", str(truth), "--device", "cpu", "--index-type", "ondisk", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == "False"
+    assert done.stderr.strip().splitlines()[-1] == "False"  # ray was never imported
+    assert json.loads(done.stdout)["added"] == 8
+    assert len(list((tmp_path / "index").glob("vectors.*.ivfdata"))) == 1
+    stats = CliRunner().invoke(app, ["index", "stats", str(tmp_path / "index")])
+    assert stats.exit_code == 0 and "ondisk index" in stats.output and "(memory-mapped)" in stats.output
+    searcher = Searcher(tmp_path / "index", backbone=offline_backbone)
+    assert searcher.store.kind == "ondisk"
+    with Catalog(catalog_url(tmp_path / "index")) as catalog:
+        np.testing.assert_array_equal(searcher.store.ids(), catalog.region_ids())
+    top = searcher.search(folder / "scene_03.png", box=instance_scenes[3].boxes[0], k=1)[0]
+    assert top.path.endswith("scene_03.png") and top.score > 0.99
