@@ -78,6 +78,7 @@ def bench_build(n_images: int, work: Path) -> None:
           f"{single_s:.1f} s = {n_images / single_s:.2f} images/s ({single.regions / n_images:.1f} regions/image)")
 
     start = time.perf_counter()
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # bind to 127.0.0.1, not the machine's address
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     started = time.perf_counter() - start

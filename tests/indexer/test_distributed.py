@@ -20,16 +20,28 @@ from retrieval.searcher import Searcher
 from tests.indexer.test_build import _catalog_dump
 
 ROOT = Path(__file__).resolve().parents[2]
+LOOPBACK = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray cluster of 2 CPUs on 127.0.0.1, no dashboard; shut down after the module."""
-    ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    yield ray
-    ray.shutdown()
+    # Ray binds to the machine's address unless told, before it is imported, that this is a laptop-style
+    # cluster: then to 127.0.0.1
+    previous = os.environ.get(LOOPBACK)
+    os.environ[LOOPBACK] = "0"
+    try:
+        ray = pytest.importorskip("ray")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+        assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+        yield ray
+    finally:
+        ray.shutdown()
+        if previous is None:
+            os.environ.pop(LOOPBACK, None)
+        else:
+            os.environ[LOOPBACK] = previous
 
 
 def coco_parts(truth: str):
