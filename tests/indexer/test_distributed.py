@@ -1,6 +1,7 @@
 """`hassod index build --ray` (indexer/distributed.py) on a local 2-CPU Ray cluster started by the tests."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -53,9 +54,26 @@ def coco_parts(truth: str):
     return CocoRegions(truth), RegionDescriber(build_backbone("efficientnet_lite0", device="cpu"))
 
 
-def _ray_build(folder: Path, truth: Path, index_dir: Path, **kwargs):
-    import functools
+class _DiesOnce:
+    """A region source whose first call kills its actor's process (once per marker file)."""
 
+    def __init__(self, source, marker: str):
+        self.source, self.marker = source, Path(marker)
+        self.identity, self.query_settings = source.identity, source.query_settings
+
+    def regions(self, paths):
+        if not self.marker.exists() and self.marker.parent.exists():
+            self.marker.touch()
+            os._exit(1)  # the actor dies mid-batch, as on a lost node
+        return self.source.regions(paths)
+
+
+def dying_parts(truth: str, marker: str):
+    source, describer = coco_parts(truth)
+    return _DiesOnce(source, marker), describer
+
+
+def _ray_build(folder: Path, truth: Path, index_dir: Path, **kwargs):
     return distributed.build_index_ray(sorted(folder.glob("*.png")), index_dir, functools.partial(coco_parts, str(truth)),
                                        actors=2, show_progress=False, **kwargs)
 
@@ -71,12 +89,12 @@ def _top(searcher: Searcher, scenes, folder: Path) -> list[list[tuple]]:
 
 
 def test_ray_build_matches_a_single_process_build(tmp_path, ray_cluster, instance_folder, instance_scenes,
-                                                  offline_backbone):
+                                                  offline_backbone, postgres_url):
     folder, truth = instance_folder
     local = build_index(sorted(folder.glob("*.png")), tmp_path / "local", *coco_parts(str(truth)),
                         index_type="flat", show_progress=False)
-    # shards of 3 images after a 30-vector training sample, merged at the end
-    summary = _ray_build(folder, truth, tmp_path / "ray", shard_images=3, train_sample=30)
+    # catalog on PostgreSQL; shards of 3 images after a 30-vector training sample, merged at the end
+    summary = _ray_build(folder, truth, tmp_path / "ray", db_url=postgres_url, shard_images=3, train_sample=30)
     assert summary.added == local.added == 8 and summary.regions == local.regions
     assert _catalog_dump(catalog_url(tmp_path / "ray")) == _catalog_dump(catalog_url(tmp_path / "local"))
     ray_search = Searcher(tmp_path / "ray", backbone=offline_backbone)
@@ -88,7 +106,7 @@ def test_ray_build_matches_a_single_process_build(tmp_path, ray_cluster, instanc
                                                              instance_scenes, folder)
 
 
-def test_an_interrupted_ray_build_resumes_without_duplicates(tmp_path, ray_cluster, instance_folder, instance_scenes,
+def test_an_interrupted_ray_build_resumes_without_duplicates_despite_a_killed_actor(tmp_path, ray_cluster, instance_folder, instance_scenes,
                                                              monkeypatch):
     folder, truth = instance_folder
     index_dir = tmp_path / "index"
@@ -109,7 +127,12 @@ def test_an_interrupted_ray_build_resumes_without_duplicates(tmp_path, ray_clust
     with Catalog(catalog_url(index_dir)) as catalog:
         assert len(catalog.images()) == 6
 
-    summary = _ray_build(folder, truth, index_dir, shard_images=2, train_sample=10)
+    # the re-run loses an actor too (its process dies mid-batch): Ray replaces it and retries the batch
+    marker = tmp_path / "died"
+    summary = distributed.build_index_ray(sorted(folder.glob("*.png")), index_dir,
+                                          functools.partial(dying_parts, str(truth), str(marker)), actors=2,
+                                          show_progress=False, shard_images=2, train_sample=10)
+    assert marker.exists()
     assert summary.added == 2 and summary.unchanged + summary.updated == 6
     assert not list((index_dir / "shards").glob("*"))
     with Catalog(catalog_url(index_dir)) as catalog:
@@ -160,3 +183,4 @@ def test_a_build_without_ray_never_imports_it(tmp_path, instance_folder, instanc
         np.testing.assert_array_equal(searcher.store.ids(), catalog.region_ids())
     top = searcher.search(folder / "scene_03.png", box=instance_scenes[3].boxes[0], k=1)[0]
     assert top.path.endswith("scene_03.png") and top.score > 0.99
+
