@@ -74,6 +74,7 @@ def build_index_ray(
     """
     try:
         import ray
+        import ray.data
     except ImportError:
         raise DistributedBuildError("--ray needs Ray: pip install 'hassod[ray]'") from None
 
@@ -85,6 +86,9 @@ def build_index_ray(
     resources = ray.cluster_resources()
     if gpus_per_actor is None:
         gpus_per_actor = 1 if resources.get("GPU", 0) >= 1 else 0
+    if gpus_per_actor > resources.get("GPU", 0):
+        raise DistributedBuildError(f"--gpus-per-actor {gpus_per_actor:g}: the Ray cluster has "
+                                    f"{resources.get('GPU', 0):g} GPUs")
     if actors is None:
         actors = max(1, int(resources.get("GPU", 0) // gpus_per_actor) if gpus_per_actor
                      else int(resources.get("CPU", 1)))
