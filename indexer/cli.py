@@ -45,9 +45,12 @@ def index() -> None:
                    "writes an ondisk index.")
 @click.option("--actors", type=click.IntRange(min=1), help="With --ray: actors [one per GPU, else one per CPU].")
 @click.option("--gpus-per-actor", type=click.FloatRange(min=0), help="With --ray: GPUs per actor [1 with GPUs, else 0].")
+@click.option("--train-sample", type=click.IntRange(min=1),
+              help="With --ray: vectors the IVF quantizer of a new index is trained on [50000; ~40 per list wanted].")
+@click.option("--shard-images", type=click.IntRange(min=1), help="With --ray: images per vector shard [1000].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def build(images, index_dir, detector, use, regions_json, db_url, backbone, weights, index_type, whiten, whiten_dim, device,
-          workers, batch_size, max_pixels, ray_address, actors, gpus_per_actor, as_json):
+          workers, batch_size, max_pixels, ray_address, actors, gpus_per_actor, train_sample, shard_images, as_json):
     """Index every whole, part and subpart region of IMAGES (files or folders); re-runs update it."""
     from hassod.features import WeightsFormatError, WeightsNotFoundError
     from hassod.discover.coco import progress_path
@@ -67,8 +70,8 @@ def build(images, index_dir, detector, use, regions_json, db_url, backbone, weig
     paths = list_images(images, exclude=[index_dir, regions_json, regions_log])
     if not paths:
         fail(f"no files found in {', '.join(map(str, images))}")
-    if ray_address is None and (actors or gpus_per_actor is not None):
-        fail("--actors and --gpus-per-actor go with --ray ADDRESS")
+    if ray_address is None and (actors or gpus_per_actor is not None or train_sample or shard_images):
+        fail("--actors, --gpus-per-actor, --train-sample and --shard-images go with --ray ADDRESS")
     if ray_address is not None and (whiten or whiten_dim or index_type not in ("auto", "ondisk")):
         fail("a --ray build writes an ondisk index without whitening: leave out --whiten, --whiten-dim, --index-type")
     parts = functools.partial(region_parts, backbone=backbone, weights=weights, device=device, detector=detector,
@@ -78,10 +81,12 @@ def build(images, index_dir, detector, use, regions_json, db_url, backbone, weig
         if ray_address is not None:
             from .distributed import DistributedBuildError, build_index_ray
 
+            sizes = {"train_sample": train_sample, "shard_images": shard_images}
             try:
                 summary = build_index_ray(paths, index_dir, functools.partial(parts, workers=1), address=ray_address,
                                           actors=actors, gpus_per_actor=gpus_per_actor, db_url=db_url,
-                                          roots=images, show_progress=not as_json)
+                                          roots=images, show_progress=not as_json,
+                                          **{k: v for k, v in sizes.items() if v is not None})
             except DistributedBuildError as exc:
                 fail(str(exc))
         else:

@@ -17,7 +17,7 @@ from retrieval.cli import app
     (["--index-type", "bogus"], "index type 'bogus' is neither one of auto, flat, ivf, ivfsq, ivfpq, hnsw, pqfs, "
                                 "ondisk nor a faiss factory string (could not parse index string bogus)"),
     (["--index-type", "Flat"], "factory string 'Flat' must describe an IVF index"),
-    (["--actors", "2"], "--actors and --gpus-per-actor go with --ray ADDRESS"),
+    (["--actors", "2"], "--actors, --gpus-per-actor, --train-sample and --shard-images go with --ray ADDRESS"),
     (["--ray", "auto", "--whiten"], "a --ray build writes an ondisk index without whitening"),
 ])
 def test_refused_before_anything_is_written(tmp_path, coco128_images, option, message):

@@ -145,7 +145,8 @@ def test_an_interrupted_ray_build_resumes_without_duplicates_despite_a_killed_ac
     np.testing.assert_array_equal(stored.ids(), region_ids)  # every region once, with its vector
     # through the command line, on the running cluster: nothing left to do
     result = CliRunner().invoke(app, ["index", "build", str(folder), "--index", str(index_dir), "--regions", str(truth),
-                                      "--device", "cpu", "--ray", "auto", "--actors", "2", "--json"])
+                                      "--device", "cpu", "--ray", "auto", "--actors", "2", "--shard-images", "2",
+                                      "--train-sample", "10", "--json"])
     assert result.exit_code == 0, result.output
     again = json.loads(result.stdout)
     assert again["unchanged"] == 8 and again["added"] == again["updated"] == 0
