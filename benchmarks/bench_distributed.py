@@ -126,7 +126,9 @@ def bench_search(n: int, work: Path) -> None:
         shards.append(work / f"shard{number}.index")
         faiss.write_index(shard, str(shards[-1]))
         del shard
+    merge_start = time.perf_counter()
     store.merge_shards(shards, work)
+    merge_s = time.perf_counter() - merge_start
     store.calibrate()
     store.save(work / "vectors.faiss")
     build_s = time.perf_counter() - start
@@ -136,7 +138,9 @@ def bench_search(n: int, work: Path) -> None:
     faiss.extract_index_ivf(memory).nprobe = nprobe
     faiss.write_index(memory, str(work / "memory.index"))
     del memory, store
-    print(f"{n} vectors x {DIM}: ondisk built from shards in {build_s:.0f} s; nlist "
+    size = sum(f.stat().st_size for f in work.glob("vectors.*.ivfdata"))
+    print(f"{n} vectors x {DIM}: ondisk built from shards in {build_s:.0f} s (merge of {len(shards)} shards into "
+          f"{size / 1e9:.2f} GB: {merge_s:.1f} s = {size / 1e6 / merge_s:.0f} MB/s written); nlist "
           f"{int(round(np.sqrt(n)))}, calibrated nprobe {nprobe}")
     np.save(work / "queries.npy", queries)
     np.save(work / "truth.npy", truth.ids)
@@ -148,7 +152,7 @@ def bench_search(n: int, work: Path) -> None:
             if phase in result:
                 r = result[phase]
                 print(f"{kind:7s} {phase}: p50 {r['p50']:.2f} ms  p95 {r['p95']:.2f} ms  recall@10 {r['recall']:.3f}")
-        print(f"{kind:7s} resident: {result['anon_mb']:.0f} MB anonymous + {result['file_mb']:.0f} MB file-backed "
+        print(f"{kind:7s} loaded in {result['load_s']:.2f} s; resident: {result['anon_mb']:.0f} MB anonymous + {result['file_mb']:.0f} MB file-backed "
               f"after the queries (estimate {result['estimate_mb']:.0f} MB resident, "
               f"{result['disk_mb']:.0f} MB on disk)")
 
@@ -161,6 +165,7 @@ def measure(kind: str, work: Path) -> None:
         fd = os.open(data, os.O_RDONLY)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
+    start = time.perf_counter()
     if kind == "memory":
         index = faiss.read_index(str(work / "memory.index"))
         estimate = index.ntotal * (4 * DIM + 8) / 1e6
@@ -170,6 +175,7 @@ def measure(kind: str, work: Path) -> None:
         index = store._index
         info = store.info()
         estimate, disk = info["bytes_estimate"] / 1e6, info["disk_bytes_estimate"] / 1e6
+    load_s = time.perf_counter() - start
     ivf = faiss.extract_index_ivf(index)
     params = ivf_params(ivf, ivf.nprobe)
 
@@ -189,7 +195,7 @@ def measure(kind: str, work: Path) -> None:
     result["warm"] = run()
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
     kb = lambda key: int(status[key].split()[0]) / 1024  # noqa: E731
-    result.update(anon_mb=kb("RssAnon"), file_mb=kb("RssFile"), estimate_mb=estimate, disk_mb=disk)
+    result.update(anon_mb=kb("RssAnon"), file_mb=kb("RssFile"), estimate_mb=estimate, disk_mb=disk, load_s=load_s)
     print(json.dumps(result))
 
 

@@ -62,14 +62,11 @@ class OnDiskKind(IVFKind):
 
     def persist(self, index: faiss.Index, path: Path) -> None:
         lists = on_disk_lists(index)
-        if lists is None:
-            if index.ntotal:  # first save: the lists leave memory
-                with _quiet():
-                    _move_lists(index, _new_file(path.parent, path.stem))
+        if lists is None:  # first save: the lists leave memory
+            _move_lists(index, _new_file(path.parent, path.stem))
             return
         if Path(lists.filename).parent != path.parent:  # saved into another folder: it gets its own copy
-            with _quiet():
-                _move_lists(index, _new_file(path.parent, path.stem))
+            _move_lists(index, _new_file(path.parent, path.stem))
         elif not lists.read_only:
             _fsync(lists.filename)
 
@@ -127,17 +124,9 @@ def merge_shards(index: faiss.Index, shard_fnames: Sequence[str | os.PathLike], 
     merging from an on-disk index read back from a file, so they are passed as they are mapped here).
     """
     shards = [faiss.read_index(str(f), faiss.IO_FLAG_MMAP) for f in shard_fnames]  # kept alive while merged
-    sources = faiss.InvertedListsPtrVector()
-    for lists in [faiss.extract_index_ivf(index).invlists] + [faiss.extract_index_ivf(s).invlists for s in shards]:
-        sources.push_back(lists)
     merged = trained_empty(index)
-    ivf = faiss.extract_index_ivf(merged)
-    with _quiet():
-        target = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(_new_file(directory, stem)))
-        merged.ntotal = ivf.ntotal = target.merge_from_multiple(sources.data(), sources.size(), False)
-    target.prefetch_nthread = _PREFETCH_THREADS
-    ivf.replace_invlists(target, True)
-    target.this.disown()  # owned by the index now
+    _replace_lists(merged, [faiss.extract_index_ivf(i).invlists for i in [index] + shards],
+                   _new_file(directory, stem))
     return merged
 
 
@@ -152,14 +141,27 @@ def _writable(index: faiss.Index) -> None:
 
 def _move_lists(index: faiss.Index, target: Path) -> None:
     """Copy the lists of ``index`` into a new file ``target`` (compacted) and use them from there."""
+    _replace_lists(index, [faiss.extract_index_ivf(index).invlists], target)
+
+
+def _replace_lists(index: faiss.Index, sources: list[faiss.InvertedLists], target: Path) -> None:
+    """Give ``index`` new lists in the file ``target``: the entries of ``sources``, list by list."""
     ivf = faiss.extract_index_ivf(index)
-    copy = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(target))
-    sources = faiss.InvertedListsPtrVector()
-    sources.push_back(ivf.invlists)
-    copy.merge_from_multiple(sources.data(), sources.size(), False)
-    copy.prefetch_nthread = _PREFETCH_THREADS
-    ivf.replace_invlists(copy, True)
-    copy.this.disown()  # owned by the index now
+    with _quiet():
+        lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(target))
+        if sum(source.compute_ntotal() for source in sources):
+            inputs = faiss.InvertedListsPtrVector()
+            for source in sources:
+                inputs.push_back(source)
+            lists.merge_from_multiple(inputs.data(), inputs.size(), False)
+        else:  # faiss cannot map an empty file: one slot, left empty
+            lists.resize(0, 1)
+            lists.resize(0, 0)
+    lists.prefetch_nthread = _PREFETCH_THREADS
+    ntotal = lists.compute_ntotal()
+    ivf.replace_invlists(lists, True)  # deletes the lists it owned (sources[0] when moving)
+    lists.this.disown()  # owned by the index now
+    index.ntotal = ivf.ntotal = ntotal
 
 
 def _new_file(directory: Path, stem: str) -> Path:

@@ -107,3 +107,17 @@ def test_shards_merge_into_the_on_disk_lists(tmp_path, clustered, flat):  # noqa
     ivf = faiss.extract_index_ivf(loaded._index)
     ivf.nprobe = ivf.nlist
     np.testing.assert_array_equal(loaded._index.search(queries, 10)[1], truth)
+
+
+def test_an_emptied_store_saves_loads_and_fills_again(tmp_path, clustered):  # noqa: F811
+    ids, vectors, _, queries = clustered
+    store = filled_store("ondisk", ids[:3000], vectors[:3000])
+    store.remove(ids[:3000])  # before its first save: the lists leave memory empty
+    path = tmp_path / "vectors.faiss"
+    store.save(path)
+    loaded = VectorStore.load(path)
+    assert len(loaded) == 0 and (loaded.search(queries[:2], 3)[1] == -1).all()
+    loaded.add(ids[:3000], vectors[:3000])
+    loaded.remove(ids[:3000])  # emptied on disk this time
+    loaded.save(path)
+    assert len(VectorStore.load(path)) == 0 and len(_ivfdata(tmp_path)) == 1
