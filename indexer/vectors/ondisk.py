@@ -34,8 +34,8 @@ from .planning import IndexPlan, VectorStoreSettings
 
 log = logging.getLogger(__name__)
 
-# faiss starts this many threads per search to read the probed lists ahead (default 32): they cost 2.5 ms per
-# single query and gained nothing even with the file's pages dropped (docs/benchmarks.md, "On-disk index").
+# faiss starts this many threads per search to read the probed lists ahead (default 32): they cost more than
+# they saved, warm or cold (docs/benchmarks.md, "On-disk index").
 _PREFETCH_THREADS = 0
 _MADV_NORMAL, _MADV_RANDOM = 0, 1  # Linux
 
@@ -178,8 +178,8 @@ def _fsync(filename: str) -> None:
 
 
 def _advise(lists: faiss.OnDiskInvertedLists, advice: int) -> None:
-    """madvise the mapping. Loading the ids with the kernel's read-around mapped most of the file (1.6 GB of
-    1.7 GB at 1M vectors), searching without it read lists a page at a time (docs/benchmarks.md, "On-disk index")."""
+    """madvise the mapping: with the kernel's read-around, loading the ids maps most of the file; without it,
+    searches read lists a page at a time (docs/benchmarks.md, "On-disk index")."""
     if lists.totsize:
         ctypes.CDLL(None).madvise(ctypes.c_void_p(int(lists.ptr)), ctypes.c_size_t(lists.totsize), advice)
 
