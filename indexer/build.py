@@ -16,6 +16,7 @@ every vector of an index lives in the same space as the queries.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -146,10 +147,59 @@ def build_index(
     validate_index_type(index_type, describer.dim)  # before anything is written
     if whitening is not None and whitening.dim is not None and whitening.dim > describer.dim:
         raise WhiteningError(f"cannot whiten to {whitening.dim} dimensions: the descriptor has {describer.dim}")
+    summary = BuildSummary()
+    with open_build(index_dir, source, describer, db_url, index_type, whitening) as build:
+        catalog, store = build.catalog, build.store
+        summary.rebuilt_vectors = build.rebuilt_vectors
+        sink = _VectorSink(store, build.whitening, build.learned, whitening_path(index_dir))
+        changes = _changes(catalog, store, paths, roots, summary)
+        states_by_path = {s.path: s for s in changes.todo}
+        with tqdm(total=len(changes.todo), unit="img", disable=not show_progress) as bar:
+            results = _timed(source.regions(list(states_by_path)), timings, "regions")
+            for done, result in enumerate(results, start=1):
+                began = time.perf_counter()
+                described = describe_image(describer, result)
+                described_at = time.perf_counter()
+                timings["describe"] = timings.get("describe", 0.0) + described_at - began
+                record_image(catalog, store, sink, summary, changes, states_by_path[result.path], described)
+                timings["store"] = timings.get("store", 0.0) + time.perf_counter() - described_at
+                bar.update()
+                if done % save_every == 0:
+                    store.save(vectors_path(index_dir))
+        sink.flush()
+        build.finish()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+@dataclass
+class OpenBuild:
+    """An index opened for a build (``open_build``): its catalog, vectors and configuration."""
+
+    index_dir: Path
+    catalog: Catalog
+    store: VectorStore
+    config: dict
+    owner: str | None  # the index id stored in a catalog living elsewhere (layout.claim_catalog)
+    whitening: WhiteningSettings | None
+    learned: PCAWhitening | None
+    rebuilt_vectors: bool = False  # the vectors file was damaged: set aside, the store starts empty
+
+    def finish(self) -> None:
+        """Record the configuration (first build) and save the vectors."""
+        if self.catalog.get_config() is None:
+            self.catalog.set_config(self.config if self.owner is None else {**self.config, "index_id": self.owner})
+        self.store.save(vectors_path(self.index_dir))
+
+
+@contextlib.contextmanager
+def open_build(index_dir: Path, source: RegionSource, describer: RegionDescriber, db_url: str | None,
+               index_type: str, whitening: WhiteningSettings | None = None) -> Iterator[OpenBuild]:
+    """Open the index for a build: catalog claimed, build lock held, configuration checked, vectors loaded
+    and reconciled with the catalog."""
     index_dir = Path(index_dir)
     if not db_url:
         index_dir.mkdir(parents=True, exist_ok=True)  # the SQLite catalog lives inside
-    summary = BuildSummary()
     with Catalog(catalog_url(index_dir, db_url)) as catalog:
         owner = claim_catalog(index_dir, catalog, db_url)
         with exclusive_build(index_dir):  # one build at a time: see exclusive_build
@@ -158,53 +208,41 @@ def build_index(
             config = index_config(describer, source, whitening)
             _check_config(catalog, config)
             dim = describer.dim if whitening is None else config["whitening"]["dim"]
-            store = _open_vectors(index_dir, dim, index_type, summary)
+            store, rebuilt = _open_vectors(index_dir, dim, index_type)
             _reconcile(catalog, store)
-            sink = _VectorSink(store, whitening, learned, whitening_path(index_dir))
+            yield OpenBuild(index_dir, catalog, store, config, owner, whitening, learned, rebuilt)
 
-            states, unusable = _file_states(paths)
-            summary.errors += unusable
-            current = {s.path for s in states}
-            known = {record.path: record for record in catalog.images()}
-            listed = _within(roots)
-            gone = [path for path in known if path not in current and listed(path)]
-            store.remove(np.asarray(catalog.delete_images(gone), dtype=np.int64))
-            summary.removed = len(gone)
-            by_image = catalog.region_ids_by_image()
-            todo, hashes = [], {}
-            for state in states:
-                record = known.get(state.path)
-                if record is not None and _unchanged(record, state, by_image.get(state.path), store, hashes):
-                    summary.unchanged += 1
-                else:
-                    todo.append(state)
 
-            states_by_path = {s.path: s for s in todo}
-            with tqdm(total=len(todo), unit="img", disable=not show_progress) as bar:
-                results = _timed(source.regions([s.path for s in todo]), timings, "regions")
-                for done, result in enumerate(results, start=1):
-                    state = states_by_path[result.path]
-                    old = by_image.get(result.path, np.zeros(0, np.int64))
-                    content_hash = hashes.get(result.path) or _hash(result.path)
-                    if result.path in known:
-                        summary.updated += 1
-                    else:
-                        summary.added += 1
-                    if result.error is not None:
-                        catalog.record_error(result.path, content_hash, state.size, state.mtime, result.error)
-                        summary.errors.append((result.path, result.error))
-                    else:
-                        summary.regions += _store_image(catalog, sink, describer, result, state, content_hash, timings)
-                    store.remove(old)
-                    bar.update()
-                    if done % save_every == 0:
-                        store.save(vectors_path(index_dir))
-            sink.flush()
-            if catalog.get_config() is None:
-                catalog.set_config(config if owner is None else {**config, "index_id": owner})
-            store.save(vectors_path(index_dir))
-    summary.seconds = time.perf_counter() - start
-    return summary
+@dataclass
+class _Changes:
+    """What a build must do: the files to (re)index; the indexed images and their region ids by path; the
+    content hashes computed on the way."""
+
+    todo: list[_FileState]
+    known: dict[str, ImageRecord]
+    by_image: dict[str, np.ndarray]
+    hashes: dict[str, str]
+
+
+def _changes(catalog: Catalog, store: VectorStore, paths: Sequence[Path], roots, summary: BuildSummary) -> _Changes:
+    """Drop the images that vanished from ``roots`` and list what is left to do."""
+    states, unusable = _file_states(paths)
+    summary.errors += unusable
+    current = {s.path for s in states}
+    known = {record.path: record for record in catalog.images()}
+    listed = _within(roots)
+    gone = [path for path in known if path not in current and listed(path)]
+    store.remove(np.asarray(catalog.delete_images(gone), dtype=np.int64))
+    summary.removed = len(gone)
+    by_image = catalog.region_ids_by_image()
+    todo, hashes = [], {}
+    for state in states:
+        record = known.get(state.path)
+        if record is not None and _unchanged(record, state, by_image.get(state.path), store, hashes):
+            summary.unchanged += 1
+        else:
+            todo.append(state)
+    return _Changes(todo, known, by_image, hashes)
 
 
 def _check_config(catalog: Catalog, config: dict) -> None:
@@ -266,7 +304,8 @@ def _resolve_whitening(requested: WhiteningSettings | None, learned: PCAWhitenin
     return WhiteningSettings(dim=learned.dim_out, shrinkage=learned.shrinkage)
 
 
-def _open_vectors(index_dir: Path, dim: int, index_type: str, summary: BuildSummary) -> VectorStore:
+def _open_vectors(index_dir: Path, dim: int, index_type: str) -> tuple[VectorStore, bool]:
+    """The index's vector store, or a new one; True when a damaged file was set aside for it."""
     path = vectors_path(index_dir)
     if path.exists():
         try:
@@ -275,11 +314,10 @@ def _open_vectors(index_dir: Path, dim: int, index_type: str, summary: BuildSumm
             # The catalog still knows every image and region: with an empty store each image counts as
             # not indexed (its regions have no vectors) and is described again. The damaged file is kept.
             os.replace(path, path.with_name(path.name + ".damaged"))
-            summary.rebuilt_vectors = True
-            return VectorStore.create(dim, index_type)
+            return VectorStore.create(dim, index_type), True
         if store.dim == dim or len(store):  # an empty store of another size is a killed first build's
-            return store
-    return VectorStore.create(dim, index_type)
+            return store, False
+    return VectorStore.create(dim, index_type), False
 
 
 class _VectorSink:
@@ -399,33 +437,56 @@ def _unchanged(
     return hashes[state.path] == record.content_hash and record.status == "ok"
 
 
-def _store_image(
-    catalog: Catalog,
-    sink: _VectorSink,
-    describer: RegionDescriber,
-    result: ImageRegions,
-    state: _FileState,
-    content_hash: str,
-    timings: dict[str, float],
-) -> int:
-    """Describe the regions of one image, commit them to the catalog, add their vectors."""
-    start = time.perf_counter()
+@dataclass
+class DescribedImage:
+    """One file's regions and their descriptors (``vectors`` (n, dim) float32), or why it has none."""
+
+    path: str
+    error: str | None
+    width: int = 0
+    height: int = 0
+    regions: list = field(default_factory=list)
+    vectors: np.ndarray | None = None
+
+
+def describe_image(describer: RegionDescriber, result: ImageRegions) -> DescribedImage:
+    """The descriptors of the regions of one image (the step a Ray actor runs too)."""
+    if result.error is not None:
+        return DescribedImage(result.path, result.error)
     height, width = result.image.shape[:2]
-    regions = result.regions
-    record = ImageRecord(result.path, content_hash, state.size, state.mtime, width, height, n_regions=len(regions))
     vectors = np.zeros((0, describer.dim), np.float32)
-    if regions:
-        boxes = np.asarray([r.box for r in regions], dtype=np.float32)
+    if result.regions:
+        boxes = np.asarray([r.box for r in result.regions], dtype=np.float32)
+        # The search recipe's regions come with the feature map they were found on: one forward per image.
         shared = result.feature_map is not None and result.described_by == describer.name
         fmap = result.feature_map if shared else describer.feature_map([result.image])[0]
-        vectors = describer.describe(fmap, boxes, masks=[r.mask_rle for r in regions])
-    described = time.perf_counter()
-    timings["describe"] = timings.get("describe", 0.0) + described - start
-    new = [NewRegion(r.box, r.score, r.level, r.area, r.mask_rle, r.parent if r.parent >= 0 else None) for r in regions]
-    ids = catalog.replace_image(record, new)
-    sink.add(np.asarray(ids, dtype=np.int64), vectors)
-    timings["store"] = timings.get("store", 0.0) + time.perf_counter() - described
-    return len(ids)
+        vectors = describer.describe(fmap, boxes, masks=[r.mask_rle for r in result.regions])
+    return DescribedImage(result.path, None, width, height, result.regions, vectors)
+
+
+def record_image(catalog: Catalog, store: VectorStore, sink, summary: BuildSummary, changes: _Changes,
+                 state: _FileState, described: DescribedImage) -> None:
+    """Commit one described image to the catalog (its regions get their ids there), hand its vectors to
+    ``sink`` (``add(ids, vectors)``) and drop the vectors of its previous version from ``store``."""
+    old = changes.by_image.get(state.path, np.zeros(0, np.int64))
+    content_hash = changes.hashes.get(state.path) or _hash(state.path)
+    if state.path in changes.known:
+        summary.updated += 1
+    else:
+        summary.added += 1
+    if described.error is not None:
+        catalog.record_error(state.path, content_hash, state.size, state.mtime, described.error)
+        summary.errors.append((state.path, described.error))
+    else:
+        regions = described.regions
+        record = ImageRecord(state.path, content_hash, state.size, state.mtime, described.width, described.height,
+                             n_regions=len(regions))
+        new = [NewRegion(r.box, r.score, r.level, r.area, r.mask_rle, r.parent if r.parent >= 0 else None)
+               for r in regions]
+        ids = catalog.replace_image(record, new)
+        sink.add(np.asarray(ids, dtype=np.int64), described.vectors)
+        summary.regions += len(ids)
+    store.remove(old)
 
 
 def _timed(items: Iterator[ImageRegions], timings: dict[str, float], key: str) -> Iterator[ImageRegions]:

@@ -1,15 +1,20 @@
 """`hassod index build` and `hassod index stats`."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from hassod.console import fail, report
 from hassod.discover import RECIPES
 from hassod.images import DEFAULT_MAX_PIXELS
+
+if TYPE_CHECKING:
+    from hassod.discover.recipes import RegionRecipe
 
 
 @click.group()
@@ -35,7 +40,8 @@ def index() -> None:
 @click.option("--backbone", default="efficientnet_lite0", show_default=True)
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Backbone weight file.")
 @click.option("--index-type", default="auto", show_default=True,
-              help="auto, flat, ivf, ivfsq, ivfpq, hnsw, pqfs (descriptors without neighbourhood structure).")
+              help="auto, flat, ivf, ivfsq, ivfpq, hnsw, pqfs (descriptors without neighbourhood structure), "
+                   "ondisk (inverted lists memory-mapped from the index folder: larger than memory).")
 @click.option("--whiten", is_flag=True,
               help="Learn a PCA-whitening of the descriptors at the first build; later builds and queries reuse it.")
 @click.option("--whiten-dim", type=click.IntRange(min=1),
@@ -44,20 +50,27 @@ def index() -> None:
 @click.option("--workers", default=None, type=click.IntRange(min=1), help="Discovery processes [CPU count].")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1))
+@click.option("--ray", "ray_address", metavar="ADDRESS|auto",
+              help="Compute regions and descriptors on this Ray cluster (pip install 'hassod[ray]'); "
+                   "writes an ondisk index.")
+@click.option("--actors", type=click.IntRange(min=1), help="With --ray: actors [one per GPU, else one per CPU].")
+@click.option("--gpus-per-actor", type=click.FloatRange(min=0), help="With --ray: GPUs per actor [1 with GPUs, else 0].")
+@click.option("--train-sample", type=click.IntRange(min=1),
+              help="With --ray: vectors the IVF quantizer of a new index is trained on [50000; ~40 per list wanted].")
+@click.option("--shard-images", type=click.IntRange(min=1), help="With --ray: images per vector shard [1000].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def build(images, index_dir, detector, use, regions_json, recipe, max_regions, db_url, backbone, weights, index_type,
-          whiten, whiten_dim, device, workers, batch_size, max_pixels, as_json):
+          whiten, whiten_dim, device, workers, batch_size, max_pixels, ray_address, actors, gpus_per_actor,
+          train_sample, shard_images, as_json):
     """Index every whole, part and subpart region of IMAGES (files or folders); re-runs update it."""
-    from hassod.device import resolve_device
     from hassod.discover.coco import progress_path
     from hassod.discover.recipes import RecipeError, recipe_settings
-    from hassod.features import WeightsFormatError, WeightsNotFoundError, build_backbone
+    from hassod.features import WeightsFormatError, WeightsNotFoundError
     from hassod.images import list_images
 
     from .build import IncompatibleSourceError, WhiteningError, WhiteningSettings, build_index, indexed_settings
     from .catalog import CatalogUnavailableError, IncompatibleIndexError
-    from .descriptors import RegionDescriber, default_settings
-    from .regions import CocoRegions, DiscoveryRegions, RegionsFileError, detector_regions
+    from .regions import RegionsFileError
     from .vectors import IndexTypeError
 
     if detector and regions_json:
@@ -71,35 +84,66 @@ def build(images, index_dir, detector, use, regions_json, recipe, max_regions, d
     paths = list_images(images, exclude=[index_dir, regions_json, regions_log])
     if not paths:
         fail(f"no files found in {', '.join(map(str, images))}")
+    if ray_address is None and (actors or gpus_per_actor is not None or train_sample or shard_images):
+        fail("--actors, --gpus-per-actor, --train-sample and --shard-images go with --ray ADDRESS")
+    if ray_address is not None and (whiten or whiten_dim or index_type not in ("auto", "ondisk")):
+        fail("a --ray build writes an ondisk index without whitening: leave out --whiten, --whiten-dim, --index-type")
     try:
-        model = build_backbone(backbone, weights=weights, device=resolve_device(device))
-        if detector:
-            from hassod.model import CheckpointError
+        # Without --recipe an index is updated the way it was built.
+        saved = None if recipe or detector or regions_json else indexed_settings(index_dir, db_url)
+        settings = saved if saved is not None and max_regions is None else recipe_settings(
+            recipe or (saved.recipe if saved else "search"), None, max_regions)
+        parts = functools.partial(region_parts, backbone=backbone, weights=weights, device=device, detector=detector,
+                                  use=use, regions_json=regions_json, recipe=settings, workers=workers,
+                                  batch_size=batch_size, max_pixels=max_pixels)
+        if ray_address is not None:
+            from .distributed import DistributedBuildError, build_index_ray
 
+            sizes = {"train_sample": train_sample, "shard_images": shard_images}
             try:
-                # --batch-size is discovery's: a detected image holds its masks at full size, so the detector
-                # keeps its own (smaller) default.
-                source = detector_regions(detector, device=device, max_pixels=max_pixels, use=use)
-            except CheckpointError as exc:
-                fail(f"--detector {detector}: {exc}")
-        elif regions_json:
-            source = CocoRegions(regions_json, max_pixels=max_pixels)
+                summary = build_index_ray(paths, index_dir, functools.partial(parts, workers=1), address=ray_address,
+                                          actors=actors, gpus_per_actor=gpus_per_actor, db_url=db_url,
+                                          roots=images, show_progress=not as_json,
+                                          **{k: v for k, v in sizes.items() if v is not None})
+            except DistributedBuildError as exc:
+                fail(str(exc))
         else:
-            # Without --recipe an index is updated the way it was built.
-            saved = None if recipe else indexed_settings(index_dir, db_url)
-            settings = saved if saved is not None and max_regions is None else recipe_settings(
-                recipe or (saved.recipe if saved else "search"), None, max_regions)
-            source = DiscoveryRegions(model, settings, workers=workers or os.cpu_count() or 1, batch_size=batch_size,
-                                      max_pixels=max_pixels)
-        describer = RegionDescriber(model, default_settings(model))
-        whitening = WhiteningSettings(dim=whiten_dim) if whiten or whiten_dim else None
-        summary = build_index(paths, index_dir, source, describer, db_url=db_url,
-                              index_type=index_type, show_progress=not as_json, whitening=whitening, roots=images)
+            source, describer = parts()
+            whitening = WhiteningSettings(dim=whiten_dim) if whiten or whiten_dim else None
+            summary = build_index(paths, index_dir, source, describer, db_url=db_url,
+                                  index_type=index_type, show_progress=not as_json, whitening=whitening, roots=images)
     except (WeightsNotFoundError, WeightsFormatError, IncompatibleIndexError, IncompatibleSourceError,
             RegionsFileError, CatalogUnavailableError, IndexTypeError, WhiteningError, RecipeError,
             NotImplementedError) as exc:
         fail(str(exc))
     report(summary, summary.errors, "skipped", as_json)
+
+
+def region_parts(backbone: str, weights: str | None, device: str, detector: str | None, use: str,
+                 regions_json: str | None, recipe: "RegionRecipe", workers: int | None, batch_size: int, max_pixels: int):
+    """The region source and describer a build asks for (in the driver, and in each Ray actor)."""
+    from hassod.device import resolve_device
+    from hassod.features import build_backbone
+
+    from .descriptors import RegionDescriber, default_settings
+    from .regions import CocoRegions, DiscoveryRegions, detector_regions
+
+    model = build_backbone(backbone, weights=weights, device=resolve_device(device))
+    if detector:
+        from hassod.model import CheckpointError
+
+        try:
+            # --batch-size is discovery's: a detected image holds its masks at full size, so the detector
+            # keeps its own (smaller) default.
+            source = detector_regions(detector, device=device, max_pixels=max_pixels, use=use)
+        except CheckpointError as exc:
+            fail(f"--detector {detector}: {exc}")
+    elif regions_json:
+        source = CocoRegions(regions_json, max_pixels=max_pixels)
+    else:
+        source = DiscoveryRegions(model, recipe, workers=workers or os.cpu_count() or 1, batch_size=batch_size,
+                                  max_pixels=max_pixels)
+    return source, RegionDescriber(model, default_settings(model))
 
 
 @index.command()
@@ -114,9 +158,10 @@ def stats(index_dir, as_json):
         catalog, store = open_existing(index_dir)
     except (IndexNotFoundError, CatalogUnavailableError) as exc:
         fail(str(exc))
+    data_files = [vectors_path(index_dir)] + sorted(Path(index_dir).glob("vectors.*.ivfdata"))
     with catalog:
         info = {**catalog.stats(), **_searchable(catalog, store), "vectors": store.info(),
-                "config": catalog.get_config(), "bytes_on_disk": vectors_path(index_dir).stat().st_size}
+                "config": catalog.get_config(), "bytes_on_disk": sum(f.stat().st_size for f in data_files)}
     if as_json:
         click.echo(json.dumps(info, default=str))
         return
@@ -128,7 +173,9 @@ def stats(index_dir, as_json):
                + (f"; {waiting} more without vectors (an interrupted build: run it again)" if waiting else ""))
     whitened = f" (PCA-whitened from {info['config']['descriptor_dim']})" if info["config"].get("whitening") else ""
     click.echo(f"vectors   {vectors['size']} x {vectors['dim']}{whitened}, {vectors['kind']} index, "
-               f"{info['bytes_on_disk'] / 1e6:.1f} MB on disk")
+               f"{info['bytes_on_disk'] / 1e6:.1f} MB on disk"
+               + (f" (memory-mapped), {vectors['bytes_estimate'] / 1e6:.1f} MB resident"
+                  if vectors["disk_bytes_estimate"] else ""))
     click.echo(f"backbone  {info['config']['backbone']} ({info['config']['descriptor']}); "
                f"regions from {info['config']['region_source']}")
 

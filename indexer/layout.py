@@ -1,6 +1,8 @@
 """An index is a directory: the vectors, the catalog (or a pointer to it), and nothing else.
 
 ``DIR/vectors.faiss``   FAISS vectors keyed by region id (indexer.vectors)
+``DIR/vectors.*.ivfdata``  memory-mapped inverted lists of an ``ondisk`` index
+``DIR/shards/``         shard indexes of a Ray build, not merged yet (indexer.distributed)
 ``DIR/catalog.sqlite``  the catalog, unless ``--db URL`` put it elsewhere
 ``DIR/index.json``      ``{"catalog": URL, "index_id": ID}`` when the catalog lives elsewhere
 ``DIR/whitening.npz``   the PCA-whitening of the vectors, when built with one (indexer.whitening)

@@ -3,16 +3,19 @@
 ``VectorStore`` (``store``) is the public face; each index kind is one module
 behind the ``IndexKind`` protocol (``kind``):
 
-========== ==================================================== ==================
+========== ==================================================== ===========================
 kind       FAISS index                                          bytes / vector
-========== ==================================================== ==================
+========== ==================================================== ===========================
 ``flat``   ``IndexIDMap2(IndexFlatIP)``, exact (``flat``)       4·d + 16
 ``ivf``    ``IVF{nlist},Flat`` / ``SQ8`` / ``PQ{m}`` (``ivf``)  4·d + 8 / d + 8 / m + 8
 ``hnsw``   ``IndexIDMap2(HNSW{M},Flat)`` (``hnsw``)             4·d + 8·M + 16
 ``pqfs``   ``IVF{nlist},PQ{m}x4fs`` + fp16 re-rank (``pqfs``)   2·d + m/2 + 56
+``ondisk`` ``IVF{nlist},Flat``, lists mmapped (``ondisk``)        8 resident; 4·d + 8 on disk
 (string)   any IVF factory string, used as given (``ivf``)
-========== ==================================================== ==================
+========== ==================================================== ===========================
 
+``ondisk`` keeps its inverted lists in ``.ivfdata`` files beside the store
+file, for indexes larger than memory, and merges shard indexes into them.
 ``planning`` chooses the kind and its size, ``calibration`` tunes its search
 width, ``ids`` keeps the id bookkeeping. Measurements: docs/benchmarks.md.
 """

@@ -11,11 +11,11 @@ import faiss
 import numpy as np
 
 from .calibration import LeaveOneOut
-from .kind import Chunks, Searcher, Widths, plain_searcher
+from .kind import Chunks, InMemoryKind, Searcher, Widths, plain_searcher
 from .planning import IndexPlan, VectorStoreSettings
 
 
-class FlatKind:
+class FlatKind(InMemoryKind):
     name = "flat"
     exact = True
     removes = True

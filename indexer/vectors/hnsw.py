@@ -14,13 +14,13 @@ import numpy as np
 
 from .calibration import LeaveOneOut, calibrate_width, tuning
 from .flat import idmap_stored
-from .kind import Chunks, Searcher, Widths, plain_searcher
+from .kind import Chunks, InMemoryKind, Searcher, Widths, plain_searcher
 from .planning import IndexPlan, VectorStoreSettings
 
 _EF_SEARCH_VALUES = [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048]
 
 
-class HNSWKind:
+class HNSWKind(InMemoryKind):
     name = "hnsw"
     exact = False
     removes = False

@@ -21,13 +21,13 @@ import numpy as np
 
 from .calibration import LeaveOneOut, calibrate_width, geometric, tuning
 from .ids import ivf_ids
-from .kind import Chunks, Searcher, Widths, omp_threads, plain_searcher
+from .kind import Chunks, InMemoryKind, Searcher, Widths, omp_threads, plain_searcher
 from .planning import IndexPlan, VectorStoreSettings, pq_bytes
 
 log = logging.getLogger(__name__)
 
 
-class IVFKind:
+class IVFKind(InMemoryKind):
     exact = False
     removes = True
     exact_subsets = False

@@ -6,13 +6,16 @@ owns a faiss index: building it, changing it, reading vectors back,
 calibrating its search width and searching it at a given width. Kinds hold
 their settings, not their index: the faiss object, passed to every call, is
 the state. A kind needing training shows it through faiss itself
-(``index.is_trained``).
+(``index.is_trained``). A kind whose data lives in files beside the store file
+(``ondisk``) says so through ``io_flags``, ``persist``, ``committed`` and
+``opened``; ``InMemoryKind`` gives the others those as no-ops.
 """
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import faiss
@@ -87,6 +90,36 @@ class IndexKind(Protocol):
     def needs_rebuild(self, tuning: dict, n: int) -> bool:
         """Whether the kind itself wants a rebuild at ``n`` vectors (growth is the store's concern)."""
         ...
+
+    # files beside the store file (all no-ops for an index held whole in the store file)
+    io_flags: int  # faiss read flags of the store file's index
+
+    def persist(self, index: faiss.Index, path: Path) -> None:
+        """Make the data ``index`` keeps outside the store file ``path`` durable, before that file is written."""
+        ...
+
+    def committed(self, index: faiss.Index, path: Path) -> None:
+        """The store file ``path`` naming ``index``'s files was written: drop files it no longer names."""
+        ...
+
+    def opened(self, index: faiss.Index, path: Path) -> None:
+        """Attach the data files beside ``path`` to ``index``, read from that file with ``io_flags``."""
+        ...
+
+
+class InMemoryKind:
+    """The file hooks of a kind whose index is held whole in the store file."""
+
+    io_flags = 0
+
+    def persist(self, index: faiss.Index, path: Path) -> None:
+        pass
+
+    def committed(self, index: faiss.Index, path: Path) -> None:
+        pass
+
+    def opened(self, index: faiss.Index, path: Path) -> None:
+        pass
 
 
 def plain_searcher(index: faiss.Index, queries: np.ndarray, k: int, params: Callable[[int], faiss.SearchParameters],

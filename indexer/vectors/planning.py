@@ -7,7 +7,9 @@ factory string); ``outgrown`` tells when the collection has grown into another
 plan. ``"auto"`` picks ``flat`` below ``flat_threshold`` vectors, then the most
 accurate of ``ivf``, ``ivfsq``, ``ivfpq`` whose memory (``bytes_per_vector``)
 fits the budget; it never picks ``hnsw`` or ``pqfs``. nlist ≈ 4·√n, capped by
-the training vectors available. How the defaults were chosen:
+the training vectors available. ``ondisk`` is ``ivf`` with its lists in a
+memory-mapped file (resident vs disk bytes: ``bytes_per_vector`` vs
+``estimated_disk_bytes``). How the defaults were chosen:
 docs/benchmarks.md, "Vector store".
 """
 from __future__ import annotations
@@ -19,8 +21,8 @@ from dataclasses import dataclass
 
 import faiss
 
-NAMED_KINDS = ("flat", "ivf", "ivfsq", "ivfpq", "hnsw", "pqfs")
-_IVF_KINDS = ("ivf", "ivfsq", "ivfpq", "pqfs")  # planned with an nlist
+NAMED_KINDS = ("flat", "ivf", "ivfsq", "ivfpq", "hnsw", "pqfs", "ondisk")
+_IVF_KINDS = ("ivf", "ivfsq", "ivfpq", "pqfs", "ondisk")  # planned with an nlist
 _LOSSY_KINDS = ("ivfsq", "ivfpq")  # exact (flat) until ``lossy_min_train`` vectors exist
 _GROWTH_ORDER = ("flat", "ivf", "ivfsq", "ivfpq")  # the order "auto" moves through as n grows
 
@@ -148,7 +150,11 @@ _MEMORY = {
     "hnsw": lambda d, s: 4 * d + 8 * s.hnsw_m + 16,
     # 4-bit codes + id in an IVF list; fp16 copy + IndexIDMap2 id map and reverse hash entry
     "pqfs": lambda d, s: pqfs_m(d, s) // 2 + 8 + 2 * d + 48,
+    # the lists are memory-mapped: only the store's id set stays resident (pages the kernel caches aside)
+    "ondisk": lambda d, s: 8,
 }
+# Bytes per stored vector in files beside the store file.
+_DISK = {"ondisk": lambda d, s: 4 * d + 8}
 
 
 def bytes_per_vector(kind: str, dim: int, settings: VectorStoreSettings) -> int:
@@ -161,6 +167,12 @@ def bytes_per_vector(kind: str, dim: int, settings: VectorStoreSettings) -> int:
 def estimated_bytes(kind: str | None, n: int, dim: int, settings: VectorStoreSettings) -> int | None:
     """Resident bytes of ``n`` vectors of ``kind``; ``None`` for kinds without a memory model (factory strings)."""
     return n * bytes_per_vector(kind, dim, settings) if kind in _MEMORY else None
+
+
+def estimated_disk_bytes(kind: str | None, n: int, dim: int, settings: VectorStoreSettings) -> int:
+    """Bytes of ``n`` vectors of ``kind`` kept in files beside the store file (memory-mapped), 0 for kinds held
+    in memory."""
+    return n * _DISK[kind](dim, settings) if kind in _DISK else 0
 
 
 def choose_kind(n: int, dim: int, settings: VectorStoreSettings) -> str:

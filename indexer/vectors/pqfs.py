@@ -27,7 +27,8 @@ import numpy as np
 from .calibration import CALIBRATION_K, LeaveOneOut, geometric, leave_one_out_recall
 from .ids import sorted_member
 from .ivf import ivf_params, new_ivf, nprobe_values
-from .kind import FAISS_BLAS_THRESHOLD, MAX_THREADS, Chunks, Searcher, Widths, omp_threads, with_selector
+from .kind import (FAISS_BLAS_THRESHOLD, MAX_THREADS, Chunks, InMemoryKind, Searcher, Widths, omp_threads,
+                   with_selector)
 from .planning import IndexPlan, VectorStoreSettings, pqfs_m
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ _SPLIT_MIN_LISTS = 64
 _SPLIT_IMPLEM = 14
 
 
-class PQFastScanKind:
+class PQFastScanKind(InMemoryKind):
     name = "pqfs"
     exact = False
     removes = True

@@ -35,8 +35,9 @@ from .hnsw import HNSWKind
 from .ids import IdFilter, IdSet, as_ids, index_ids, make_filter
 from .ivf import IVFKind, train_ivf
 from .kind import IndexKind, Widths, omp_threads
-from .planning import (IndexPlan, VectorStoreSettings, estimated_bytes, outgrown, plan_index,
-                       validate_index_type)
+from .ondisk import OnDiskKind, merge_shards, trained_empty
+from .planning import (IndexPlan, VectorStoreSettings, estimated_bytes, estimated_disk_bytes, outgrown,
+                       plan_index, validate_index_type)
 from .pqfs import PQFastScanKind
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ KINDS: dict[str, Callable[[VectorStoreSettings], IndexKind]] = {
     "factory": lambda settings: IVFKind(settings, "factory"),
     "hnsw": HNSWKind,
     "pqfs": PQFastScanKind,
+    "ondisk": OnDiskKind,
 }
 _MAGIC = b"HASSODVS"
 _FORMAT_VERSION = 1
@@ -129,6 +131,7 @@ class VectorStore:
                 "nlist": ivf.nlist if ivf is not None else 0,
                 "factory": self._plan.factory if self._plan else None,
                 "bytes_estimate": estimated_bytes(self.kind, len(self), self.dim, self.settings),
+                "disk_bytes_estimate": estimated_disk_bytes(self.kind, len(self), self.dim, self.settings),
                 "gpu": self._use_gpu, **self._tuning}
 
     # ------------------------------------------------------------------ writing
@@ -284,6 +287,32 @@ class VectorStore:
         self._changed()
         return self.info()
 
+    # ------------------------------------------------------------------ shards (on-disk kind)
+    def trained_empty(self) -> faiss.Index:
+        """An empty faiss index with this store's trained quantizer: write shards from it (``merge_shards``).
+        Only for the ``ondisk`` kind."""
+        self._require_ondisk()
+        return trained_empty(self._index)
+
+    def merge_shards(self, shard_fnames: list[str | os.PathLike], directory: Path) -> int:
+        """Merge faiss shard files written from ``trained_empty()`` into this store's on-disk lists, in a new
+        ``.ivfdata`` generation in ``directory`` (the store file's folder). Shard ids must be new. Returns how
+        many vectors were added; ``save`` makes it durable."""
+        self._require_ondisk()
+        shard_ids = [index_ids(faiss.read_index(str(f), faiss.IO_FLAG_MMAP)) for f in shard_fnames]
+        new = np.concatenate([np.empty(0, dtype=np.int64)] + shard_ids)
+        if np.unique(new).size != new.size or self._ids.contains(new).any():
+            raise ValueError("shard ids must be unique and not stored yet")
+        merged = merge_shards(self._index, shard_fnames, Path(directory), "vectors")
+        self._index = merged
+        self._ids.add(new)
+        self._changed()
+        return int(new.size)
+
+    def _require_ondisk(self) -> None:
+        if self.kind != "ondisk":
+            raise ValueError(f"shards are for the ondisk kind, this store is {self.kind}")
+
     # ------------------------------------------------------------------ reading vectors back
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
         """Stored vectors (m, dim) float32 of ``ids`` (decoded, hence approximate, for ivfsq/ivfpq).
@@ -436,6 +465,8 @@ class VectorStore:
             "size": len(self), "tombstones": int(self._tombstones.size),
         }).encode()
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        if self._index is not None:
+            self._kind.persist(self._index, path)  # files the store file will name are on disk first
         try:
             with open(tmp, "wb") as f:
                 f.write(_MAGIC + struct.pack("<Q", len(header)) + header)
@@ -449,6 +480,8 @@ class VectorStore:
             tmp.unlink(missing_ok=True)
             raise
         _fsync_dir(path.parent)
+        if self._index is not None:
+            self._kind.committed(self._index, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, settings: VectorStoreSettings | None = None) -> VectorStore:
@@ -477,12 +510,14 @@ class VectorStore:
             if header["format"] != _FORMAT_VERSION:
                 raise ValueError(f"{path}: unsupported vector store format {header['format']}")
             tombstones = np.frombuffer(f.read(8 * header["tombstones"]), dtype="<i8").astype(np.int64)
-            index = faiss.read_index(faiss.PyCallbackIOReader(f.read)) if header["plan"] else None
-        store = cls(header["dim"], header["index_type"],
-                    settings or VectorStoreSettings(**header["settings"]), header["expected_size"])
+            store = cls(header["dim"], header["index_type"],
+                        settings or VectorStoreSettings(**header["settings"]), header["expected_size"])
+            plan = IndexPlan(**header["plan"]) if header["plan"] else None
+            kind = KINDS[plan.kind](store.settings) if plan else None
+            index = faiss.read_index(faiss.PyCallbackIOReader(f.read), kind.io_flags) if plan else None
         if index is not None:
-            plan = IndexPlan(**header["plan"])
-            store._install(index, plan, KINDS[plan.kind](store.settings), header["tuning"])
+            kind.opened(index, path)
+            store._install(index, plan, kind, header["tuning"])
             store._tombstones = tombstones
             ids = index_ids(index)
             store._ids = IdSet(ids[~np.isin(ids, tombstones)] if tombstones.size else ids)

@@ -14,9 +14,11 @@ from retrieval.cli import app
      "cannot open the catalog at postgresql://someone:***@127.0.0.1:1/nowhere: connection failed"),
     (["--db", "nosuchdb://x"], "cannot open the catalog at nosuchdb://x: Can't load plugin: sqlalchemy.dialects:nosuchdb"),
     (["--db", "not a url"], "cannot open the catalog at not a url: Could not parse SQLAlchemy URL"),
-    (["--index-type", "bogus"], "index type 'bogus' is neither one of auto, flat, ivf, ivfsq, ivfpq, hnsw, pqfs "
-                                "nor a faiss factory string (could not parse index string bogus)"),
+    (["--index-type", "bogus"], "index type 'bogus' is neither one of auto, flat, ivf, ivfsq, ivfpq, hnsw, pqfs, "
+                                "ondisk nor a faiss factory string (could not parse index string bogus)"),
     (["--index-type", "Flat"], "factory string 'Flat' must describe an IVF index"),
+    (["--actors", "2"], "--actors, --gpus-per-actor, --train-sample and --shard-images go with --ray ADDRESS"),
+    (["--ray", "auto", "--whiten"], "a --ray build writes an ondisk index without whitening"),
 ])
 def test_refused_before_anything_is_written(tmp_path, coco128_images, option, message):
     regions = tmp_path / "regions.json"

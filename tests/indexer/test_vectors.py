@@ -141,7 +141,7 @@ def test_dense_ids_bitmap_filter_equals_hash_filter(clustered):
     assert np.isin(store.search(queries, 10, allowed_ids=bitmap)[1], allowed).all()
 
 
-@pytest.mark.parametrize("index_type", ["flat", "ivf", "hnsw", "pqfs"])
+@pytest.mark.parametrize("index_type", ["flat", "ivf", "hnsw", "pqfs", "ondisk"])
 def test_remove(clustered, index_type):
     ids, vectors, _, queries = clustered
     ids, vectors = ids[:5000], vectors[:5000]
