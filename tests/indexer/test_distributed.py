@@ -59,7 +59,7 @@ class _DiesOnce:
 
     def __init__(self, source, marker: str):
         self.source, self.marker = source, Path(marker)
-        self.identity, self.query_settings = source.identity, source.query_settings
+        self.identity, self.query_settings, self.recipe = source.identity, source.query_settings, source.recipe
 
     def regions(self, paths):
         if not self.marker.exists() and self.marker.parent.exists():
