@@ -1,4 +1,4 @@
-"""Finding and reading backbone weight files (DESIGN.md §3).
+"""Finding and reading backbone weight files (docs/design.md §3).
 
 A backbone's weights come from, in order: an explicit path given by the user;
 the model hub (through ``huggingface_hub``, which is what timm uses) when the

@@ -26,7 +26,8 @@ from skimage import draw
 
 from hassod.synthetic import save_scenes
 from indexer.build import build_index
-from indexer.catalog import LEVEL_NAMES, Catalog, RegionRecord
+from hassod.runs import LEVEL_NAMES
+from indexer.catalog import Catalog, RegionRecord
 from indexer.descriptors import RegionDescriber
 from indexer.layout import open_existing
 from indexer.regions import CocoRegions
