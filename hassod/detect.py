@@ -17,7 +17,6 @@ for roots); the images they refer to go to ``<out stem>.images.json``.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -32,7 +31,8 @@ from .discover.levels import find_parents, intersection_matrix, rle_intersection
 from .discover.viz import save_overlay
 from .images import DEFAULT_MAX_PIXELS, ImageError, load_rgb
 from .rle import RleMasks, masks_to_rle, rle_to_masks
-from .runs import LEVEL_NAMES, ImageRecord, numbered_images, run_collection, run_line, write_json_atomic
+from .runs import (LEVEL_NAMES, ImageRecord, file_sha256, numbered_images, run_collection, run_line,
+                   write_json_atomic)
 
 MASK_THRESHOLD = 0.5
 # Coverage threshold of the hierarchy among detections: stage 1's value.
@@ -201,11 +201,7 @@ def _limit_model_output(model: torch.nn.Module, settings: Any, options: DetectOp
 
 def checkpoint_digest(path: str | os.PathLike) -> str:
     """First 16 hex digits of the SHA-256 of a checkpoint file: names the weights in logs and indexes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 class Detector:

@@ -10,11 +10,13 @@
 - :func:`run_collection`: the resumable skeleton that discovery and detection
   both run over a collection: open the log, process what it lacks, and return
   every image's record in input order with their common root.
-- :func:`relative_name`: the ``file_name`` an output gives a path.
+- :func:`relative_name`, :func:`common_root`: the ``file_name`` an output gives a path;
+  :func:`file_sha256`: the digest that names a file's content.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -67,6 +69,15 @@ def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- paths
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The hex SHA-256 of a file's bytes, read a megabyte at a time: names weights, checkpoints and inputs."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def relative_name(path: str | os.PathLike, root: Path) -> str:
