@@ -59,7 +59,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hassod.discover.masks import masks_to_rle, rle_boxes_xywh  # noqa: E402
+from hassod.rle import masks_to_rle, rle_boxes_xywh  # noqa: E402
 from hassod.discover.pipeline import DiscoverySettings, discover_masks  # noqa: E402
 from hassod.features import build_backbone  # noqa: E402
 from hassod.images import load_rgb, resize_square  # noqa: E402

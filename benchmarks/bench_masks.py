@@ -43,10 +43,10 @@ from hassod.discover.masks import (  # noqa: E402
     fill_holes,
     mask_areas,
     masks_to_boxes_xywh,
-    masks_to_rle,
     postprocess_to_rles,
     resize_masks,
 )
+from hassod.rle import masks_to_rle  # noqa: E402
 from hassod.discover.merge import hierarchical_merge  # noqa: E402
 from hassod.discover.pipeline import DiscoverySettings  # noqa: E402
 from hassod.features import build_backbone  # noqa: E402

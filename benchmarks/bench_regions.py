@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_descriptors  # noqa: E402
 import bench_index  # noqa: E402
 from hassod.discover.levels import find_parents, levels_from_parents, rle_intersections  # noqa: E402
-from hassod.discover.masks import MaskCrop, crops_to_rle, rle_areas, rle_boxes_xywh  # noqa: E402
+from hassod.rle import MaskCrop, crops_to_rle, rle_areas, rle_boxes_xywh  # noqa: E402
 from hassod.discover.pipeline import Discovered, DiscoverySettings  # noqa: E402
 from hassod.discover.search import SearchSettings  # noqa: E402
 from hassod.evaluation import evaluate, subset_images  # noqa: E402

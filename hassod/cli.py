@@ -54,7 +54,7 @@ def discover(images, out, backbone, weights, thresholds, recipe, max_regions, de
     import os
 
     from .device import resolve_device
-    from .discover.coco import SettingsMismatchError, progress_path
+    from .runs import SettingsMismatchError, progress_path
     from .discover.collection import discover_collection
     from .discover.recipes import RecipeError, recipe_settings
     from .features import WeightsFormatError, WeightsNotFoundError, build_backbone

@@ -1,35 +1,23 @@
 """Stage-2 inference: a trained detector checkpoint → detections with masks, levels and their hierarchy.
 
-This is the one inference path of the project: ``hassod detect``, ``hassod
-eval --checkpoint`` and the index's detector region source all call
-:class:`Detector`.
+The one inference path (``hassod detect``, ``hassod eval --checkpoint``, the
+index's detector region source): :class:`Detector`. Per image the model gives
+boxes, scores, levels (0 whole, 1 part, 2 subpart, from the level head) and
+28×28 mask probabilities per box; they are filtered (score, levels, at most
+``max_detections`` by score), only the kept masks are pasted at image size,
+binarised at 0.5 and kept as COCO RLEs (:mod:`hassod.rle`). A detection's
+parent is the smallest returned detection covering at least τ = 0.9 of its
+mask without being covered back (stage 1's rule, docs/design.md §4); level and
+parent are independent outputs (a part whose whole was filtered out has no parent).
 
-Per image the detector returns boxes, scores, levels (predicted by the level
-head: 0 whole, 1 part, 2 subpart) and 28×28 mask probabilities over each box.
-Here they are filtered (score threshold, levels to keep, at most
-``max_detections`` by score), only the kept masks are pasted at image size
-and binarised at 0.5 (:func:`hassod.model.masks.paste_masks`), a bounded
-batch at a time, and kept as COCO RLEs: a thousand dense masks of a
-24-megapixel photo would take 24 GB. The hierarchy *among the returned
-detections* is computed from the RLEs by the coverage rule of stage 1 (τ = 0.9,
-see :mod:`hassod.discover.levels`): a detection's parent is the smallest
-returned detection whose mask covers at least τ of its mask without being
-covered back.
-The predicted level and the coverage parent are independent outputs: a part
-whose whole was filtered out has no parent.
-
-COCO results written by :func:`detect_collection` are a JSON *list* (what
-``pycocotools.COCO.loadRes`` reads); each detection's ``id`` is its 1-based
-position in that list, which is also the id ``loadRes`` assigns, and
-``parent_id`` is the ``id`` of its parent (``None`` for roots). The images
-those ``image_id`` values refer to are written beside it, to
-``<out stem>.images.json``.
+:func:`detect_collection` (resumable: :func:`hassod.runs.run_collection`) writes
+COCO results as a JSON *list* (what ``COCO.loadRes`` reads): ``id`` is the 1-based
+position, as ``loadRes`` assigns it, ``parent_id`` the parent's ``id`` (``None``
+for roots); the images they refer to go to ``<out stem>.images.json``.
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,15 +25,14 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .device import resolve_device
-from .discover.coco import LEVEL_NAMES, ImageRecord, ProgressLog, common_root, progress_path, write_json_atomic
-from .discover.collection import run_line
 from .discover.levels import find_parents, intersection_matrix, rle_intersections
-from .discover.masks import RleMasks, masks_to_rle, rle_to_masks
 from .discover.viz import save_overlay
 from .images import DEFAULT_MAX_PIXELS, ImageError, load_rgb
+from .rle import RleMasks, masks_to_rle, rle_to_masks
+from .runs import (LEVEL_NAMES, ImageRecord, file_sha256, numbered_images, run_collection, run_line,
+                   write_json_atomic)
 
 MASK_THRESHOLD = 0.5
 # Coverage threshold of the hierarchy among detections: stage 1's value.
@@ -214,11 +201,7 @@ def _limit_model_output(model: torch.nn.Module, settings: Any, options: DetectOp
 
 def checkpoint_digest(path: str | os.PathLike) -> str:
     """First 16 hex digits of the SHA-256 of a checkpoint file: names the weights in logs and indexes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 class Detector:
@@ -353,34 +336,23 @@ def detect_collection(
     run resumes where it stopped (with the same checkpoint and options only).
     Image ids are 1.. in sorted path order over the readable files.
     """
-    start = time.perf_counter()
-    log = ProgressLog(progress_path(out), detector.run_settings())
-    keys = [os.path.realpath(p) for p in paths]
-    todo = [k for k in keys if k not in log.done]
-    summary = DetectSummary(resumed=len(keys) - len(todo), out=str(out), images_file=str(images_file(out)))
     if viz_dir is not None:
         Path(viz_dir).mkdir(parents=True, exist_ok=True)
-    with tqdm(total=len(keys), initial=summary.resumed, unit="img", disable=not show_progress) as bar:
+
+    def process(todo: list[str]) -> Iterator[ImageRecord]:
         for path, image, found, error in detector.detect_paths(todo, batch_size, max_pixels):
-            log.append(image_record(path, image, found, error))
             if found is not None and viz_dir is not None:
                 save_overlay(path, RleMasks(found.rles), found.levels, Path(viz_dir))
-            bar.update()
-    log.close()
+            yield image_record(path, image, found, error)
 
-    records = [log.done[k] for k in keys]
-    root = common_root(Path(k) for k in keys)
-    results, images, skipped = build_results(records, root)
+    run = run_collection(paths, out, detector.run_settings(), process, show_progress)
+    results, images, skipped = build_results(run.records, run.root)
     write_json_atomic(results, Path(out))
-    info = {"description": "hassod detect results", "root": str(root), "results": Path(out).name,
+    info = {"description": "hassod detect results", "root": str(run.root), "results": Path(out).name,
             **detector.run_settings()}
     write_json_atomic({"info": info, "images": images, "skipped": skipped}, images_file(out))
-    summary.images = len(images)
-    summary.skipped = [(r.path, r.error) for r in records if r.error is not None]
-    for result in results:
-        summary.detections_per_level[result["hier_level"]] += 1
-    summary.seconds = time.perf_counter() - start
-    return summary
+    return DetectSummary(images=run.images, resumed=run.resumed, detections_per_level=run.per_level(),
+                         skipped=run.skipped, seconds=run.seconds, out=str(out), images_file=str(images_file(out)))
 
 
 def image_record(path: str, image: np.ndarray | None, found: Detections | None, error: str | None) -> ImageRecord:
@@ -401,34 +373,19 @@ def build_results(
     ``parent_id`` the parent's ``id`` (None for roots). ``file_name`` is
     relative to ``root``.
     """
-    results: list[dict[str, Any]] = []
-    images: list[dict[str, Any]] = []
-    skipped: list[dict[str, str]] = []
-    for record in sorted(records, key=lambda r: r.path):
-        name = _relative(record.path, root)
-        if record.error is not None:
-            skipped.append({"file_name": name, "error": record.error})
-            continue
-        image_id = len(images) + 1
-        images.append({"id": image_id, "file_name": name, "width": record.width, "height": record.height})
-        first_id = len(results) + 1
-        for ann in record.annotations:
-            results.append({
-                "id": len(results) + 1,
-                "image_id": image_id,
-                "category_id": 1,
-                "bbox": ann["bbox"],
-                "score": ann["score"],
-                "segmentation": ann["segmentation"],
-                "area": ann["area"],
-                "hier_level": ann["hier_level"],
-                "parent_id": first_id + ann["parent"] if ann["parent"] >= 0 else None,
-            })
+    images, results, skipped = numbered_images(records, root, _result)
     return results, images, skipped
 
 
-def _relative(path: str, root: Path) -> str:
-    try:
-        return Path(os.path.realpath(path)).relative_to(root).as_posix()
-    except ValueError:
-        return Path(path).as_posix()
+def _result(ann: dict[str, Any], result_id: int, image_id: int, parent_id: int | None) -> dict[str, Any]:
+    return {
+        "id": result_id,
+        "image_id": image_id,
+        "category_id": 1,
+        "bbox": ann["bbox"],
+        "score": ann["score"],
+        "segmentation": ann["segmentation"],
+        "area": ann["area"],
+        "hier_level": ann["hier_level"],
+        "parent_id": parent_id,
+    }

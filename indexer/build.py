@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from hassod.discover.recipes import RegionRecipe, settings_from_dict
+from hassod.runs import file_sha256
 
 from .catalog import Catalog, ImageRecord, IncompatibleIndexError, NewRegion
 from .descriptors import RegionDescriber
@@ -415,14 +415,10 @@ def _file_state(path: Path) -> _FileState:
 
 
 def _hash(path: str) -> str:
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+        return file_sha256(path)
     except OSError:
         return ""
-    return digest.hexdigest()
 
 
 def _unchanged(

@@ -45,14 +45,13 @@ from sqlalchemy.engine import Engine, Row, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from hassod.runs import LEVEL_NAMES
+
 FORMAT_VERSION = 1
 """Version of the catalog schema and config layout; bumped on incompatible changes."""
 
 COMPATIBILITY_KEYS = ("backbone", "weights", "descriptor", "descriptor_version", "descriptor_dim", "whitening")
 """Config keys that must match for descriptors of a query to be comparable with the index."""
-
-LEVEL_NAMES = ("whole", "part", "subpart")
-"""Region levels by number: 0 whole object, 1 part, 2 subpart."""
 
 # Keeps IN (...) lists well below PostgreSQL's 65535 bind parameters per statement.
 _CHUNK = 10_000

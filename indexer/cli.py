@@ -63,7 +63,7 @@ def build(images, index_dir, detector, use, regions_json, recipe, max_regions, d
           whiten, whiten_dim, device, workers, batch_size, max_pixels, ray_address, actors, gpus_per_actor,
           train_sample, shard_images, as_json):
     """Index every whole, part and subpart region of IMAGES (files or folders); re-runs update it."""
-    from hassod.discover.coco import progress_path
+    from hassod.runs import progress_path
     from hassod.discover.recipes import RecipeError, recipe_settings
     from hassod.features import WeightsFormatError, WeightsNotFoundError
     from hassod.images import list_images
@@ -183,7 +183,7 @@ def stats(index_dir, as_json):
 def _searchable(catalog, store) -> dict:
     """Regions counted as a search sees them: those with a vector (a killed build can leave catalog rows
     whose vectors were never saved; the next build redoes their images)."""
-    from hassod.discover.coco import LEVEL_NAMES
+    from hassod.runs import LEVEL_NAMES
 
     by_level = {name: int(store.contains(catalog.region_ids(level)).sum()) for level, name in enumerate(LEVEL_NAMES)}
     total = sum(by_level.values())

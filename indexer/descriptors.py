@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from hassod.discover.masks import rle_to_masks
+from hassod.rle import rle_to_masks
 from hassod.features import Backbone, EfficientNetLite0
 
 POOLINGS = ("gem", "avg", "max")

@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 from hassod.locks import exclusive
+from hassod.runs import atomic_write
 
 from .catalog import Catalog, IncompatibleIndexError, masked_url
 from .vectors import VectorStore
@@ -69,8 +70,8 @@ def claim_catalog(index_dir: Path, catalog: Catalog, db_url: str | None) -> str 
     index_id = claimed or remembered.get("index_id") or uuid.uuid4().hex
     if saved and claimed is None:  # built before catalogs carried the id: its first directory claims it
         catalog.set_config({**saved, "index_id": index_id})
-    pointer.parent.mkdir(parents=True, exist_ok=True)
-    pointer.write_text(json.dumps({"catalog": db_url or remembered["catalog"], "index_id": index_id}))
+    with atomic_write(pointer) as handle:
+        handle.write(json.dumps({"catalog": db_url or remembered["catalog"], "index_id": index_id}))
     return index_id
 
 

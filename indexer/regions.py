@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
-from pycocotools import mask as mask_utils
 
 from hassod.detect import DetectOptions, Detector
 from hassod.discover.collection import discover_records
@@ -26,6 +25,7 @@ from hassod.discover.recipes import RegionRecipe, settings_from_dict
 from hassod.discover.search import SearchSettings
 from hassod.features import Backbone
 from hassod.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb
+from hassod.rle import segmentation_rle
 
 from .descriptors import GRID_LAYER, FeatureMap, RegionDescriber, default_settings
 
@@ -243,13 +243,8 @@ def _coco_regions(anns: list[dict[str, Any]], size: tuple[int, int]) -> list[Reg
     position = {ann["id"]: i for i, ann in enumerate(anns)}
     regions = []
     for ann in anns:
-        rle = ann["segmentation"]
-        if isinstance(rle, list):  # polygons
-            rle = mask_utils.merge(mask_utils.frPyObjects(rle, *size))
-        elif isinstance(rle.get("counts"), list):  # uncompressed RLE
-            rle = mask_utils.frPyObjects(rle, *size)
-        if isinstance(rle["counts"], bytes):
-            rle = {"size": list(rle["size"]), "counts": rle["counts"].decode()}
+        rle = segmentation_rle(ann["segmentation"], *size)  # polygons, uncompressed or compressed RLE
+        rle = {"size": list(rle["size"]), "counts": rle["counts"].decode()}
         parent = ann.get("parent_id")
         regions.append(_from_annotation({
             **ann,

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from hassod.runs import atomic_write
+
 # Eigenvalues below this fraction of the largest are treated as zero (rank).
 RANK_TOLERANCE = 1e-10
 
@@ -126,10 +128,8 @@ class PCAWhitening:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write an ``.npz`` file atomically (a temporary file renamed over ``path``)."""
-        path = Path(path)
-        temporary = path.with_name(path.name + ".tmp.npz")
-        np.savez(temporary, **self.to_dict())
-        os.replace(temporary, path)
+        with atomic_write(path, binary=True) as handle:
+            np.savez(handle, **self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PCAWhitening":

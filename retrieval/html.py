@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from hassod.images import ImageError, load_rgb
+from hassod.runs import atomic_write
 
 from .searcher import Match
 
@@ -64,6 +65,6 @@ figcaption {{ font-size: 0.85em; max-width: {THUMB_SIDE}px; }}
 </body></html>
 """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page, encoding="utf-8")
+    with atomic_write(out) as handle:
+        handle.write(page)
     return out

@@ -17,6 +17,8 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from skimage.measure import approximate_polygon, find_contours
 
+from hassod.rle import coded_rles
+
 Outline = list[list[list[float]]]
 
 MAX_POINTS = 48
@@ -44,9 +46,7 @@ def outline(mask_rle: dict[str, Any], box: Sequence[float]) -> Outline:
 def _mask_cells(mask_rle: dict[str, Any], box: Sequence[float]) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
     """The mask within its box as a grid of at most GRID_CELLS cells a side (a cell is set when any
     of its pixels is), the crop's (x, y) origin and end in pixels, and a cell's side in pixels."""
-    counts = mask_rle["counts"]
-    coded = {"size": list(mask_rle["size"]), "counts": counts.encode() if isinstance(counts, str) else counts}
-    mask = mask_utils.decode(coded)
+    mask = mask_utils.decode(coded_rles([mask_rle])[0])
     height, width = mask.shape
     x0, y0 = max(int(math.floor(box[0])), 0), max(int(math.floor(box[1])), 0)
     x1, y1 = min(int(math.ceil(box[2])), width), min(int(math.ceil(box[3])), height)

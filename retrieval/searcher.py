@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from hassod.images import DEFAULT_MAX_PIXELS, load_rgb
-from indexer.catalog import LEVEL_NAMES, IncompatibleIndexError
+from hassod.runs import LEVEL_NAMES
+from indexer.catalog import IncompatibleIndexError
 from indexer.layout import IndexNotFoundError, open_existing, vectors_path, whitening_path
 from indexer.vectors import VectorFileError, VectorStore
 from indexer.whitening import PCAWhitening

@@ -50,7 +50,8 @@ from fastapi.responses import HTMLResponse, Response
 from PIL import Image, ImageOps
 
 from hassod.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb, to_rgb
-from indexer.catalog import LEVEL_NAMES, ImageRecord, RegionRecord
+from hassod.runs import LEVEL_NAMES
+from indexer.catalog import ImageRecord, RegionRecord
 
 from .outlines import Outline, outline
 from .searcher import Match, QueryError, Searcher, check_box, parse_box

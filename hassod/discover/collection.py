@@ -7,9 +7,6 @@ so an interrupted run resumes where it stopped.
 """
 from __future__ import annotations
 
-import os
-
-import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, as_completed, wait
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -17,11 +14,11 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from ..features import Backbone
 from ..images import DEFAULT_MAX_PIXELS, ImageError, load_rgb
-from .coco import ImageRecord, ProgressLog, build_coco, common_root, progress_path, write_json_atomic
+from ..runs import ImageRecord, run_collection, run_line, write_json_atomic
+from .coco import build_coco
 from .recipes import RegionRecipe
 from .work import Job, limit_threads, process_job
 
@@ -42,16 +39,6 @@ class DiscoverySummary:
                         len(self.skipped), self.out)
 
 
-def run_line(images: int, resumed: int, per_level: list[int], noun: str, seconds: float, skipped: int,
-             out: str) -> str:
-    """The one-line summary of a run over images that found ``noun`` at each level (whole, part, subpart)."""
-    whole, part, subpart = per_level
-    text = f"{images} images, {sum(per_level)} {noun} ({whole} whole, {part} part, {subpart} subpart) in {seconds:.1f} s"
-    if resumed:
-        text += f" ({resumed} resumed from an earlier run)"
-    return text + f"; {skipped} skipped → {out}"
-
-
 def discover_collection(
     paths: Sequence[Path],
     out: Path,
@@ -63,36 +50,25 @@ def discover_collection(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     show_progress: bool = True,
 ) -> DiscoverySummary:
-    """Discover masks in every file of ``paths`` and write COCO pseudo-labels to ``out``."""
-    start = time.perf_counter()
+    """Discover masks in every file of ``paths`` and write COCO pseudo-labels to ``out``.
+
+    Finished images go to ``<out>.progress.jsonl`` at once, so an interrupted
+    run resumes where it stopped (with the same backbone and settings only).
+    """
     settings = settings.for_backbone(backbone)
     run_settings = {"backbone": backbone.name, "weights": backbone.weights_id, "discovery": settings.as_dict()}
-    log = ProgressLog(progress_path(out), run_settings)
-    keys = [os.path.realpath(p) for p in paths]
-    todo = [k for k in keys if k not in log.done]
-    summary = DiscoverySummary(resumed=len(keys) - len(todo), out=str(out))
     if viz_dir is not None:
         Path(viz_dir).mkdir(parents=True, exist_ok=True)
 
-    with tqdm(total=len(keys), initial=summary.resumed, unit="img", disable=not show_progress) as bar:
+    def process(todo: list[str]) -> Iterator[ImageRecord]:
         for record, _ in discover_records(todo, backbone, settings, workers, batch_size, viz_dir, max_pixels):
-            log.append(record)
-            bar.update()
-    log.close()
+            yield record
 
-    records = [log.done[k] for k in keys]
-    root = common_root(Path(k) for k in keys)
-    coco = build_coco(records, root, {"description": "hassod discover pseudo-labels", **run_settings})
+    run = run_collection(paths, out, run_settings, process, show_progress)
+    coco = build_coco(run.records, run.root, {"description": "hassod discover pseudo-labels", **run_settings})
     write_json_atomic(coco, Path(out))
-    for record in records:
-        if record.error is not None:
-            summary.skipped.append((record.path, record.error))
-        else:
-            summary.images += 1
-            for ann in record.annotations:
-                summary.masks_per_level[ann["hier_level"]] += 1
-    summary.seconds = time.perf_counter() - start
-    return summary
+    return DiscoverySummary(images=run.images, resumed=run.resumed, masks_per_level=run.per_level(),
+                            skipped=run.skipped, seconds=run.seconds, out=str(out))
 
 
 def discover_records(

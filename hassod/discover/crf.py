@@ -10,11 +10,8 @@ All masks here live on the resized image the backbone saw (S_h x S_w pixels,
 480 x 480 by default); :mod:`hassod.discover.masks` maps them back to the
 original image size.
 
-Cost: pydensecrf is single-threaded and its inference is linear in pixels
-times regions; at 480 x 480 one CRF takes roughly 0.6 s + 0.06 s per region
-on one CPU core. ``CRFSettings.work_size`` (160 px by default) runs it on a
-downscaled image, about 9x less work, for the same pseudo-label recall on
-COCO128 (benchmarks/bench_discover.py --work-size); across images, run processes.
+pydensecrf is single-threaded: across images, run processes. ``CRFSettings.work_size``
+runs it on a downscaled image (its cost and recall: docs/benchmarks.md, "DenseCRF").
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from .masks import coded_rles, masks_to_rle, rle_areas
+from ..rle import coded_rles, masks_to_rle, rle_areas
 
 WHOLE, PART, SUBPART = 0, 1, 2
 

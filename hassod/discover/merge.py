@@ -1,84 +1,19 @@
-"""Stage 1, step 1: hierarchical adaptive clustering of a patch-feature grid.
+"""Stage 1, step 1: hierarchical adaptive clustering of a patch-feature grid (docs/design.md §4).
 
 Every patch of an (h, w) grid starts as its own region; regions touching by a
 side (4-connectivity) are neighbours. A region's feature is its summed patch
-features, L2-normalised (the same direction as the normalised mean); two
-regions' similarity is the dot product of those unit vectors (cosine). The
-globally most similar neighbouring pair is merged, again and again, while its
-similarity is at least the threshold. Thresholds are taken from high to low
-and merging carries over, so each threshold yields a coarser partition of the
-same grid (DESIGN.md §4).
+features; two regions' similarity is the cosine of those sums, accumulated in
+float64 (region sums stay in the features' dtype). The globally most similar
+neighbouring pair is merged, again and again, while its similarity is at least
+the threshold. Thresholds are taken from high to low and merging carries over,
+so each threshold yields a coarser partition of the same grid.
 
-Numerical rule, shared with the quadratic test oracle (``tests/oracles.py``)
-so that both give identical partitions:
-
-- region sums are kept in the features' dtype (float32 or float64; float32
-  sums are off by ~1e-7 relative, far below any meaningful threshold step);
-  dot products and norms accumulate in float64, and the cosine of two regions
-  is computed as ``(S_a . S_b) / (|S_a| |S_b|)`` (no unit vectors are stored);
-- a similarity is rounded to the nearest multiple of ``2**-32`` before it is
-  compared, so that float rounding (summation order, SIMD width) cannot decide
-  between pairs that are equal in exact arithmetic (duplicated patches, flat
-  image areas). Pairs with the same rounded similarity are ties, broken by the
-  smallest ``(min id, max id)``; a region's id is the raster index of its
-  first patch (a merged region keeps the smaller id);
-- a zero feature sum has a zero unit vector: similarity 0 to everything.
-
-Algorithm. The reference implementation rescans every pair after every merge
-(quadratic). Recomputing only the merged region's similarities is not enough
-either: a large region growing patch by patch would re-score its whole
-boundary (hundreds of C-dim dot products) at every merge. Instead each region
-keeps candidate pairs in a local max-heap of *upper bounds*: when a region
-absorbs another, its unit vector moves by ``delta = |u' - u|`` and, by
-Cauchy-Schwarz, every similarity to it moves by at most ``delta``; adding
-``delta`` (rounded up) to a per-region drift counter raises the bounds of all
-its local entries at once without touching them. A global heap holds each
-region's best bound. An entry that reaches the top while inexact is re-scored
-(one dot product) and put back, together with up to 3 inexact entries just
-below it that could also beat the best other region (they are usually next:
-one pass then reads the region's row once and streams four rows at a time);
-the top is merged only when it is exact, and because inexact bounds are
-strictly above their true score it is then the true maximum, tie-break
-included. Entries whose other region has changed are dropped lazily (version
-ticks); neighbour lists remember whether the local heap still holds a valid
-entry per neighbour, so after a merge only pairs without one are scored (also
-four at a time). The surviving heap is the one with more neighbours (the
-tie-break id is tracked separately, so this changes no decision).
-
-Cost: O((n + R) log n) heap operations and O((n + R) C) arithmetic for n
-patches and R re-scorings; R is ~3 per merge on photo features and up to ~30
-per merge when big regions grow into isotropic noise (benchmarks/bench_merge.py).
-Those ~30 are not slack from summing per-merge moves: a re-scored entry is
-usually re-scored again a few merges later, when the drift is close to the
-true movement. Cauchy-Schwarz itself is the slack: a noise-like move of u
-changes a given similarity by ~delta / sqrt(C), not delta, and no bound built
-from the region's vectors alone (e.g. the exact distance to a snapshot of u:
-tried, 10% fewer re-scorings, slower overall) can know which neighbours it
-spares. Per-pair bounds from int16 sketches of unit vectors (~1e-4 error) did
-cut exact re-scorings 35-fold, but a sketch product cost ~60% of a score and a
-sketch ~3 scores, so they lost on photo features and won little on noise.
-
-Implementation notes (speed only, no effect on results): the compiled loop
-and its helpers are compiled without numba's runtime (``_nrt=False``),
-because reference counting of array arguments and views took ~40% of the
-loop's time, and ~10% even on unowned (meminfo-less) aliases, where every
-count is still a call. So the loop allocates nothing: _merge_grid allocates
-its state, the two arenas are per-thread scratch of ~12 and ~16 rows per
-patch, and a merge that fills one up starts over with a larger one (kept for
-later calls). The start-up pass reads each patch row once for its norm and
-its two pairs; a merge updates the sum and measures the move in one pass over
-the row (_absorb).
-
-Where the time goes (perf, the 60x60x768 "photo" maps of bench_merge.py,
-~12 ms each on a 2.1 GHz Xeon core): exact products 30% (~20.7k per map,
-about 6 per merge; a 3 KB row read from L3 costs ~125 ns in float32 and
-float64 alike, and rows do not stay in the 2 MB L2 because successive merges
-are anywhere in the image), the start-up pass 12%, absorbs 12%, heaps and
-neighbour lists the rest. The same merges on the maps' 16-d features,
-projected orthonormally to C channels, take 4.9 / 5.2 / 6.2 / 7.9 / 10.8 ms at
-C = 16 / 64 / 192 / 384 / 768: bookkeeping alone is ~4.7 ms, about a whole
-5 ms budget, and the 768-d rows add ~6 ms, bound by memory traffic (512-bit
-vectors change nothing).
+Ties are decided exactly, as the quadratic test oracle (``tests/oracles.py``)
+decides them: a similarity is rounded to a multiple of ``2**-32`` before it is
+compared, equal ones are broken by the smallest ``(min id, max id)``, a region's
+id being the raster index of its first patch; a zero sum has similarity 0 to
+everything. The algorithm (bounded heaps, O(n log n)) and its measured cost are
+in docs/benchmarks.md, "Merge".
 """
 from __future__ import annotations
 

@@ -10,13 +10,14 @@ import numpy as np
 from ..images import resize_square
 from .crf import CRFSettings, refine_partition
 from .levels import distinct_masks, find_parents, levels_from_parents, rle_intersections
-from .masks import MaskFilterSettings, postprocess_to_rles, rle_boxes_xywh, rle_to_masks
+from ..rle import rle_boxes_xywh, rle_to_masks
+from .masks import MaskFilterSettings, postprocess_to_rles
 from .merge import hierarchical_merge
 
 
 @dataclass
 class DiscoverySettings:
-    """Settings of stage-1 discovery; defaults are the paper's (DESIGN.md §4).
+    """Settings of stage-1 discovery; defaults are the paper's (docs/design.md §4).
 
     thresholds: merge thresholds on cosine similarity, processed high to low;
         ``None`` takes the backbone's own defaults.
@@ -86,11 +87,11 @@ class Discovered:
     @property
     def masks(self) -> np.ndarray:
         """(N, H, W) bool, decoded on every access: N·H·W bytes
-        (:class:`~hassod.discover.masks.RleMasks` decodes one at a time)."""
+        (:class:`~hassod.rle.RleMasks` decodes one at a time)."""
         return rle_to_masks(self.rles, self.image_size)
 
     def annotations(self) -> list[dict[str, Any]]:
-        """Per-mask dicts for :class:`hassod.discover.coco.ImageRecord` (RLE, xywh box)."""
+        """Per-mask dicts for :class:`hassod.runs.ImageRecord` (RLE, xywh box)."""
         boxes = rle_boxes_xywh(self.rles)
         return [
             {

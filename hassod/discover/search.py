@@ -1,12 +1,7 @@
 """The ``search`` region recipe: every distinct region of the merge hierarchy, ranked, without the CRF.
 
-Stage-1 discovery for pseudo-labels (the ``paper`` recipe, :mod:`.pipeline`)
-refines each threshold's partition with a DenseCRF and keeps ~20 masks per
-image. An index needs boxes and pooled descriptors, not pixel-exact edges
-(the CLAID note in DESIGN.md §4), and the merge already yields a hierarchy
-for free: one partition per threshold, each coarser region a union of finer
-ones. This recipe takes every distinct region of that hierarchy at a dense set
-of thresholds, ranks them by how object-like they are, and keeps the best.
+An index needs boxes and pooled descriptors, not pixel-exact edges
+(docs/design.md §4, §8; why: docs/benchmarks.md, "Search recipe").
 
 Contract:
 - Input: (h, w, C) patch features of the image resized with its aspect kept
@@ -32,7 +27,8 @@ import numpy as np
 from scipy import sparse
 
 from .levels import levels_from_parents
-from .masks import resized_rles, rle_areas
+from ..rle import rle_areas
+from .masks import resized_rles
 from .merge import hierarchical_merge
 from .pipeline import Discovered, StageClock
 

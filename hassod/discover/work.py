@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from .coco import ImageRecord
-from .masks import RleMasks
+from ..runs import ImageRecord
+from ..rle import RleMasks
 from .recipes import RegionRecipe
 from .viz import save_overlay
 

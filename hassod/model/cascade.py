@@ -1,37 +1,14 @@
-"""Cascade RoI heads with a level head and a class-agnostic mask head (DESIGN.md §5).
+"""Cascade RoI heads with a level head and a class-agnostic mask head (docs/design.md §5).
 
 torchvision has no cascade; this module follows the reference (detectron2's
-``CascadeROIHeads`` as modified by CutLER/HASSOD) for the facts that matter
-to results and to loading converted checkpoints:
-
-- RPN proposals plus the ground-truth boxes are labelled with stage 0's IoU
-  threshold and 512 per image are sampled (positive fraction 0.5); each later
-  stage takes the previous stage's regressed boxes of *those* RoIs (detached,
-  clipped, empty ones dropped in training) and relabels them with its own
-  threshold (0.6, 0.7) — no resampling, as detectron2 does.
-- The pooled features entering each stage have their gradient scaled by 1/3:
-  identical to averaging the three stages' losses as far as the shared
-  backbone is concerned, while each stage's own head sees its full loss
-  (detectron2's ``_ScaleGradient``). The loss values are returned unscaled.
-- Classification: 2 logits per RoI in detectron2's order, index 0 foreground,
-  index 1 background. DropLoss (CutLER) zeroes the cross-entropy of RoIs
-  whose *regressed* box has IoU ≤ ``drop_loss_iou`` with every pseudo-label;
-  the mean still divides by all RoIs.
-- Box regression: class-agnostic deltas (4 per RoI) with the stage's
-  weights, L1 loss on foreground RoIs divided by the number of RoIs.
-- Level head: ``Linear(1024 → 3)`` per stage, sigmoid focal loss (α, γ) on
-  foreground RoIs against the one-hot level of the matched pseudo-label,
-  averaged over the fg RoIs × 3 entries (the reference's ``reduction="mean"``).
-- Inference: stage k scores the boxes it receives (proposals for stage 0,
-  stage k-1's regressed boxes after), score = mean of the three softmax
-  foreground probabilities, boxes = last stage's regression, level scores =
-  mean of the three softmax level distributions (the reference's
-  ``predict_levels``); then score threshold, class-agnostic NMS, top-k, all
-  indexing the same rows so levels stay with their boxes.
-- Mask head (4 conv + deconv + 1-channel predictor) trains on the stage-0
-  foreground RoIs (as detectron2's cascade does), BCE on 28×28 targets cut
-  from the pseudo-label masks with aligned RoIAlign; targets without masks (Mean
-  Teacher's unlabelled branch) give no mask loss.
+``CascadeROIHeads`` as modified by CutLER/HASSOD) wherever results or the
+loading of converted checkpoints depend on it: three stages relabelling the
+previous stage's regressed boxes of the same 512 sampled RoIs (IoU 0.5, 0.6,
+0.7), gradient into each stage scaled by 1/3, 2 logits per RoI with index 0
+foreground, DropLoss, class-agnostic box deltas, a ``Linear(1024 → 3)`` level
+head per stage with a sigmoid focal loss, stage-averaged scores and level
+distributions at inference, and a mask head on stage 0's foreground RoIs.
+The details, with the reference's names, are in docs/design.md §5.
 
 Boxes are xyxy in pixels of the resized (model-input) image throughout.
 """

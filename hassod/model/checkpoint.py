@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from hassod.runs import atomic_write
 from hassod.model.detector import DetectorSettings, HierarchicalDetector, build_detector
 
 CHECKPOINT_FORMAT = "hassod-detector-v1"
@@ -38,22 +38,15 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, settings: D
         raise ValueError(f"extra keys clash with the checkpoint layout: {', '.join(sorted(reserved))}")
     model = getattr(model, "module", model)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(),
                "settings": dataclasses.asdict(settings), **extra}
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # Unbuffered: a buffered file would fail again on close, hiding the path.
-        with os.fdopen(handle, "wb", buffering=0) as file:
-            sink = _WriteErrorKeeper(file, str(path))
-            try:
-                torch.save(payload, sink)
-            except RuntimeError as exc:
-                raise (sink.error or exc) from exc
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    # Unbuffered: a buffered file would fail again on close, hiding the path.
+    with atomic_write(path, binary=True, buffering=0) as file:
+        sink = _WriteErrorKeeper(file, str(path))
+        try:
+            torch.save(payload, sink)
+        except RuntimeError as exc:
+            raise (sink.error or exc) from exc
     return path
 
 

@@ -8,29 +8,8 @@ Two sources:
   detectron2 layout (``res2.0.conv1.weight``, ``stem.conv1.norm.weight``)
   (:func:`convert_dino_resnet`).
 
-Facts the mapping relies on (detectron2 / HASSOD source):
-
-- The reference trains ResNet with ``STRIDE_IN_1X1: False`` (stride in the
-  3×3 conv, as torchvision's Bottleneck), so blocks map one to one.
-- Norm layers are ``<conv>.norm.{weight,bias,running_mean,running_var}``
-  (FrozenBN/SyncBN); FrozenBN has no ``num_batches_tracked``, which is then
-  filled with 0. The reference's FPN convs have SyncBN (``FPN.NORM``), hence
-  ``fpn_lateral2.norm.*`` and no conv bias; a checkpoint without FPN norms
-  needs ``DetectorSettings(fpn_norm=False)`` (:func:`settings_for`).
-- Class-agnostic predictors for one class: ``cls_score`` (2, 1024) in
-  detectron2's order (foreground, background) — the order this model uses —,
-  ``bbox_pred`` (4, 1024), ``level_predictor`` (3, 1024); mask
-  ``predictor`` has 1 output channel.
-- Input colour: the reference uses RGB with PIXEL_MEAN/STD = 255 × ImageNet
-  mean/std, exactly this model's normalisation, so nothing changes. When a
-  checkpoint stores ``pixel_mean``/``pixel_std`` that say BGR and/or another
-  std (e.g. MSRA weights: BGR, std 1), the first conv's input channels are
-  reordered and scaled by 255·std_ours/std_theirs so it sees the same values;
-  means other than ImageNet's cannot be folded into a bias-free conv and are
-  refused.
-- Not converted (by design): ``pixel_mean``/``pixel_std`` buffers and anchor
-  buffers. torchvision rounds its anchor corners to integers, detectron2 does
-  not: proposals of a converted model differ by < 1 px.
+The facts of both layouts the mapping relies on (strides, norm names, the
+class order, input colour, what is not converted) are in docs/design.md §5.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The hierarchical detector: settings, construction, and the GeneralizedRCNN subclass (DESIGN.md §5).
+"""The hierarchical detector: settings, construction, and the GeneralizedRCNN subclass (docs/design.md §5).
 
 Input images are (3, H, W) float32 RGB in [0, 1]; the model's transform
 normalises them, resizes the shortest edge (a random choice of

@@ -1,16 +1,11 @@
 """Binary masks at image size from the mask head's box-relative probabilities (inference).
 
 The model returns each detection's mask as (1, M, M) probabilities over its
-box (M = 28). torchvision pastes them with ``paste_masks_in_image``: one
-float32 image per detection, then a stacked copy, 8 bytes per pixel per
-detection at the peak (about 100 GB for 1000 detections on a 12-megapixel
-photo). :func:`paste_masks` resamples each mask only inside its box,
+box (M = 28). :func:`paste_masks` resamples each mask only inside its box,
 thresholds it there and writes it into one preallocated (N, H, W) bool
-tensor: 1 byte per pixel per detection, plus one box-sized float32 buffer
-at a time. It loops over the detections, one resize and one thresholded copy
-each: boxes differ in size, and a batched version (windows padded to common
-sizes, then scattered) measured 2-8x slower on the CPU, every extra pass over
-the pixels being memory-bound, while a detection's Python overhead is ~50 µs.
+tensor: 1 byte per pixel per detection, plus one box-sized float32 buffer at
+a time (why not torchvision's pasting, or a batched one: docs/benchmarks.md,
+"Mask pasting").
 
 The geometry and the resampling are torchvision's, so the result equals
 ``paste_masks_in_image(masks, boxes, (H, W)) >= threshold`` pixel for pixel:

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from ..discover.masks import coded_rles
 from ..images import DEFAULT_MAX_PIXELS, ImageError, load_rgb, resize_image
+from ..rle import segmentation_rle
 from .views import StrongAugmentation, strong_view
 
 Key = tuple[int, int, int]  # (step, slot in the global batch, dataset index)
@@ -169,13 +169,7 @@ def decode_segmentation(ann: dict[str, Any], height: int, width: int) -> np.ndar
         mask = np.zeros((height, width), dtype=bool)
         mask[int(round(y)):int(round(y + h)), int(round(x)):int(round(x + w))] = True
         return mask
-    if isinstance(seg, dict):
-        if isinstance(seg["counts"], list):
-            rle = mask_utils.frPyObjects(seg, height, width)
-        else:
-            rle = coded_rles([seg])[0]
-    else:
-        rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
+    rle = segmentation_rle(seg, height, width)
     if list(rle["size"]) != [height, width]:
         raise ValueError(f"mask size {list(rle['size'])} differs from the image's {[height, width]}")
     return mask_utils.decode(rle).astype(bool)

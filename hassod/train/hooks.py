@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +19,7 @@ from tqdm import tqdm
 from ..evaluation import evaluate
 from ..images import DEFAULT_MAX_PIXELS, ImageError, load_rgb, resize_image
 from ..model import save_checkpoint
+from ..runs import atomic_write
 from .distributed import barrier
 from .mean_teacher import ema_update
 
@@ -185,6 +185,5 @@ def truncate_log(path: Path, iteration: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:
             break  # a half-written last line from a killed run
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_write(path) as handle:
+        handle.write("".join(k + "\n" for k in kept))

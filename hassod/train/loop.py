@@ -1,4 +1,4 @@
-"""The detector's training run: set-up, then a step loop in two phases (DESIGN §5, §6).
+"""The detector's training run: set-up, then a step loop in two phases (docs/design.md §6).
 
 :class:`Trainer` builds the model, the data, the optimiser and the LR schedule
 (or takes them back from ``last.pth``); :meth:`Trainer.run` then steps:

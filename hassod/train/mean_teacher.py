@@ -1,4 +1,4 @@
-"""Mean Teacher with adaptive targets (DESIGN §6): the teacher's EMA, its targets, the loss weights.
+"""Mean Teacher with adaptive targets (docs/design.md §6): the teacher's EMA, its targets, the loss weights.
 
 The teacher is a copy of the student taken at the first Mean Teacher
 iteration, then ``t = k·t + (1-k)·s`` over the whole state dict before each

@@ -1,8 +1,8 @@
 """How a detector is trained: :class:`TrainSettings`, saved in every checkpoint and compared on resume.
 
 Iterations ``0 .. burn_in - 1`` train on the stage-1 pseudo-labels alone
-(DESIGN §5); iterations ``burn_in .. iterations - 1`` are the Mean Teacher
-phase (DESIGN §6). ``burn_in = iterations`` (the default) is plain training.
+(docs/design.md §6); iterations ``burn_in .. iterations - 1`` are the Mean Teacher
+phase (docs/design.md §6). ``burn_in = iterations`` (the default) is plain training.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Optimiser, learning-rate schedule and gradient clipping for detector training (DESIGN §5).
+"""Optimiser, learning-rate schedule and gradient clipping for detector training (docs/design.md §6).
 
 SGD with momentum 0.9; the reference learning rate is 0.01 at a batch of 16
 images, scaled linearly with the batch; weight decay 5e-5 except on the

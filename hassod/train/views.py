@@ -1,4 +1,4 @@
-"""The student's strong view in Mean Teacher: photometric changes only (DESIGN §6).
+"""The student's strong view in Mean Teacher: photometric changes only (docs/design.md §6).
 
 :func:`strong_view` takes an image tensor (3, H, W) float32 in [0, 1] and
 returns one of the same shape and range: colour jitter, grayscale, Gaussian
@@ -28,7 +28,7 @@ class Erasing:
 
 @dataclass(frozen=True)
 class StrongAugmentation:
-    """The reference's strong view (Unbiased-Teacher style), as stated in DESIGN §6.
+    """The reference's strong view (Unbiased-Teacher style), as stated in docs/design.md §6.
 
     jitter: ColorJitter's (brightness, contrast, saturation, hue) ranges, applied
     with chance ``jitter_p`` in a random order. grayscale_p: chance of

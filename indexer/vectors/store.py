@@ -28,6 +28,7 @@ import faiss
 import numpy as np
 
 from hassod.errors import UserError
+from hassod.runs import atomic_write
 
 from .calibration import CALIBRATION_K, ExactTopK, LeaveOneOut, calibration_target
 from .flat import FlatKind
@@ -464,21 +465,13 @@ class VectorStore:
             "tuning": self._tuning, "settings": dataclasses.asdict(self.settings),
             "size": len(self), "tombstones": int(self._tombstones.size),
         }).encode()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         if self._index is not None:
             self._kind.persist(self._index, path)  # files the store file will name are on disk first
-        try:
-            with open(tmp, "wb") as f:
-                f.write(_MAGIC + struct.pack("<Q", len(header)) + header)
-                f.write(self._tombstones.astype("<i8").tobytes())
-                if self._index is not None:
-                    faiss.write_index(self._index, faiss.PyCallbackIOWriter(f.write))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_write(path, binary=True) as f:
+            f.write(_MAGIC + struct.pack("<Q", len(header)) + header)
+            f.write(self._tombstones.astype("<i8").tobytes())
+            if self._index is not None:
+                faiss.write_index(self._index, faiss.PyCallbackIOWriter(f.write))
         _fsync_dir(path.parent)
         if self._index is not None:
             self._kind.committed(self._index, path)

@@ -19,8 +19,8 @@ from hassod.detect import (
     images_file,
     postprocess,
 )
-from hassod.discover.coco import ImageRecord
-from hassod.discover.masks import rle_to_masks
+from hassod.runs import ImageRecord
+from hassod.rle import rle_to_masks
 
 H, W = 60, 80
 

@@ -48,7 +48,7 @@ def test_no_detections_gives_zero():
 
 import numpy as np  # noqa: E402
 
-from hassod.discover.masks import masks_to_rle  # noqa: E402
+from hassod.rle import masks_to_rle  # noqa: E402
 from hassod.evaluation import (  # noqa: E402
     GroundTruthError,
     check_ground_truth,

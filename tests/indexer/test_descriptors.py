@@ -7,7 +7,7 @@ import skimage.data
 import torch
 import torch.nn.functional as F
 
-from hassod.discover.masks import masks_to_rle
+from hassod.rle import masks_to_rle
 from hassod.features import build_backbone
 from indexer.descriptors import DescriptorSettings, RegionDescriber
 

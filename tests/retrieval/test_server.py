@@ -22,7 +22,7 @@ from skimage import draw
 
 from hassod.synthetic import save_scenes
 from indexer.build import build_index
-from indexer.catalog import LEVEL_NAMES
+from hassod.runs import LEVEL_NAMES
 from indexer.descriptors import RegionDescriber
 from indexer.regions import CocoRegions
 from retrieval.cli import app as cli

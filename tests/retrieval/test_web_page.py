@@ -24,7 +24,8 @@ from pycocotools import mask as mask_utils
 from scipy import ndimage
 from skimage import draw
 
-from indexer.catalog import LEVEL_NAMES, Catalog, RegionRecord
+from hassod.runs import LEVEL_NAMES
+from indexer.catalog import Catalog, RegionRecord
 from indexer.layout import open_existing
 
 REPO = Path(__file__).resolve().parents[2]

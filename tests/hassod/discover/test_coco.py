@@ -1,19 +1,11 @@
 from __future__ import annotations
 
-import json
-
 import numpy as np
-import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from hassod.discover.coco import (
-    ImageRecord,
-    ProgressLog,
-    SettingsMismatchError,
-    build_coco,
-    write_json_atomic,
-)
+from hassod.discover.coco import build_coco
+from hassod.runs import ImageRecord, write_json_atomic
 
 
 def _rle(mask: np.ndarray) -> dict:
@@ -55,37 +47,3 @@ def test_build_coco_ids_parents_and_pycocotools_round_trip(tmp_path):
     decoded = api.annToMask(api.loadAnns([b_part["id"]])[0]).astype(bool)
     np.testing.assert_array_equal(decoded, part)
     assert api.loadAnns([b_whole["id"]])[0]["bbox"] == [5.0, 5.0, 30.0, 20.0]
-
-
-def test_progress_log_resumes_and_cuts_a_torn_last_line(tmp_path):
-    log_path = tmp_path / "out.json.progress.jsonl"
-    log = ProgressLog(log_path, {"backbone": "x", "thresholds": [0.4]})
-    log.append(ImageRecord(path="/a.jpg", width=3, height=2))
-    log.append(ImageRecord(path="/b.jpg", error="not an image"))
-    log.close()
-    with open(log_path, "a") as handle:  # a kill -9 in the middle of a write
-        handle.write('{"path": "/c.jpg", "wid')
-
-    again = ProgressLog(log_path, {"backbone": "x", "thresholds": [0.4]})
-    assert sorted(again.done) == ["/a.jpg", "/b.jpg"]
-    assert again.done["/b.jpg"].error == "not an image"
-    again.append(ImageRecord(path="/c.jpg", width=1, height=1))
-    again.close()
-    lines = log_path.read_text().splitlines()
-    assert len(lines) == 4 and all(json.loads(line) for line in lines)
-
-
-def test_progress_log_refuses_other_settings(tmp_path):
-    log_path = tmp_path / "p.jsonl"
-    ProgressLog(log_path, {"backbone": "x", "thresholds": [0.4]}).close()
-    with pytest.raises(SettingsMismatchError, match="thresholds"):
-        ProgressLog(log_path, {"backbone": "x", "thresholds": [0.3]})
-
-
-def test_atomic_write_keeps_old_file_when_serialisation_fails(tmp_path):
-    path = tmp_path / "x.json"
-    write_json_atomic({"ok": 1}, path)
-    with pytest.raises(TypeError):
-        write_json_atomic({"bad": object()}, path)
-    assert json.loads(path.read_text()) == {"ok": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]

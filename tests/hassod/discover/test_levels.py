@@ -12,7 +12,7 @@ from hassod.discover.levels import (
     levels_from_parents,
     rle_intersections,
 )
-from hassod.discover.masks import masks_to_rle
+from hassod.rle import masks_to_rle
 
 SIZE = 64
 

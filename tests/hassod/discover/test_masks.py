@@ -7,23 +7,17 @@ from scipy import ndimage
 
 from hassod.discover import masks as masks_module
 from hassod.discover.masks import (
-    MaskCrop,
     MaskFilterSettings,
-    RleMasks,
     bilinear_taps,
     corner_counts,
-    crops_to_rle,
     fill_holes,
     mask_areas,
     masks_to_boxes_xywh,
-    masks_to_rle,
     postprocess_masks,
     postprocess_to_rles,
     resize_masks,
-    rle_areas,
-    rle_boxes_xywh,
-    rle_to_masks,
 )
+from hassod.rle import MaskCrop, RleMasks, crops_to_rle, masks_to_rle, rle_areas, rle_boxes_xywh, rle_to_masks
 
 
 def blank(count: int, height: int = 40, width: int = 50) -> np.ndarray:

@@ -9,8 +9,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hassod.discover.coco import ImageRecord, build_coco
-from hassod.discover.masks import mask_areas, masks_to_boxes_xywh, masks_to_rle
+from hassod.discover.coco import build_coco
+from hassod.runs import ImageRecord
+from hassod.discover.masks import mask_areas, masks_to_boxes_xywh
+from hassod.rle import masks_to_rle
 from hassod.synthetic import Scene, make_scene
 
 
