@@ -27,6 +27,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from hassod.errors import UserError
 from hassod.discover.recipes import RegionRecipe, settings_from_dict
 
 from .catalog import Catalog, ImageRecord, IncompatibleIndexError, NewRegion
@@ -38,11 +39,11 @@ from .vectors import VectorFileError, VectorStore, validate_index_type
 from .whitening import PCAWhitening
 
 
-class IncompatibleSourceError(RuntimeError):
+class IncompatibleSourceError(UserError, RuntimeError):
     """The index was built from another region source."""
 
 
-class WhiteningError(ValueError):
+class WhiteningError(UserError, ValueError):
     """The collection's vectors cannot give the requested whitening."""
 
 

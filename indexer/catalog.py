@@ -45,6 +45,8 @@ from sqlalchemy.engine import Engine, Row, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from hassod.errors import UserError
+
 FORMAT_VERSION = 1
 """Version of the catalog schema and config layout; bumped on incompatible changes."""
 
@@ -61,11 +63,11 @@ _CHUNK = 10_000
 _Id64 = BigInteger().with_variant(Integer, "sqlite")
 
 
-class IncompatibleIndexError(RuntimeError):
+class IncompatibleIndexError(UserError, RuntimeError):
     """The index was built with another backbone, weights or descriptor than requested."""
 
 
-class CatalogUnavailableError(RuntimeError):
+class CatalogUnavailableError(UserError, RuntimeError):
     """The catalog's database cannot be opened: a malformed URL, an unknown driver, or no server there."""
 
 

@@ -13,6 +13,7 @@ import json
 import uuid
 from pathlib import Path
 
+from hassod.errors import UserError
 from hassod.locks import exclusive
 
 from .catalog import Catalog, IncompatibleIndexError, masked_url
@@ -25,7 +26,7 @@ WHITENING_FILE = "whitening.npz"
 LOCK_FILE = "build.lock"
 
 
-class IndexNotFoundError(FileNotFoundError):
+class IndexNotFoundError(UserError, FileNotFoundError):
     """No index at the given directory."""
 
 

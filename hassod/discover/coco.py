@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..errors import UserError
 from ..locks import lock_or_refuse
 
 LEVEL_NAMES = ("whole", "part", "subpart")
@@ -38,7 +39,7 @@ class ImageRecord:
     error: str | None = None
 
 
-class SettingsMismatchError(RuntimeError):
+class SettingsMismatchError(UserError, RuntimeError):
     """The progress log on disk was made with other settings."""
 
 

@@ -19,6 +19,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from ..errors import UserError
+
 # A weights id is this many hex digits of the file's sha256: enough to tell
 # checkpoints apart in an index's configuration, short enough to read.
 WEIGHTS_ID_LENGTH = 16
@@ -37,11 +39,11 @@ HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin")
 WRAPPER_PREFIXES = ("module.", "backbone.")
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class WeightsNotFoundError(UserError, FileNotFoundError):
     """No weight source produced a file; ``str()`` says how to supply one."""
 
 
-class WeightsFormatError(ValueError):
+class WeightsFormatError(UserError, ValueError):
     """A weight file was found but does not fit the backbone (keys or shapes)."""
 
 

@@ -31,13 +31,14 @@ import torch
 from pycocotools import mask as mask_utils
 
 from ..discover.masks import coded_rles
+from ..errors import UserError
 from ..images import DEFAULT_MAX_PIXELS, ImageError, load_rgb, resize_image
 from .views import StrongAugmentation, strong_view
 
 Key = tuple[int, int, int]  # (step, slot in the global batch, dataset index)
 
 
-class PseudoLabelError(ValueError):
+class PseudoLabelError(UserError, ValueError):
     """The pseudo-label file cannot be used for training; ``str()`` is a one-line reason."""
 
 
