@@ -3,11 +3,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .errors import UserError
+
 if TYPE_CHECKING:
     import torch
 
 
-class DeviceError(ValueError):
+class DeviceError(UserError, ValueError):
     """A device that does not exist here (e.g. ``cuda`` on a machine without a GPU, or a typo)."""
 
 

@@ -9,11 +9,18 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-from typing import Any, Sequence
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from .detect import DetectOptions, Detector
 
 MAX_DETS = (10, 100, 1000)
 
@@ -93,8 +100,13 @@ def _summarise(runner: COCOeval, max_dets: Sequence[int]) -> dict[str, float]:
 LEVELS = ("whole", "part", "subpart")  # predicted hier_level 0, 1, 2
 
 
-class GroundTruthError(ValueError):
+class GroundTruthError(UserError, ValueError):
     """A ground-truth file that cannot be evaluated against; ``str()`` says why."""
+
+
+class DetectionsError(UserError, ValueError):
+    """Detections that cannot be evaluated against the ground truth (unreadable, malformed, on none of
+    its images); ``str()`` names the file and says why."""
 
 
 def check_ground_truth(gt: dict[str, Any]) -> None:
@@ -203,3 +215,127 @@ def format_report(report: dict[str, Any]) -> str:
 
 def _percent(value: float) -> str:
     return "-" if value < 0 else f"{100 * value:.1f}"
+
+
+# Reading detections and ground truth from files, as `hassod eval` does.
+
+
+def read_json(path: str | Path, error: type[UserError] = DetectionsError) -> Any:
+    """The JSON document at ``path``; raises ``error`` naming the file when it cannot be read."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path}: not a readable JSON file ({exc})") from exc
+
+
+def read_ground_truth(path: str | Path) -> dict[str, Any]:
+    """The COCO dataset at ``path``, checked by :func:`check_ground_truth`; errors name the file."""
+    gt = read_json(path, GroundTruthError)
+    try:
+        check_ground_truth(gt)
+    except GroundTruthError as exc:
+        raise GroundTruthError(f"{path}: {exc}") from exc
+    return gt
+
+
+def read_predictions(path: str | Path, gt: dict[str, Any]) -> tuple[list[dict[str, Any]], set[int] | None]:
+    """Detections with the ground truth's image ids, and the ground-truth ids of the images they cover.
+
+    A results list keeps its ids unless ``<name>.images.json`` (written by
+    `hassod detect`) lies beside it; a COCO dataset dict brings its own images.
+    Either way images are then matched to the ground truth by file name, and
+    the covered images are those listed (an image with no detection counts).
+    A bare results list lists no images: covered is then None (all of them).
+    """
+    from .detect import images_file
+
+    data = read_json(path)
+    if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+        detections = [{"score": 1.0, **ann} for ann in data["annotations"]]  # pseudo-labels may lack scores
+        return _matched(detections, data.get("images", []), gt)
+    if not isinstance(data, list):
+        raise DetectionsError(f"{path}: expected a COCO results list or a COCO dataset with 'annotations'")
+    if any(not isinstance(d, dict) or "image_id" not in d or "score" not in d or "bbox" not in d for d in data):
+        raise DetectionsError(f"{path}: every detection needs 'image_id', 'bbox' and 'score'")
+    sidecar = images_file(path)
+    if sidecar.exists():
+        return _matched(data, read_json(sidecar).get("images", []), gt)
+    return data, None
+
+
+def select_detections(detections: list[dict[str, Any]], options: DetectOptions) -> list[dict[str, Any]]:
+    """The detections that a detector run with ``options`` keeps: score and level filters,
+    then the best ``max_detections`` per image (a stable sort, as the detector's)."""
+    if len(options.levels) < 3 and any("hier_level" not in d for d in detections):
+        raise DetectionsError(
+            "--level needs detections with 'hier_level' (as `hassod detect` and `hassod discover` write)")
+    kept = [d for d in detections
+            if d["score"] >= options.score_thresh and (len(options.levels) == 3 or d["hier_level"] in options.levels)]
+    per_image: dict[Any, int] = {}
+    selected = []
+    for d in sorted(kept, key=lambda d: -d["score"]):
+        per_image[d["image_id"]] = per_image.get(d["image_id"], 0) + 1
+        if per_image[d["image_id"]] <= options.max_detections:
+            selected.append(d)
+    return selected
+
+
+def predictions_for(
+    gt: dict[str, Any], gt_path: str | Path, pred_path: str | Path, options: DetectOptions
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The detections of the file ``pred_path`` that ``options`` select, with ``gt``'s image ids, and
+    ``gt`` restricted to the images they cover (the others were never looked at)."""
+    detections, image_ids = read_predictions(pred_path, gt)
+    detections = select_detections(detections, options)
+    if image_ids is None:
+        return detections, gt
+    if not image_ids:
+        raise DetectionsError(f"none of the images of {pred_path} is in {gt_path}; do the file names match?")
+    return detections, subset_images(gt, image_ids)
+
+
+def detections_for(
+    gt: dict[str, Any], gt_path: str | Path, detector: Detector, images_path: str | Path, batch_size: int,
+    max_pixels: int, on_skip: Callable[[str, str], None] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run ``detector`` on the ground truth's files under ``images_path``.
+
+    Returns the results with the ground truth's image ids, and ``gt`` restricted
+    to the images that were found and readable (the others are left out, not
+    counted as misses). ``on_skip(path, reason)`` hears of each unreadable image.
+    """
+    from .detect import build_results, image_record
+    from .images import list_images
+
+    root = Path(images_path).resolve() if Path(images_path).is_dir() else Path(images_path).resolve().parent
+    # Only the ground truth's images: a folder may hold many more, and their detections would be ignored.
+    names = {image.get("file_name", "") for image in gt["images"]}
+    bases = {name.rsplit("/", 1)[-1] for name in names}
+    paths = [p for p in list_images([images_path])
+             if _relative_name(p, root) in names or Path(p).name in bases]
+    records = [image_record(p, image, found, error)
+               for p, image, found, error in detector.detect_paths(paths, batch_size, max_pixels)]
+    for record in records:
+        if record.error is not None and on_skip is not None:
+            on_skip(record.path, record.error)
+    results, images, _ = build_results(records, root)
+    detections, covered = _matched(results, images, gt)  # every readable image is covered, detections or not
+    if not covered:
+        raise DetectionsError(f"none of the images of {gt_path} was found (and readable) in {images_path}")
+    return detections, subset_images(gt, covered)
+
+
+def _matched(
+    detections: list[dict[str, Any]], images: list[dict[str, Any]], gt: dict[str, Any]
+) -> tuple[list[dict[str, Any]], set[int]]:
+    """``detections`` with the ground truth's image ids, and the ground-truth ids of ``images``."""
+    placeholders = [{"image_id": image["id"]} for image in images]
+    covered = {d["image_id"] for d in match_image_ids(placeholders, images, gt)} - {None}
+    return match_image_ids(detections, images, gt), covered
+
+
+def _relative_name(path: str | Path, root: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(root).as_posix()
+    except ValueError:
+        return Path(path).name

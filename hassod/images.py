@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Iterable
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import UserError
+
 if TYPE_CHECKING:
     import torch
 
@@ -24,7 +26,7 @@ DEFAULT_MAX_PIXELS = 64_000_000
 Image.MAX_IMAGE_PIXELS = None
 
 
-class ImageError(Exception):
+class ImageError(UserError):
     """An input file that cannot be used as an image; ``str()`` is the reason."""
 
 

@@ -13,8 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from .errors import UserError
 
-class BusyError(RuntimeError):
+
+class BusyError(UserError, RuntimeError):
     """Another process is writing the same output."""
 
 

@@ -28,6 +28,7 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
+from .errors import UserError
 from .locks import lock_or_refuse
 
 LEVEL_NAMES = ("whole", "part", "subpart")
@@ -115,7 +116,7 @@ class ImageRecord:
     error: str | None = None
 
 
-class SettingsMismatchError(RuntimeError):
+class SettingsMismatchError(UserError, RuntimeError):
     """The progress log on disk was made with other settings."""
 
 

@@ -27,6 +27,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from hassod.errors import UserError
 from hassod.discover.recipes import RegionRecipe, settings_from_dict
 from hassod.runs import file_sha256
 
@@ -39,11 +40,11 @@ from .vectors import VectorFileError, VectorStore, validate_index_type
 from .whitening import PCAWhitening
 
 
-class IncompatibleSourceError(RuntimeError):
+class IncompatibleSourceError(UserError, RuntimeError):
     """The index was built from another region source."""
 
 
-class WhiteningError(ValueError):
+class WhiteningError(UserError, ValueError):
     """The collection's vectors cannot give the requested whitening."""
 
 
@@ -494,3 +495,27 @@ def _timed(items: Iterator[ImageRegions], timings: dict[str, float], key: str) -
         if item is None:
             return
         yield item
+
+
+def region_parts(backbone: str, weights: str | None, device: str, detector: str | None, use: str,
+                 regions_json: str | None, recipe: RegionRecipe, workers: int | None, batch_size: int,
+                 max_pixels: int) -> tuple[RegionSource, RegionDescriber]:
+    """The region source and describer a build asks for, made where they run (the driver, or each Ray actor):
+    regions from a detector checkpoint, a COCO file, or discovery with ``recipe``."""
+    from hassod.device import resolve_device
+    from hassod.features import build_backbone
+
+    from .descriptors import default_settings
+    from .regions import CocoRegions, DiscoveryRegions, detector_regions
+
+    model = build_backbone(backbone, weights=weights, device=resolve_device(device))
+    if detector:
+        # --batch-size is discovery's: a detected image holds its masks at full size, so the detector
+        # keeps its own (smaller) default.
+        source = detector_regions(detector, device=device, max_pixels=max_pixels, use=use)
+    elif regions_json:
+        source = CocoRegions(regions_json, max_pixels=max_pixels)
+    else:
+        source = DiscoveryRegions(model, recipe, workers=workers or os.cpu_count() or 1, batch_size=batch_size,
+                                  max_pixels=max_pixels)
+    return source, RegionDescriber(model, default_settings(model))

@@ -45,6 +45,7 @@ from sqlalchemy.engine import Engine, Row, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from hassod.errors import UserError
 from hassod.runs import LEVEL_NAMES
 
 FORMAT_VERSION = 1
@@ -60,11 +61,11 @@ _CHUNK = 10_000
 _Id64 = BigInteger().with_variant(Integer, "sqlite")
 
 
-class IncompatibleIndexError(RuntimeError):
+class IncompatibleIndexError(UserError, RuntimeError):
     """The index was built with another backbone, weights or descriptor than requested."""
 
 
-class CatalogUnavailableError(RuntimeError):
+class CatalogUnavailableError(UserError, RuntimeError):
     """The catalog's database cannot be opened: a malformed URL, an unknown driver, or no server there."""
 
 

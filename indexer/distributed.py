@@ -36,6 +36,8 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
+from hassod.errors import UserError
+
 from .build import BuildSummary, _changes, describe_image, open_build, record_image
 from .descriptors import RegionDescriber
 from .layout import vectors_path
@@ -49,7 +51,7 @@ SHARDS_DIR = "shards"
 Parts = Callable[[], "tuple[RegionSource, RegionDescriber]"]  # picklable: each actor calls it once
 
 
-class DistributedBuildError(RuntimeError):
+class DistributedBuildError(UserError, RuntimeError):
     """A Ray build that cannot run as asked (the message says why, in one line)."""
 
 

@@ -15,6 +15,7 @@ import json
 import uuid
 from pathlib import Path
 
+from hassod.errors import UserError
 from hassod.locks import exclusive
 from hassod.runs import atomic_write
 
@@ -28,7 +29,7 @@ WHITENING_FILE = "whitening.npz"
 LOCK_FILE = "build.lock"
 
 
-class IndexNotFoundError(FileNotFoundError):
+class IndexNotFoundError(UserError, FileNotFoundError):
     """No index at the given directory."""
 
 

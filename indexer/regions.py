@@ -24,6 +24,7 @@ from hassod.discover.collection import discover_records
 from hassod.discover.recipes import RegionRecipe, settings_from_dict
 from hassod.discover.search import SearchSettings
 from hassod.features import Backbone
+from hassod.errors import UserError
 from hassod.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb
 from hassod.rle import segmentation_rle
 
@@ -215,7 +216,7 @@ class CocoRegions:
             yield ImageRegions(path, image, _coco_regions(entry[1], image.shape[:2]))
 
 
-class RegionsFileError(ValueError):
+class RegionsFileError(UserError, ValueError):
     """A regions file that is not a COCO file of images and annotations with masks."""
 
 
@@ -308,7 +309,7 @@ def detector_regions(
     return DetectorRegions(checkpoint, device=device, batch_size=batch_size, max_pixels=max_pixels, use=use)
 
 
-class QuerySourceError(ValueError):
+class QuerySourceError(UserError, ValueError):
     """The regions of a whole-image query cannot be found the way the index found its own; ``str()`` says why."""
 
 

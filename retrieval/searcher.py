@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from hassod.errors import UserError
 from hassod.images import DEFAULT_MAX_PIXELS, load_rgb
 from hassod.runs import LEVEL_NAMES
 from indexer.catalog import IncompatibleIndexError
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 _SHOWN_TIE = 1e-4
 
 
-class QueryError(ValueError):
+class QueryError(UserError, ValueError):
     """A query that cannot be answered as asked (bad box, unreadable image, unknown level)."""
 
 

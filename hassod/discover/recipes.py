@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Union
 
+from ..errors import UserError
 from . import RECIPES
 from .pipeline import DiscoverySettings
 from .search import SearchSettings
@@ -22,7 +23,7 @@ from .search import SearchSettings
 RegionRecipe = Union[DiscoverySettings, SearchSettings]
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """Settings that the named recipe does not take; ``str()`` is a one-line message."""
 
 

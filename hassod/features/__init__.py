@@ -14,6 +14,7 @@ import os
 import torch
 
 from hassod.device import resolve_device
+from hassod.errors import UserError
 from hassod.features.base import Backbone
 from hassod.features.efficientnet import EfficientNetLite0, build_efficientnet_lite0
 from hassod.features.vit import DINO_SPECS, DinoViT, build_dino
@@ -26,10 +27,15 @@ __all__ = [
     "Backbone",
     "DinoViT",
     "EfficientNetLite0",
+    "UnknownBackboneError",
     "WeightsFormatError",
     "WeightsNotFoundError",
     "build_backbone",
 ]
+
+
+class UnknownBackboneError(UserError, ValueError):
+    """A backbone name that is not one of :data:`BACKBONE_NAMES`."""
 
 
 def build_backbone(
@@ -47,12 +53,13 @@ def build_backbone(
         random_init: random weights instead (tests only); excludes ``weights``.
 
     Raises:
-        ValueError: unknown name, or both ``weights`` and ``random_init``.
+        UnknownBackboneError: unknown name (a ValueError).
+        ValueError: both ``weights`` and ``random_init``.
         WeightsNotFoundError: no weight source available.
         WeightsFormatError: the weight file does not fit the backbone.
     """
     if name not in BACKBONE_NAMES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONE_NAMES)}")
+        raise UnknownBackboneError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONE_NAMES)}")
     if random_init and weights is not None:
         raise ValueError("give either weights or random_init=True, not both")
     if name == "efficientnet_lite0":

@@ -20,6 +20,8 @@ import torch
 
 from hassod.runs import file_sha256
 
+from ..errors import UserError
+
 # A weights id is this many hex digits of the file's sha256: enough to tell
 # checkpoints apart in an index's configuration, short enough to read.
 WEIGHTS_ID_LENGTH = 16
@@ -38,11 +40,11 @@ HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin")
 WRAPPER_PREFIXES = ("module.", "backbone.")
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class WeightsNotFoundError(UserError, FileNotFoundError):
     """No weight source produced a file; ``str()`` says how to supply one."""
 
 
-class WeightsFormatError(ValueError):
+class WeightsFormatError(UserError, ValueError):
     """A weight file was found but does not fit the backbone (keys or shapes)."""
 
 

@@ -16,13 +16,14 @@ from typing import Any
 
 import torch
 
+from hassod.errors import UserError
 from hassod.runs import atomic_write
 from hassod.model.detector import DetectorSettings, HierarchicalDetector, build_detector
 
 CHECKPOINT_FORMAT = "hassod-detector-v1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint path is missing, unreadable, or not a hassod detector checkpoint."""
 
 

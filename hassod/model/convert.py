@@ -210,3 +210,21 @@ def read_detectron2_file(path: str | os.PathLike) -> dict[str, Any]:
     if data.get("format") == CHECKPOINT_FORMAT:
         raise WeightsFormatError(f"{path} is already a hassod detector checkpoint: use it as it is")
     return dict(data)
+
+
+def convert_checkpoint(path: str | os.PathLike) -> tuple[torch.nn.Module, Any, int]:
+    """The hassod detector a detectron2 checkpoint file holds: (model, its settings, tensors converted).
+
+    Raises:
+        WeightsFormatError: the file cannot be read, or its weights do not fit the detector.
+    """
+    from hassod.model.detector import build_detector
+
+    state = convert_detectron2(read_detectron2_file(path))
+    settings = settings_for(state)
+    model = build_detector(settings, random_init=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise WeightsFormatError(str(exc)) from exc
+    return model, settings, len(state)

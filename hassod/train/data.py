@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
+from ..errors import UserError
 from ..images import DEFAULT_MAX_PIXELS, ImageError, load_rgb, resize_image
 from ..rle import segmentation_rle
 from .views import StrongAugmentation, strong_view
@@ -37,7 +38,7 @@ from .views import StrongAugmentation, strong_view
 Key = tuple[int, int, int]  # (step, slot in the global batch, dataset index)
 
 
-class PseudoLabelError(ValueError):
+class PseudoLabelError(UserError, ValueError):
     """The pseudo-label file cannot be used for training; ``str()`` is a one-line reason."""
 
 

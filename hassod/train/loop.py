@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from ..errors import UserError
 from ..model import CheckpointError, DetectorSettings, build_detector, read_checkpoint, save_checkpoint
 from .data import Batch, IndexStream, PseudoLabelDataset, collate
 from .distributed import mean_over_processes, setup_distributed
@@ -40,7 +41,8 @@ from .mean_teacher import fixed_input_size, loss_weights, teacher_detections, te
 from .settings import RESUME_FREE, TrainSettings, settings_differences
 from .solver import TwoPhaseSchedule, WarmupSchedule, build_optimizer, build_scheduler, clip_gradients
 
-class TrainError(RuntimeError):
+
+class TrainError(UserError, RuntimeError):
     """A run that cannot start or go on; ``str()`` is a one-line reason for the user."""
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import faiss
 
+from hassod.errors import UserError
+
 NAMED_KINDS = ("flat", "ivf", "ivfsq", "ivfpq", "hnsw", "pqfs", "ondisk")
 _IVF_KINDS = ("ivf", "ivfsq", "ivfpq", "pqfs", "ondisk")  # planned with an nlist
 _LOSSY_KINDS = ("ivfsq", "ivfpq")  # exact (flat) until ``lossy_min_train`` vectors exist
@@ -100,7 +102,7 @@ class IndexPlan:
     factory: str | None = None
 
 
-class IndexTypeError(ValueError):
+class IndexTypeError(UserError, ValueError):
     """An ``--index-type`` that is neither a named kind nor a usable faiss factory string."""
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from hassod.detect_cli import detect, evaluate_command
+from retrieval.cli.detect import detect, evaluate_command
 
 METRICS = {"AP", "AP50", "AP75", "AR@10", "AR@100", "AR@1000", "AR_small", "AR_medium", "AR_large"}
 

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from PIL import Image
 from pycocotools.coco import COCO
 
-from hassod.cli import main
+from retrieval.cli import main
 from hassod.discover.levels import coverage_matrix
 from tests.conftest import limit_file_size
 
@@ -100,7 +100,7 @@ def test_outputs_written_inside_the_folder_are_not_taken_for_images(tmp_path, co
 
 
 def _run_cli(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "hassod.cli", *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "retrieval.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -151,7 +151,7 @@ def test_a_refused_write_is_one_line_and_the_run_continues(tmp_path, coco128_ima
     room = len(lines[0]) + len(lines[1]) + len(lines[2]) // 2
 
     out = tmp_path / "pseudo.json"
-    refused = subprocess.run([sys.executable, "-m", "hassod.cli", *args, "--out", str(out)], capture_output=True,
+    refused = subprocess.run([sys.executable, "-m", "retrieval.cli", *args, "--out", str(out)], capture_output=True,
                              text=True, timeout=300, preexec_fn=lambda: limit_file_size(room))
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
     assert refused.stderr.strip().splitlines()[-1] == (

@@ -6,7 +6,7 @@ import errno
 import pytest
 import sqlalchemy as sa
 
-from hassod.console import storage_error
+from retrieval.cli.console import storage_error
 
 
 def test_os_errors_by_kind():

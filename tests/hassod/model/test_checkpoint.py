@@ -6,7 +6,7 @@ import errno
 import pytest
 import torch
 
-from hassod.console import storage_error
+from retrieval.cli.console import storage_error
 from hassod.model import CheckpointError, DetectorSettings, load_detector, read_checkpoint, save_checkpoint
 
 from tests.conftest import file_size_limit

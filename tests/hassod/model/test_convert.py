@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from hassod.convert_cli import convert
+from retrieval.cli.convert import convert
 from hassod.features.weights import WeightsFormatError
 from hassod.model import DetectorSettings, build_detector, load_detector
 from hassod.model.convert import convert_detectron2, convert_dino_resnet

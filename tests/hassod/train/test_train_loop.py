@@ -14,7 +14,7 @@ from hassod.model import DetectorSettings, read_checkpoint
 from hassod.train.data import Augmentation
 from hassod.train.loop import TrainError, train
 from hassod.train.settings import TrainSettings
-from hassod.train_cli import train as train_command
+from retrieval.cli.train import train as train_command
 from tests.hassod.train.train_helpers import read_log, write_scenes
 
 SETTINGS = TrainSettings(batch_size=2, iterations=8, warmup_iters=2, checkpoint_period=3, device="cpu",
@@ -103,7 +103,7 @@ def test_cli_trains_and_reports(pseudo, tmp_path):
 def test_a_second_training_into_the_same_folder_is_refused_while_one_runs(pseudo, tmp_path):
     import fcntl
 
-    from hassod.cli import main
+    from retrieval.cli import main
 
     out = tmp_path / "run"
     out.mkdir()

@@ -1,16 +1,22 @@
-"""Console output shared by every `hassod` command: one-line errors and run summaries."""
+"""Console output shared by every `hassod` command: one-line errors and run summaries.
+
+Every command is a :class:`Command` and every group a :class:`Commands`: a
+:class:`~hassod.errors.UserError` raised anywhere below, or a write refused by the
+storage, ends as one ``error: …`` line with exit status 2 instead of a traceback,
+whether the command runs inside the ``hassod`` group or on its own.
+"""
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import sqlite3
 import sys
+from collections.abc import Iterator
 
 import click
 
-from .device import DeviceError
-from .errors import UserError
-from .locks import BusyError
+from hassod.errors import UserError
 
 # A full disk (or quota, or file-size limit) while writing: every long job
 # saves its finished work as it goes, so the same command continues.
@@ -25,6 +31,16 @@ def fail(message: str) -> None:
     """Print a one-line error and exit with status 2 (bad input, not a crash)."""
     click.echo(f"error: {message}", err=True)
     sys.exit(2)
+
+
+@contextlib.contextmanager
+def naming(what: str, error: type[UserError]) -> Iterator[None]:
+    """An ``error`` raised inside says first what the user named: ``{what}: {message}``
+    (e.g. ``--detector d.pt: …``, for the option whose file it was)."""
+    try:
+        yield
+    except error as exc:
+        raise UserError(f"{what}: {exc}") from exc
 
 
 def storage_error(exc: BaseException) -> str | None:
@@ -48,23 +64,39 @@ def storage_error(exc: BaseException) -> str | None:
     return None
 
 
-class Commands(click.Group):
-    """The ``hassod`` command group: a :class:`~hassod.errors.UserError`, a device that is not
-    there, an output another run is writing, or a write refused by the storage ends in a one-line
-    error, not a traceback, whichever command met it."""
+def _reported(invoke, ctx: click.Context):
+    """``invoke(ctx)``, with the errors a user can cause said in one line (exit 2) instead of a traceback."""
+    try:
+        return invoke(ctx)
+    except UserError as exc:
+        fail(str(exc))
+    except Exception as exc:
+        message = storage_error(exc)
+        if message is None and isinstance(exc, OSError) and exc.errno in _NO_SUCH_PATH and exc.filename:
+            message = f"{(exc.strerror or str(exc)).lower()}: {exc.filename}"
+        if message is None:
+            raise
+        fail(message)
+
+
+class Command(click.Command):
+    """A ``hassod`` command: a :class:`~hassod.errors.UserError` (a bad file, a device that is not
+    there, an output another run is writing…) or a write refused by the storage ends in a one-line
+    error, not a traceback."""
 
     def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except (DeviceError, BusyError, UserError) as exc:
-            fail(str(exc))
-        except Exception as exc:
-            message = storage_error(exc)
-            if message is None and isinstance(exc, OSError) and exc.errno in _NO_SUCH_PATH and exc.filename:
-                message = f"{(exc.strerror or str(exc)).lower()}: {exc.filename}"
-            if message is None:
-                raise
-            fail(message)
+        return _reported(super().invoke, ctx)
+
+
+class Commands(click.Group):
+    """A ``hassod`` command group: its commands are :class:`Command` s, and it reports errors the
+    same way for whatever runs below it."""
+
+    command_class = Command
+    group_class = type
+
+    def invoke(self, ctx: click.Context):
+        return _reported(super().invoke, ctx)
 
 
 def report(summary, problems: list[tuple[str, str]], verb: str, as_json: bool) -> None:

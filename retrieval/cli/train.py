@@ -1,4 +1,4 @@
-"""`hassod train`: the click command over :func:`hassod.train.loop.train`."""
+"""`hassod train`: stage 2 over :func:`hassod.train.loop.train`, on one process or each of a torchrun launch."""
 from __future__ import annotations
 
 import contextlib
@@ -8,11 +8,13 @@ from pathlib import Path
 
 import click
 
-from .console import fail
-from .locks import exclusive
+from hassod.locks import exclusive
+
+from .console import Command, fail
+from .options import device_option, json_option
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("--pseudo", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Pseudo-labels (COCO JSON written by `hassod discover`).")
 @click.option("--images", "images_dir", type=click.Path(file_okay=False, path_type=Path),
@@ -54,28 +56,27 @@ from .locks import exclusive
               help="Folder of the --eval-gt images [its info.root, else its folder].")
 @click.option("--eval-period", default=0, show_default=True, type=click.IntRange(min=0),
               help="Evaluate every N iterations (0: only at the end).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@device_option()
 @click.option("--no-amp", is_flag=True, help="Train in fp32 on CUDA too.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from last.pth (same options as the first call).")
 @click.option("--seed", default=0, show_default=True, type=int,
               help="Seeds initialisation, data order and augmentation.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0),
               help="Data-loading processes (0: in the main process).")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@json_option()
 def train(pseudo, images_dir, out, backbone, backbone_weights, random_init, sizes, test_size, max_size,
           batch_size, iterations, burn_in, ema_keep, teacher_thresh, mt_warmup_iters, lr, warmup_iters, lr_decay, checkpoint_period, eval_gt, eval_images, eval_period, device, no_amp, resume,
           seed, workers, as_json):
     """Stage 2: train the hierarchical detector on stage-1 pseudo-labels (SGD, warm-up, copy-paste, flip),
     then, with --burn-in, Mean Teacher with adaptive targets.
 
-    Multi-GPU: launch with `torchrun --nproc_per_node N -m hassod.cli train ...`.
+    Multi-GPU: launch with `torchrun --nproc_per_node N -m retrieval.cli train ...`.
     """
-    from .device import resolve_device
-    from .model import DetectorSettings
-    from .train.distributed import launch_rank
-    from .train.loop import TrainError
-    from .train.loop import train as run_training
-    from .train.settings import TrainSettings
+    from hassod.device import resolve_device
+    from hassod.model import DetectorSettings
+    from hassod.train.distributed import launch_rank
+    from hassod.train.loop import train as run_training
+    from hassod.train.settings import TrainSettings
 
     if backbone_weights and random_init:
         fail("--backbone-weights and --random-init exclude each other")
@@ -83,10 +84,7 @@ def train(pseudo, images_dir, out, backbone, backbone_weights, random_init, size
         fail(f"--burn-in ({burn_in}) is at most --iterations ({iterations}); the Mean Teacher phase is the rest")
     if (eval_images or eval_period) and not eval_gt:
         fail("--eval-images and --eval-period go with --eval-gt, the held-out ground truth to evaluate on")
-    try:
-        resolve_device(device)
-    except (ValueError, RuntimeError) as exc:
-        fail(str(exc))
+    resolve_device(device)  # a device that is not there is said before any work
     detector = DetectorSettings.tiny() if backbone == "tiny" else dataclasses.replace(DetectorSettings(),
                                                                                         backbone=backbone)
     detector = dataclasses.replace(detector, **_image_sizes(sizes, test_size, max_size))
@@ -95,13 +93,10 @@ def train(pseudo, images_dir, out, backbone, backbone_weights, random_init, size
                              warmup_iters=warmup_iters,
                              lr_decay=lr_decay, checkpoint_period=checkpoint_period, eval_period=eval_period,
                              device=device, amp=not no_amp, seed=seed, workers=workers)
-    try:
-        with _one_run_per_folder(out, main_process=launch_rank() == 0):
-            result = run_training(settings, detector, pseudo, images_dir, out, backbone_weights=backbone_weights,
-                                  resume=resume, eval_gt=eval_gt, eval_images=eval_images, random_init=random_init,
-                                  progress=not as_json)
-    except TrainError as exc:
-        fail(str(exc))
+    with _one_run_per_folder(out, main_process=launch_rank() == 0):
+        result = run_training(settings, detector, pseudo, images_dir, out, backbone_weights=backbone_weights,
+                              resume=resume, eval_gt=eval_gt, eval_images=eval_images, random_init=random_init,
+                              progress=not as_json)
     summary = {
         "iteration": result.iteration, "finished": result.finished, "seconds": round(result.seconds, 1),
         "last_checkpoint": str(result.last_checkpoint),

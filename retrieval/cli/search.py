@@ -1,4 +1,4 @@
-"""`hassod search`, and the full `hassod` command (this package sits on top of the others)."""
+"""`hassod search` and `hassod serve`: over :class:`retrieval.searcher.Searcher` and :mod:`retrieval.server`."""
 from __future__ import annotations
 
 import json
@@ -6,14 +6,12 @@ from pathlib import Path
 
 import click
 
-from hassod.cli import main
-from hassod.console import fail
-from hassod.images import DEFAULT_MAX_PIXELS
-from indexer.cli import index
+from .console import Command, fail
+from .options import LEVEL_CHOICES, device_option, index_option, json_option, max_pixels_option, options
 
 
 def _parse_box(value: str | None) -> tuple[float, ...] | None:
-    from .searcher import QueryError, parse_box
+    from retrieval.searcher import QueryError, parse_box
 
     try:
         return None if value is None else parse_box(value)
@@ -24,54 +22,40 @@ def _parse_box(value: str | None) -> tuple[float, ...] | None:
 def _open_searcher(
     index_dir: Path, device: str, weights: str | None, detector: str | None, load_backbone: bool = True
 ):
-    """The index's Searcher, or a one-line error (no index, another backbone, missing weights).
-    Without ``load_backbone`` (region-id queries) torch is not even imported."""
+    """The index's Searcher. Without ``load_backbone`` (region-id queries) torch is not even imported."""
     from hassod.device import resolve_device
-    from indexer.catalog import CatalogUnavailableError, IncompatibleIndexError
-
-    from .searcher import Searcher
+    from retrieval.searcher import Searcher
 
     if load_backbone or device != "auto":  # "auto" is always there; checking it would import torch
         resolve_device(device)  # a device that is not there is the first thing to say
-    try:
-        return Searcher(index_dir, device=None if device == "auto" else device, weights=weights, detector=detector,
-                        load_backbone=load_backbone)
-    # FileNotFoundError: IndexNotFoundError, or WeightsNotFoundError (named here, its module imports torch).
-    except (FileNotFoundError, IncompatibleIndexError, CatalogUnavailableError) as exc:
-        fail(str(exc))
+    return Searcher(index_dir, device=None if device == "auto" else device, weights=weights, detector=detector,
+                    load_backbone=load_backbone)
 
 
-_SEARCHER_OPTIONS = (
+# The options with which search and serve open an index and read query images.
+searcher_options = options(
     click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Backbone weights, as at build."),
     click.option("--detector", type=click.Path(exists=True, dir_okay=False),
                  help="The index's detector checkpoint, if moved since the build (whole-image queries)."),
-    click.option("--device", default="auto", show_default=True),
-    click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1),
-                 help="Refuse query images larger than this."),
+    device_option(help=None),
+    max_pixels_option("Refuse query images larger than this."),
 )
 
 
-def _searcher_options(command):
-    """The options with which search and serve open an index and read query images."""
-    for option in reversed(_SEARCHER_OPTIONS):
-        command = option(command)
-    return command
-
-
-@click.command()
-@click.option("--index", "index_dir", required=True, type=click.Path(path_type=Path), help="Index directory.")
+@click.command(cls=Command)
+@index_option()
 @click.option("--query", type=click.Path(path_type=Path), help="Query image.")
 @click.option("--box", help="x0,y0,x1,y1 in query-image pixels; without it the whole image is the query.")
 @click.option("--region", "region_id", type=int, help="Query by an indexed region id instead of an image.")
-@click.option("--level", type=click.Choice(["whole", "part", "subpart"]), help="Only match regions of this level.")
+@click.option("--level", type=click.Choice(LEVEL_CHOICES), help="Only match regions of this level.")
 @click.option("-k", "k", default=10, show_default=True, type=click.IntRange(min=1), help="Number of images.")
-@_searcher_options
-@click.option("--json", "as_json", is_flag=True, help="Print results as JSON lines.")
+@searcher_options
+@json_option("Print results as JSON lines.")
 @click.option("--html", "html_out", type=click.Path(dir_okay=False, path_type=Path), help="Write a results page.")
 def search(index_dir, query, box, region_id, level, k, weights, detector, device, max_pixels, as_json, html_out):
     """Find the images of the index that contain the query region, best first, with the matched box."""
-    from .html import write_results_page
-    from .searcher import QueryError, check_box, load_query
+    from retrieval.html import write_results_page
+    from retrieval.searcher import check_box, load_query
 
     if (query is None) == (region_id is None):
         fail("give either --query IMAGE (optionally with --box) or --region ID")
@@ -89,8 +73,6 @@ def search(index_dir, query, box, region_id, level, k, weights, detector, device
             pixels = load_query(query, max_pixels)
             crop_box = None if box is None else tuple(check_box(_parse_box(box), pixels.shape[:2]))
             matches = searcher.search(pixels, box=crop_box, level=level, k=k)
-    except QueryError as exc:
-        fail(str(exc))
     finally:
         searcher.close()
     if not matches and not as_json:
@@ -112,11 +94,11 @@ def search(index_dir, query, box, region_id, level, k, weights, detector, device
             click.echo(f"results page: {html_out}")
 
 
-@click.command()
-@click.option("--index", "index_dir", required=True, type=click.Path(path_type=Path), help="Index directory.")
+@click.command(cls=Command)
+@index_option()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0: any free port.")
-@_searcher_options
+@searcher_options
 def serve(index_dir, host, port, weights, detector, device, max_pixels):
     """Serve the index: a web page that outlines every image's regions and searches by any of them (or a
     drawn box), and the HTTP API behind it."""
@@ -124,7 +106,7 @@ def serve(index_dir, host, port, weights, detector, device, max_pixels):
 
     import uvicorn
 
-    from .server import create_app
+    from retrieval.server import create_app
 
     searcher = _open_searcher(index_dir, device, weights, detector)
     # Bound here, not by uvicorn, so that a busy port is a one-line error.
@@ -141,11 +123,3 @@ def serve(index_dir, host, port, weights, detector, device, max_pixels):
     server = uvicorn.Server(uvicorn.Config(create_app(searcher, max_pixels=max_pixels), log_level="warning"))
     server.run(sockets=[listener])
 
-
-main.add_command(index)
-main.add_command(search)
-main.add_command(serve)
-app = main
-
-if __name__ == "__main__":
-    app()

@@ -1,34 +1,30 @@
-"""`hassod index build` and `hassod index stats`."""
+"""`hassod index build` and `hassod index stats`: over :func:`indexer.build.build_index` and the index's catalog."""
 from __future__ import annotations
 
 import functools
 import json
-import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
-from hassod.console import fail, report
 from hassod.discover import RECIPES
-from hassod.images import DEFAULT_MAX_PIXELS
 
-if TYPE_CHECKING:
-    from hassod.discover.recipes import RegionRecipe
+from .console import Commands, fail, naming, report
+from .options import (batch_size_option, device_option, images_argument, json_option, max_pixels_option,
+                      use_option, weights_option, workers_option)
 
 
-@click.group()
+@click.group(cls=Commands)
 def index() -> None:
     """Build and inspect a region index of an image collection."""
 
 
 @index.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@images_argument
 @click.option("--index", "index_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Index directory (created).")
 @click.option("--detector", type=click.Path(exists=True, dir_okay=False), help="Regions from a trained detector.")
-@click.option("--use", default="student", show_default=True, type=click.Choice(["student", "teacher"]),
-              help="With --detector: the checkpoint's student, or Mean Teacher's teacher.")
+@use_option("With --detector: the checkpoint's student, or Mean Teacher's teacher.")
 @click.option("--regions", "regions_json", type=click.Path(exists=True, dir_okay=False),
               help="Regions from a COCO file, e.g. the output of `hassod discover`.")
 @click.option("--recipe", type=click.Choice(RECIPES),
@@ -38,18 +34,18 @@ def index() -> None:
               help="search recipe: keep the best-scored N per image [200].")
 @click.option("--db", "db_url", help="SQLAlchemy URL of the catalog [sqlite file inside the index].")
 @click.option("--backbone", default="efficientnet_lite0", show_default=True)
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Backbone weight file.")
+@weights_option()
 @click.option("--index-type", default="auto", show_default=True,
               help="auto, flat, ivf, ivfsq, ivfpq, hnsw, pqfs (descriptors without neighbourhood structure), "
-                   "ondisk (inverted lists memory-mapped from the index folder: larger than memory).")
+                   "ondisk (inverted lists memory-mapped: indexes larger than memory).")
 @click.option("--whiten", is_flag=True,
               help="Learn a PCA-whitening of the descriptors at the first build; later builds and queries reuse it.")
 @click.option("--whiten-dim", type=click.IntRange(min=1),
               help="Whiten (as --whiten) and reduce the stored vectors to this many dimensions.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--workers", default=None, type=click.IntRange(min=1), help="Discovery processes [CPU count].")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
-@click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1))
+@device_option(help=None)
+@workers_option("Discovery processes [CPU count].")
+@batch_size_option(8)
+@max_pixels_option(help=None)
 @click.option("--ray", "ray_address", metavar="ADDRESS|auto",
               help="Compute regions and descriptors on this Ray cluster (pip install 'hassod[ray]'); "
                    "writes an ondisk index.")
@@ -58,20 +54,16 @@ def index() -> None:
 @click.option("--train-sample", type=click.IntRange(min=1),
               help="With --ray: vectors the IVF quantizer of a new index is trained on [50000; ~40 per list wanted].")
 @click.option("--shard-images", type=click.IntRange(min=1), help="With --ray: images per vector shard [1000].")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@json_option()
 def build(images, index_dir, detector, use, regions_json, recipe, max_regions, db_url, backbone, weights, index_type,
           whiten, whiten_dim, device, workers, batch_size, max_pixels, ray_address, actors, gpus_per_actor,
           train_sample, shard_images, as_json):
     """Index every whole, part and subpart region of IMAGES (files or folders); re-runs update it."""
-    from hassod.runs import progress_path
-    from hassod.discover.recipes import RecipeError, recipe_settings
-    from hassod.features import WeightsFormatError, WeightsNotFoundError
+    from hassod.discover.recipes import recipe_settings
     from hassod.images import list_images
-
-    from .build import IncompatibleSourceError, WhiteningError, WhiteningSettings, build_index, indexed_settings
-    from .catalog import CatalogUnavailableError, IncompatibleIndexError
-    from .regions import RegionsFileError
-    from .vectors import IndexTypeError
+    from hassod.model import CheckpointError
+    from hassod.runs import progress_path
+    from indexer.build import WhiteningSettings, build_index, indexed_settings, region_parts
 
     if detector and regions_json:
         fail("give either --detector (regions from a trained detector) or --regions (from a COCO file), not both")
@@ -88,76 +80,37 @@ def build(images, index_dir, detector, use, regions_json, recipe, max_regions, d
         fail("--actors, --gpus-per-actor, --train-sample and --shard-images go with --ray ADDRESS")
     if ray_address is not None and (whiten or whiten_dim or index_type not in ("auto", "ondisk")):
         fail("a --ray build writes an ondisk index without whitening: leave out --whiten, --whiten-dim, --index-type")
-    try:
-        # Without --recipe an index is updated the way it was built.
-        saved = None if recipe or detector or regions_json else indexed_settings(index_dir, db_url)
-        settings = saved if saved is not None and max_regions is None else recipe_settings(
-            recipe or (saved.recipe if saved else "search"), None, max_regions)
-        parts = functools.partial(region_parts, backbone=backbone, weights=weights, device=device, detector=detector,
-                                  use=use, regions_json=regions_json, recipe=settings, workers=workers,
-                                  batch_size=batch_size, max_pixels=max_pixels)
-        if ray_address is not None:
-            from .distributed import DistributedBuildError, build_index_ray
+    # Without --recipe an index is updated the way it was built.
+    saved = None if recipe or detector or regions_json else indexed_settings(index_dir, db_url)
+    settings = saved if saved is not None and max_regions is None else recipe_settings(
+        recipe or (saved.recipe if saved else "search"), None, max_regions)
+    parts = functools.partial(region_parts, backbone=backbone, weights=weights, device=device, detector=detector,
+                              use=use, regions_json=regions_json, recipe=settings, workers=workers,
+                              batch_size=batch_size, max_pixels=max_pixels)
+    if ray_address is not None:
+        from indexer.distributed import build_index_ray
 
-            sizes = {"train_sample": train_sample, "shard_images": shard_images}
-            try:
-                summary = build_index_ray(paths, index_dir, functools.partial(parts, workers=1), address=ray_address,
-                                          actors=actors, gpus_per_actor=gpus_per_actor, db_url=db_url,
-                                          roots=images, show_progress=not as_json,
-                                          **{k: v for k, v in sizes.items() if v is not None})
-            except DistributedBuildError as exc:
-                fail(str(exc))
-        else:
-            source, describer = parts()
-            whitening = WhiteningSettings(dim=whiten_dim) if whiten or whiten_dim else None
-            summary = build_index(paths, index_dir, source, describer, db_url=db_url,
-                                  index_type=index_type, show_progress=not as_json, whitening=whitening, roots=images)
-    except (WeightsNotFoundError, WeightsFormatError, IncompatibleIndexError, IncompatibleSourceError,
-            RegionsFileError, CatalogUnavailableError, IndexTypeError, WhiteningError, RecipeError,
-            NotImplementedError) as exc:
-        fail(str(exc))
-    report(summary, summary.errors, "skipped", as_json)
-
-
-def region_parts(backbone: str, weights: str | None, device: str, detector: str | None, use: str,
-                 regions_json: str | None, recipe: "RegionRecipe", workers: int | None, batch_size: int, max_pixels: int):
-    """The region source and describer a build asks for (in the driver, and in each Ray actor)."""
-    from hassod.device import resolve_device
-    from hassod.features import build_backbone
-
-    from .descriptors import RegionDescriber, default_settings
-    from .regions import CocoRegions, DiscoveryRegions, detector_regions
-
-    model = build_backbone(backbone, weights=weights, device=resolve_device(device))
-    if detector:
-        from hassod.model import CheckpointError
-
-        try:
-            # --batch-size is discovery's: a detected image holds its masks at full size, so the detector
-            # keeps its own (smaller) default.
-            source = detector_regions(detector, device=device, max_pixels=max_pixels, use=use)
-        except CheckpointError as exc:
-            fail(f"--detector {detector}: {exc}")
-    elif regions_json:
-        source = CocoRegions(regions_json, max_pixels=max_pixels)
+        sizes = {"train_sample": train_sample, "shard_images": shard_images}
+        summary = build_index_ray(paths, index_dir, functools.partial(parts, workers=1), address=ray_address,
+                                  actors=actors, gpus_per_actor=gpus_per_actor, db_url=db_url, roots=images,
+                                  show_progress=not as_json, **{k: v for k, v in sizes.items() if v is not None})
     else:
-        source = DiscoveryRegions(model, recipe, workers=workers or os.cpu_count() or 1, batch_size=batch_size,
-                                  max_pixels=max_pixels)
-    return source, RegionDescriber(model, default_settings(model))
+        with naming(f"--detector {detector}", CheckpointError):
+            source, describer = parts()
+        whitening = WhiteningSettings(dim=whiten_dim) if whiten or whiten_dim else None
+        summary = build_index(paths, index_dir, source, describer, db_url=db_url,
+                              index_type=index_type, show_progress=not as_json, whitening=whitening, roots=images)
+    report(summary, summary.errors, "skipped", as_json)
 
 
 @index.command()
 @click.argument("index_dir", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True)
+@json_option(help=None)
 def stats(index_dir, as_json):
     """Images, regions per level, vector index type and size of the index at INDEX_DIR."""
-    from .catalog import CatalogUnavailableError
-    from .layout import IndexNotFoundError, open_existing, vectors_path
+    from indexer.layout import open_existing, vectors_path
 
-    try:
-        catalog, store = open_existing(index_dir)
-    except (IndexNotFoundError, CatalogUnavailableError) as exc:
-        fail(str(exc))
+    catalog, store = open_existing(index_dir)
     data_files = [vectors_path(index_dir)] + sorted(Path(index_dir).glob("vectors.*.ivfdata"))
     with catalog:
         info = {**catalog.stats(), **_searchable(catalog, store), "vectors": store.info(),
