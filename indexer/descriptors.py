@@ -1,4 +1,4 @@
-"""Region descriptors: one backbone forward per image, RoI pooling of every region (DESIGN.md §7).
+"""Region descriptors: one backbone forward per image, RoI pooling of every region (docs/design.md §2, §8).
 
 >>> describer = RegionDescriber(build_backbone("efficientnet_lite0"), DescriptorSettings())
 >>> fmap = describer.feature_map([image])[0]          # one forward, aspect kept

@@ -1,4 +1,4 @@
-"""PCA-whitening of descriptors, learned from a collection at build time (DESIGN.md §7).
+"""PCA-whitening of descriptors, learned from a collection at build time (docs/design.md §8).
 
 Descriptors pooled from a CNN have a few dominant, correlated directions
 (bursty activations, the average "photo" appearance) that swamp cosine

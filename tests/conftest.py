@@ -19,7 +19,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 def shared_data() -> Path:
     """``../shared/data`` beside the repository (real photos with ground truth)."""
     if not (SHARED_DATA / "coco128" / "instances.json").exists():
-        pytest.fail(f"the development data folder is missing: expected {SHARED_DATA} (see DESIGN.md)")
+        pytest.fail(f"the development data folder is missing: expected {SHARED_DATA} (see ../shared/data/README.md)")
     return SHARED_DATA
 
 

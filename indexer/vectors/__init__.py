@@ -1,4 +1,4 @@
-"""FAISS vector store of region descriptors, keyed by region id (DESIGN.md §7).
+"""FAISS vector store of region descriptors, keyed by region id (docs/design.md §8).
 
 ``VectorStore`` (``store``) is the public face; each index kind is one module
 behind the ``IndexKind`` protocol (``kind``):

@@ -1,4 +1,4 @@
-"""FAISS vector store of region descriptors, keyed by region id (DESIGN.md §7).
+"""FAISS vector store of region descriptors, keyed by region id (docs/design.md §8).
 
 Descriptors are L2-normalised float32 vectors searched by inner product, so a
 score is a cosine similarity in [-1, 1]. The FAISS id of a vector *is* its
