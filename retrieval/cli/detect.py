@@ -54,7 +54,7 @@ def detect(images, checkpoint, out, levels, score_thresh, max_detections, use, d
            viz_dir, as_json):
     """Detect wholes, parts and subparts in IMAGES (files or folders) with a trained detector."""
     from hassod.detect import detect_collection, images_file
-    from hassod.discover.coco import progress_path
+    from hassod.runs import progress_path
     from hassod.images import list_images
 
     paths = list_images(images, exclude=[out, progress_path(out), images_file(out), viz_dir])

@@ -45,7 +45,7 @@ def discover(images, out, backbone, weights, thresholds, recipe, max_regions, de
              max_pixels, as_json):
     """Stage 1: discover wholes, parts and subparts in IMAGES (files or folders) without labels."""
     from hassod.device import resolve_device
-    from hassod.discover.coco import progress_path
+    from hassod.runs import progress_path
     from hassod.discover.collection import discover_collection
     from hassod.discover.recipes import recipe_settings
     from hassod.features import build_backbone

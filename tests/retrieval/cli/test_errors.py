@@ -13,7 +13,7 @@ from retrieval.cli import main
 
 def _user_errors() -> list[type[Exception]]:
     from hassod.device import DeviceError
-    from hassod.discover.coco import SettingsMismatchError
+    from hassod.runs import SettingsMismatchError
     from hassod.discover.recipes import RecipeError
     from hassod.evaluation import DetectionsError, GroundTruthError
     from hassod.features import UnknownBackboneError, WeightsFormatError, WeightsNotFoundError
