@@ -39,7 +39,7 @@ from hassod.images import load_rgb  # noqa: E402
 DATA = REPO.parent / "shared" / "data" / "coco128"
 
 
-def _resize_shortest(image: np.ndarray, edge: int) -> np.ndarray:
+def resize_shortest(image: np.ndarray, edge: int) -> np.ndarray:
     """(H, W, 3) uint8 → same aspect with min(H, W) == edge, bilinear."""
     tensor = torch.from_numpy(image).permute(2, 0, 1)[None].float()
     scale = edge / min(image.shape[:2])
@@ -115,7 +115,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     paths = sorted((DATA / "images").glob("*.jpg"))[: args.images + args.warmup]
-    images = [_resize_shortest(load_rgb(p), args.edge) for p in paths]
+    images = [resize_shortest(load_rgb(p), args.edge) for p in paths]
     options = DetectOptions(score_thresh=args.score_thresh, max_detections=args.max_detections)
     with tempfile.TemporaryDirectory() as scratch:
         checkpoint = Path(args.checkpoint) if args.checkpoint else _random_checkpoint(Path(scratch))

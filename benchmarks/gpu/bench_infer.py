@@ -30,16 +30,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from hassod.detect import DetectOptions, Detector, postprocess  # noqa: E402
+from benchmarks.bench_detect import resize_shortest  # noqa: E402
 from hassod.images import load_rgb  # noqa: E402
-
-
-def resize_shortest(image: np.ndarray, edge: int) -> np.ndarray:
-    """(H, W, 3) uint8 → same aspect with min(H, W) == edge, bilinear."""
-    tensor = torch.from_numpy(image).permute(2, 0, 1)[None].float()
-    scale = edge / min(image.shape[:2])
-    size = (round(image.shape[0] * scale), round(image.shape[1] * scale))
-    resized = torch.nn.functional.interpolate(tensor, size=size, mode="bilinear", align_corners=False, antialias=True)
-    return resized[0].round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
 
 
 def random_checkpoint(folder: Path, kind: str) -> Path:

@@ -22,6 +22,7 @@ SyncBatchNorm, gradients are averaged by DDP, and only rank 0 writes files.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -410,8 +411,6 @@ def _eval_images_dir(gt: dict[str, Any], gt_path: Path, eval_images: str | os.Pa
 
 
 def _read_gt(path: Path) -> dict[str, Any]:
-    import json
-
     try:
         gt = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -18,7 +18,6 @@ from fastapi import HTTPException
 from fastapi.testclient import TestClient
 from PIL import Image
 from pycocotools import mask as mask_utils
-from skimage import draw
 
 from hassod.synthetic import save_scenes
 from indexer.build import build_index
@@ -29,6 +28,7 @@ from retrieval.cli import app as cli
 from retrieval.searcher import Searcher
 from retrieval.outlines import MAX_POINTS
 from retrieval.server import _Upload, _Uploads, create_app
+from tests.retrieval.retrieval_helpers import polygon_mask
 
 
 @pytest.fixture(scope="module")
@@ -212,14 +212,6 @@ def test_a_later_build_is_picked_up_without_a_restart(tmp_path, instance_scenes,
         assert found["path"].endswith("scene_06.png") and found["score"] == pytest.approx(1.0, abs=1e-4)
 
 
-def _polygon_mask(shape: list, size: tuple[int, int]) -> np.ndarray:
-    """An outline rasterised with the even-odd rule (holes stay holes)."""
-    filled = np.zeros(size, dtype=bool)
-    for ring in shape:
-        xy = np.asarray(ring)
-        rows, cols = draw.polygon(xy[:, 1], xy[:, 0], size)
-        filled[rows, cols] ^= True
-    return filled
 
 
 def test_an_images_regions_come_with_their_outlines(served, instance_scenes):
@@ -237,7 +229,7 @@ def test_an_images_regions_come_with_their_outlines(served, instance_scenes):
         x0, y0, x1, y1 = record.box
         assert (points >= [x0, y0]).all() and (points <= [x1, y1]).all()
         mask = mask_utils.decode(record.mask_rle).astype(bool)
-        traced = _polygon_mask(region["outline"], mask.shape)
+        traced = polygon_mask(region["outline"], mask.shape)
         assert (mask & traced).sum() / (mask | traced).sum() > 0.8  # the outline follows the mask, not its box
 
     parts = client.get(f"/api/images/{image_id}/regions", params={"level": "part"}).json()["regions"]

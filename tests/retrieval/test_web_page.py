@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 from scipy import ndimage
-from skimage import draw
 
 from hassod.runs import LEVEL_NAMES
 from indexer.catalog import Catalog, RegionRecord
 from indexer.layout import open_existing
+from tests.retrieval.retrieval_helpers import polygon_mask
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALL_HINT = "run .ci/install_chromium.sh (as root) to install Debian's chromium and chromium-driver"
@@ -322,7 +322,7 @@ def test_an_uploaded_images_regions_are_found_and_searched(page, catalog, scenes
 
     # Click the largest region found that holds some of the view alone (smaller ones can tile a larger one).
     size = (page.driver.execute_script("return view.height"), page.driver.execute_script("return view.width"))
-    masks = [_polygon_mask(r["outline"], size) for r in found]
+    masks = [polygon_mask(r["outline"], size) for r in found]
     for target in np.argsort([-r["area"] for r in found], kind="stable").tolist():
         free = _free_area(masks[target], [m for m, r in zip(masks, found) if r["area"] < found[target]["area"]])
         if free.max() >= 3:
@@ -335,12 +335,3 @@ def test_an_uploaded_images_regions_are_found_and_searched(page, catalog, scenes
     assert results == [(r["image_id"], r["region_id"]) for r in expected]
     assert Path(expected[0]["path"]).name == "scene_05.png"  # the same picture is in the index
     page.screenshot("upload_region_results")
-
-
-def _polygon_mask(outline: list, size: tuple[int, int]) -> np.ndarray:
-    filled = np.zeros(size, dtype=bool)
-    for ring in outline:
-        xy = np.asarray(ring)
-        rows, cols = draw.polygon(xy[:, 1], xy[:, 0], size)
-        filled[rows, cols] ^= True
-    return filled
