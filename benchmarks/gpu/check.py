@@ -365,7 +365,8 @@ def main() -> None:
                 pkg = importlib.import_module(package)
                 modules.append(package)
                 for info in pkgutil.walk_packages(pkg.__path__, package + "."):
-                    modules.append(info.name)
+                    if not info.name.endswith(".__main__"):  # runs the command line when imported
+                        modules.append(info.name)
             for name in modules:
                 try:
                     importlib.import_module(name)
