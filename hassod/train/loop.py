@@ -22,7 +22,6 @@ SyncBatchNorm, gradients are averaged by DDP, and only rank 0 writes files.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -34,6 +33,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..errors import UserError
+from ..evaluation import read_ground_truth
 from ..model import CheckpointError, DetectorSettings, build_detector, read_checkpoint, save_checkpoint
 from .data import Batch, IndexStream, PseudoLabelDataset, collate
 from .distributed import mean_over_processes, setup_distributed
@@ -393,7 +393,7 @@ def train(
     stop (with a checkpoint) once this iteration is done, as an interruption
     would. See :class:`Trainer` for the other arguments.
     """
-    gt = _read_gt(Path(eval_gt)) if eval_gt is not None else None
+    gt = read_ground_truth(eval_gt) if eval_gt is not None else None
     trainer = Trainer(settings, detector_settings, pseudo_json, images_dir, out_dir, backbone_weights,
                       random_init, resume)
     hooks: list[Hook] = [TeacherHook()]
@@ -408,15 +408,3 @@ def _eval_images_dir(gt: dict[str, Any], gt_path: Path, eval_images: str | os.Pa
         return Path(eval_images)
     root = (gt.get("info") or {}).get("root")
     return Path(root) if root else gt_path.resolve().parent
-
-
-def _read_gt(path: Path) -> dict[str, Any]:
-    try:
-        gt = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TrainError(f"no such evaluation file: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise TrainError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(gt, dict) or "images" not in gt or "annotations" not in gt:
-        raise TrainError(f"{path} is not a COCO dataset (needs 'images' and 'annotations')")
-    return gt
