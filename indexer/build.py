@@ -17,54 +17,31 @@ every vector of an index lives in the same space as the queries.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
+from hassod.discover.recipes import RegionRecipe
 from hassod.errors import UserError
-from hassod.discover.recipes import RegionRecipe, settings_from_dict
 from hassod.runs import file_sha256
 
-from .catalog import Catalog, ImageRecord, IncompatibleIndexError, NewRegion
+from .catalog import Catalog, ImageRecord, NewRegion
 from .descriptors import RegionDescriber
-from .layout import (CATALOG_FILE, POINTER_FILE, catalog_url, claim_catalog, exclusive_build, vectors_path,
-                     whitening_path)
+from .index import Index, IncompatibleIndexError, IndexConfig
 from .regions import ImageRegions, RegionSource
-from .vectors import VectorFileError, VectorStore, validate_index_type
-from .whitening import PCAWhitening
-
-
-class IncompatibleSourceError(UserError, RuntimeError):
-    """The index was built from another region source."""
+from .vectors import VectorStore, validate_index_type
+from .whitening import PCAWhitening, WhiteningSettings
 
 
 class WhiteningError(UserError, ValueError):
     """The collection's vectors cannot give the requested whitening."""
-
-
-@dataclass(frozen=True)
-class WhiteningSettings:
-    """PCA-whitening learned from the collection at its first build (:mod:`indexer.whitening`).
-
-    Attributes:
-        dim: output dimension of the stored vectors; ``None`` keeps the
-            descriptor's. The vectors it is learned from must span at least
-            this many dimensions (about ``dim`` regions or more).
-        shrinkage: eigenvalue shrinkage, 0 = full whitening .. 1 = plain PCA.
-        sample: how many of the first build's vectors it is learned from
-            (all of them when the build has fewer); they become searchable
-            once it is learned.
-    """
-
-    dim: int | None = None
-    shrinkage: float = 0.8
-    sample: int = 50_000
 
 
 @dataclass
@@ -95,32 +72,11 @@ class _FileState:
     mtime: float
 
 
-def index_config(
-    describer: RegionDescriber, source: RegionSource, whitening: WhiteningSettings | None = None
-) -> dict:
-    """The configuration an index records: what a query must match to be comparable."""
-    backbone = describer.backbone
-    return {
-        "backbone": backbone.name,
-        "weights": backbone.weights_id,
-        "descriptor": describer.name,
-        "descriptor_version": describer.settings.version,
-        "descriptor_dim": describer.dim,
-        "descriptor_settings": asdict(describer.settings),
-        "region_source": source.identity,
-        "recipe": source.recipe,
-        "query_regions": source.query_settings,
-        "whitening": None if whitening is None else {
-            "dim": whitening.dim or describer.dim, "shrinkage": whitening.shrinkage},
-    }
-
-
 def build_index(
     paths: Sequence[Path],
-    index_dir: Path,
+    index: Index | str | os.PathLike,
     source: RegionSource,
     describer: RegionDescriber,
-    db_url: str | None = None,
     index_type: str = "auto",
     save_every: int = 100,
     show_progress: bool = True,
@@ -128,7 +84,8 @@ def build_index(
     whitening: WhiteningSettings | None = None,
     roots: Sequence[str | os.PathLike] | None = None,
 ) -> BuildSummary:
-    """Index every file of ``paths`` into ``index_dir``; see the module docstring for the guarantees.
+    """Index every file of ``paths`` into ``index`` (an :class:`Index`, or its directory with the catalog
+    inside); see the module docstring for the guarantees.
 
     ``roots``: the files and folders ``paths`` were listed from. An indexed
     image under one of them that ``paths`` no longer holds was deleted and is
@@ -149,10 +106,11 @@ def build_index(
     if whitening is not None and whitening.dim is not None and whitening.dim > describer.dim:
         raise WhiteningError(f"cannot whiten to {whitening.dim} dimensions: the descriptor has {describer.dim}")
     summary = BuildSummary()
-    with open_build(index_dir, source, describer, db_url, index_type, whitening) as build:
+    index = index if isinstance(index, Index) else Index(index)
+    with open_build(index, source, describer, index_type, whitening) as build:
         catalog, store = build.catalog, build.store
         summary.rebuilt_vectors = build.rebuilt_vectors
-        sink = _VectorSink(store, build.whitening, build.learned, whitening_path(index_dir))
+        sink = _VectorSink(store, build.whitening, build.learned, index.whitening_path)
         changes = _changes(catalog, store, paths, roots, summary)
         states_by_path = {s.path: s for s in changes.todo}
         with tqdm(total=len(changes.todo), unit="img", disable=not show_progress) as bar:
@@ -166,7 +124,7 @@ def build_index(
                 timings["store"] = timings.get("store", 0.0) + time.perf_counter() - described_at
                 bar.update()
                 if done % save_every == 0:
-                    store.save(vectors_path(index_dir))
+                    store.save(index.vectors_path)
         sink.flush()
         build.finish()
     summary.seconds = time.perf_counter() - start
@@ -177,41 +135,41 @@ def build_index(
 class OpenBuild:
     """An index opened for a build (``open_build``): its catalog, vectors and configuration."""
 
-    index_dir: Path
-    catalog: Catalog
+    index: Index
     store: VectorStore
-    config: dict
-    owner: str | None  # the index id stored in a catalog living elsewhere (layout.claim_catalog)
+    config: IndexConfig
     whitening: WhiteningSettings | None
     learned: PCAWhitening | None
     rebuilt_vectors: bool = False  # the vectors file was damaged: set aside, the store starts empty
 
+    @property
+    def catalog(self) -> Catalog:
+        return self.index.catalog
+
     def finish(self) -> None:
         """Record the configuration (first build) and save the vectors."""
-        if self.catalog.get_config() is None:
-            self.catalog.set_config(self.config if self.owner is None else {**self.config, "index_id": self.owner})
-        self.store.save(vectors_path(self.index_dir))
+        self.index.record_config(self.config)
+        self.store.save(self.index.vectors_path)
 
 
 @contextlib.contextmanager
-def open_build(index_dir: Path, source: RegionSource, describer: RegionDescriber, db_url: str | None,
-               index_type: str, whitening: WhiteningSettings | None = None) -> Iterator[OpenBuild]:
+def open_build(index: Index, source: RegionSource, describer: RegionDescriber, index_type: str,
+               whitening: WhiteningSettings | None = None) -> Iterator[OpenBuild]:
     """Open the index for a build: catalog claimed, build lock held, configuration checked, vectors loaded
     and reconciled with the catalog."""
-    index_dir = Path(index_dir)
-    if not db_url:
-        index_dir.mkdir(parents=True, exist_ok=True)  # the SQLite catalog lives inside
-    with Catalog(catalog_url(index_dir, db_url)) as catalog:
-        owner = claim_catalog(index_dir, catalog, db_url)
-        with exclusive_build(index_dir):  # one build at a time: see exclusive_build
-            learned = PCAWhitening.load(whitening_path(index_dir)) if whitening_path(index_dir).exists() else None
+    if not index.db_url:
+        index.directory.mkdir(parents=True, exist_ok=True)  # the SQLite catalog lives inside
+    with index:
+        owner = index.claim()
+        with index.lock():  # one build at a time: see Index.lock
+            learned = index.learned_whitening()
             whitening = _resolve_whitening(whitening, learned)
-            config = index_config(describer, source, whitening)
-            _check_config(catalog, config)
-            dim = describer.dim if whitening is None else config["whitening"]["dim"]
-            store, rebuilt = _open_vectors(index_dir, dim, index_type)
-            _reconcile(catalog, store)
-            yield OpenBuild(index_dir, catalog, store, config, owner, whitening, learned, rebuilt)
+            config = dataclasses.replace(IndexConfig.of_build(describer, source, whitening), index_id=owner)
+            if index.config is not None:
+                index.config.check_update(config)
+            store, rebuilt = index.open_vectors(config.dim, index_type)
+            _reconcile(index.catalog, store)
+            yield OpenBuild(index, store, config, whitening, learned, rebuilt)
 
 
 @dataclass
@@ -246,51 +204,6 @@ def _changes(catalog: Catalog, store: VectorStore, paths: Sequence[Path], roots,
     return _Changes(todo, known, by_image, hashes)
 
 
-def _check_config(catalog: Catalog, config: dict) -> None:
-    saved = catalog.get_config()
-    if saved is None:
-        return
-    if config["whitening"] is not None and saved.get("whitening") is None:
-        raise IncompatibleIndexError("this index was built without whitening; "
-                                     "build into a new --index directory to whiten")
-    catalog.check_compatible(config)
-    indexed, requested = recipe_of(saved), config["recipe"]
-    if indexed is not None and requested is not None and indexed != requested:
-        raise IncompatibleSourceError(
-            f"this index holds regions of the {indexed} recipe, not {requested}; pass --recipe {indexed} "
-            "to update it, or build into a new --index directory")
-    if saved.get("region_source") != config["region_source"]:
-        raise IncompatibleSourceError(
-            f"this index holds regions from {saved.get('region_source')}, not {config['region_source']}; "
-            "build into a new --index directory to use other regions"
-        )
-
-
-def recipe_of(config: dict | None) -> str | None:
-    """The discovery recipe an index configuration records; ``paper`` for discovery indexes from before
-    recipes were recorded, None for regions from a detector or a COCO file (or no configuration)."""
-    if not config:
-        return None
-    if "recipe" in config:
-        return config["recipe"]
-    return "paper" if str(config.get("region_source", "")).startswith("discovery:") else None
-
-
-def indexed_settings(index_dir: Path, db_url: str | None = None) -> RegionRecipe | None:
-    """The discovery recipe and settings the index at ``index_dir`` was built with (see :func:`recipe_of`);
-    None when there is no index there or its regions were not discovered."""
-    has_catalog = (Path(index_dir) / CATALOG_FILE).exists() or (Path(index_dir) / POINTER_FILE).exists()
-    if not has_catalog and not db_url:
-        return None
-    with Catalog(catalog_url(index_dir, db_url)) as catalog:
-        config = catalog.get_config()
-    recipe = recipe_of(config)
-    if recipe is None:
-        return None
-    query = {k: v for k, v in (config.get("query_regions") or {}).items() if k != "kind"}
-    return settings_from_dict({**query, "recipe": recipe})
-
-
 def _resolve_whitening(requested: WhiteningSettings | None, learned: PCAWhitening | None) -> WhiteningSettings | None:
     """The whitening this build uses: the index's own when one was learned (a request must match it)."""
     if learned is None:
@@ -303,22 +216,6 @@ def _resolve_whitening(requested: WhiteningSettings | None, learned: PCAWhitenin
             "build into a new --index directory to change that"
         )
     return WhiteningSettings(dim=learned.dim_out, shrinkage=learned.shrinkage)
-
-
-def _open_vectors(index_dir: Path, dim: int, index_type: str) -> tuple[VectorStore, bool]:
-    """The index's vector store, or a new one; True when a damaged file was set aside for it."""
-    path = vectors_path(index_dir)
-    if path.exists():
-        try:
-            store = VectorStore.load(path)
-        except VectorFileError:
-            # The catalog still knows every image and region: with an empty store each image counts as
-            # not indexed (its regions have no vectors) and is described again. The damaged file is kept.
-            os.replace(path, path.with_name(path.name + ".damaged"))
-            return VectorStore.create(dim, index_type), True
-        if store.dim == dim or len(store):  # an empty store of another size is a killed first build's
-            return store, False
-    return VectorStore.create(dim, index_type), False
 
 
 class _VectorSink:

@@ -51,18 +51,11 @@ from hassod.runs import LEVEL_NAMES
 FORMAT_VERSION = 1
 """Version of the catalog schema and config layout; bumped on incompatible changes."""
 
-COMPATIBILITY_KEYS = ("backbone", "weights", "descriptor", "descriptor_version", "descriptor_dim", "whitening")
-"""Config keys that must match for descriptors of a query to be comparable with the index."""
-
 # Keeps IN (...) lists well below PostgreSQL's 65535 bind parameters per statement.
 _CHUNK = 10_000
 
 # SQLite only aliases the rowid (fast, 64-bit) for a column declared exactly INTEGER.
 _Id64 = BigInteger().with_variant(Integer, "sqlite")
-
-
-class IncompatibleIndexError(UserError, RuntimeError):
-    """The index was built with another backbone, weights or descriptor than requested."""
 
 
 class CatalogUnavailableError(UserError, RuntimeError):
@@ -270,28 +263,6 @@ class Catalog:
         with self._session.begin() as s:
             s.execute(delete(_Config))
             s.execute(insert(_Config), rows)
-
-    def check_compatible(self, requested: dict[str, Any]) -> None:
-        """Raise IncompatibleIndexError unless ``requested`` matches the stored config.
-
-        Only the keys of COMPATIBILITY_KEYS present in ``requested`` are compared;
-        a catalog without a config is compatible with anything.
-        """
-        stored = self.get_config()
-        if stored is None:
-            return
-        version = stored.get("format_version")
-        if version != FORMAT_VERSION:
-            raise IncompatibleIndexError(
-                f"index catalog has format version {version}, this hassod reads version "
-                f"{FORMAT_VERSION}; rebuild the index"
-            )
-        keys = [k for k in COMPATIBILITY_KEYS if k in requested]
-        if any(stored.get(k) != requested[k] for k in keys):
-            raise IncompatibleIndexError(
-                f"index was built with {_describe(stored, keys)}, but {_describe(requested, keys)} "
-                "was requested; use the same backbone and descriptor or rebuild the index"
-            )
 
     # -- images --------------------------------------------------------------
 
@@ -590,11 +561,6 @@ def _region_record(row: _Region) -> RegionRecord:
         id=row.id, image_id=row.image_id, box=(row.x0, row.y0, row.x1, row.y1), score=row.score,
         level=row.level, parent_id=row.parent_id, area=row.area, mask_rle=json.loads(row.mask_rle),
     )
-
-
-def _describe(config: dict[str, Any], keys: Sequence[str]) -> str:
-    """One-line description of the compared part of a config, e.g. 'backbone X / descriptor Y'."""
-    return " / ".join(f"{k.replace('_', ' ')} {config.get(k)}" for k in keys)
 
 
 def _int_pairs(rows: Sequence[Row]) -> np.ndarray:

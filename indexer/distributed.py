@@ -40,14 +40,13 @@ from hassod.errors import UserError
 
 from .build import BuildSummary, _changes, describe_image, open_build, record_image
 from .descriptors import RegionDescriber
-from .layout import vectors_path
+from .index import Index
 from .regions import RegionSource
 from .vectors import VectorStore
 from .vectors.ids import index_ids
 
 log = logging.getLogger(__name__)
 
-SHARDS_DIR = "shards"
 Parts = Callable[[], "tuple[RegionSource, RegionDescriber]"]  # picklable: each actor calls it once
 
 
@@ -57,19 +56,18 @@ class DistributedBuildError(UserError, RuntimeError):
 
 def build_index_ray(
     paths: Sequence[Path],
-    index_dir: Path,
+    index: Index | str | os.PathLike,
     parts: Parts,
     address: str = "auto",
     actors: int | None = None,
     gpus_per_actor: float | None = None,
-    db_url: str | None = None,
     shard_images: int = 1000,
     train_sample: int = 50_000,
     batch_size: int = 4,
     roots: Sequence[str | os.PathLike] | None = None,
     show_progress: bool = True,
 ) -> BuildSummary:
-    """Index ``paths`` into ``index_dir`` on the Ray cluster at ``address`` (joined unless ``ray`` is already
+    """Index ``paths`` into ``index`` on the Ray cluster at ``address`` (joined unless ``ray`` is already
     initialised); ``parts()`` makes the region source and describer, once in the driver (for the
     configuration) and once in each actor. ``actors`` / ``gpus_per_actor``: ``None`` = one actor per GPU,
     else one per CPU. Other arguments as ``build.build_index``.
@@ -81,10 +79,10 @@ def build_index_ray(
         raise DistributedBuildError("--ray needs Ray: pip install 'hassod[ray]'") from None
 
     start = time.perf_counter()
-    index_dir = Path(index_dir)
+    index = index if isinstance(index, Index) else Index(index)
     source, describer = parts()
     _connect(ray, address, show_progress)
-    _check_cluster(ray, db_url)
+    _check_cluster(ray, index.db_url)
     resources = ray.cluster_resources()
     if gpus_per_actor is None:
         gpus_per_actor = 1 if resources.get("GPU", 0) >= 1 else 0
@@ -95,15 +93,15 @@ def build_index_ray(
         actors = max(1, int(resources.get("GPU", 0) // gpus_per_actor) if gpus_per_actor
                      else int(resources.get("CPU", 1)))
     summary = BuildSummary()
-    with open_build(index_dir, source, describer, db_url, "ondisk") as build:
+    with open_build(index, source, describer, "ondisk") as build:
         store = build.store
         if len(store) and store.kind != "ondisk":
             raise DistributedBuildError(f"this index is a {store.kind} index; a --ray build writes an ondisk index: "
                                         "build into a new --index directory")
-        _merge_pending(store, index_dir)
+        _merge_pending(store, index)
         changes = _changes(build.catalog, store, paths, roots, summary)
         states = {s.path: s for s in changes.todo}
-        sink = _ShardSink(store, index_dir, shard_images, train_sample, len(states))
+        sink = _ShardSink(store, index, shard_images, train_sample, len(states))
         with tqdm(total=len(states), unit="img", disable=not show_progress) as bar:
             for described in _described(ray, list(states), parts, actors, gpus_per_actor, batch_size):
                 state = states.pop(described.path, None)
@@ -166,8 +164,8 @@ def _described(ray, paths: list[str], parts: Parts, actors: int, gpus: float, ba
 class _ShardSink:
     """Where the driver puts vectors: held back until the quantizer is trained, then into shard files."""
 
-    def __init__(self, store: VectorStore, index_dir: Path, shard_images: int, train_sample: int, images: int):
-        self.store, self.index_dir = store, index_dir
+    def __init__(self, store: VectorStore, index: Index, shard_images: int, train_sample: int, images: int):
+        self.store, self.index = store, index
         self.shard_images, self.train_sample, self.images = shard_images, train_sample, images
         self.held: list[tuple[np.ndarray, np.ndarray]] = []
         self.held_count = self.done = 0
@@ -199,7 +197,7 @@ class _ShardSink:
         if self.shard is not None and self.shard.ntotal:
             self._write_shard()
         if self.written:
-            self.store.merge_shards(self.written, self.index_dir)
+            self.store.merge_shards(self.written, self.index.directory)
             self.store.calibrate()
 
     def _train(self) -> None:
@@ -210,12 +208,12 @@ class _ShardSink:
         per_image = ids.size / max(self.done, 1)
         self.store.expected_size = max(ids.size, round(per_image * self.images))  # nlist for the whole build
         self.store.add(ids, vectors)  # trains the quantizer on them and calibrates
-        self.store.save(vectors_path(self.index_dir))  # shards start from a saved quantizer
+        self.store.save(self.index.vectors_path)  # shards start from a saved quantizer
         self.held, self.held_count = [], 0
         self.shard, self.shard_count = self.store.trained_empty(), 0
 
     def _write_shard(self) -> None:
-        folder = self.index_dir / SHARDS_DIR
+        folder = self.index.shards_dir
         folder.mkdir(exist_ok=True)
         path = folder / f"shard-{uuid.uuid4().hex[:12]}.index"
         tmp = folder / f".{path.name}.tmp"
@@ -227,10 +225,10 @@ class _ShardSink:
         self.shard, self.shard_count = self.store.trained_empty(), 0
 
 
-def _merge_pending(store: VectorStore, index_dir: Path) -> None:
+def _merge_pending(store: VectorStore, index: Index) -> None:
     """Merge the shards a killed build wrote (all their images are committed) and save; shards merged and
     saved just before the kill are dropped."""
-    folder = index_dir / SHARDS_DIR
+    folder = index.shards_dir
     if not folder.is_dir():
         return
     for tmp in folder.glob(".shard-*.tmp"):
@@ -239,7 +237,7 @@ def _merge_pending(store: VectorStore, index_dir: Path) -> None:
     fresh = [s for s in shards if not store.contains(index_ids(faiss.read_index(str(s), faiss.IO_FLAG_MMAP))).any()]
     if fresh:
         log.info("merging %d shards of an interrupted build", len(fresh))
-        store.merge_shards(fresh, index_dir)
-        store.save(vectors_path(index_dir))
+        store.merge_shards(fresh, index.directory)
+        store.save(index.vectors_path)
     for shard in shards:
         shard.unlink()

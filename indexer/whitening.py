@@ -39,6 +39,25 @@ RANK_TOLERANCE = 1e-10
 
 
 @dataclass(frozen=True)
+class WhiteningSettings:
+    """PCA-whitening learned from the collection at its first build.
+
+    Attributes:
+        dim: output dimension of the stored vectors; ``None`` keeps the
+            descriptor's. The vectors it is learned from must span at least
+            this many dimensions (about ``dim`` regions or more).
+        shrinkage: eigenvalue shrinkage, 0 = full whitening .. 1 = plain PCA.
+        sample: how many of the first build's vectors it is learned from
+            (all of them when the build has fewer); they become searchable
+            once it is learned.
+    """
+
+    dim: int | None = None
+    shrinkage: float = 0.8
+    sample: int = 50_000
+
+
+@dataclass(frozen=True)
 class PCAWhitening:
     """A learned whitening map ``x ↦ normalise((x - mean) @ projection)``.
 

@@ -1,6 +1,6 @@
 """Answering "where does this appear?" over an index: the library API behind `hassod search`.
 
->>> searcher = Searcher("my_index")
+>>> searcher = Searcher("my_index")  # or Searcher(Index.open("my_index"))
 >>> for match in searcher.search("query.jpg", box=(120, 40, 260, 180), level="part", k=10):
 ...     print(match.path, match.score, match.box, match.level_name)
 
@@ -15,10 +15,8 @@ regions (computed from its stored vectors, so a score does not depend on k).
 """
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -26,10 +24,9 @@ import numpy as np
 from hassod.errors import UserError
 from hassod.images import DEFAULT_MAX_PIXELS, load_rgb
 from hassod.runs import LEVEL_NAMES
-from indexer.catalog import IncompatibleIndexError
-from indexer.layout import IndexNotFoundError, open_existing, vectors_path, whitening_path
-from indexer.vectors import VectorFileError, VectorStore
-from indexer.whitening import PCAWhitening
+from indexer.catalog import Catalog
+from indexer.index import Index, IndexConfig
+from indexer.vectors import VectorStore
 
 # torch, the backbone and the descriptors are imported when the first image
 # query needs them: ~4 s that a query by region id does without.
@@ -41,9 +38,6 @@ if TYPE_CHECKING:
 # Region candidates fetched per wanted image on the first try; doubled until
 # k distinct images are found or the (allowed) regions are exhausted.
 _CANDIDATES_PER_IMAGE = 8
-
-log = logging.getLogger(__name__)
-
 
 # Similarities within this of an image's best count as tied when choosing the region to show.
 _SHOWN_TIE = 1e-4
@@ -70,10 +64,10 @@ class Match:
 
 
 class Searcher:
-    """Queries an index directory built by `hassod index build`.
+    """Queries an index built by `hassod index build`.
 
     Args:
-        index_dir: the index directory.
+        index: the :class:`~indexer.index.Index`, or its directory (opened with :meth:`Index.open`).
         device: where the backbone runs (``None``: CUDA if present).
         weights: backbone weight file, needed when the index was built with an
             explicit ``--weights``; it must be the same file (checked by hash).
@@ -87,30 +81,30 @@ class Searcher:
 
     def __init__(
         self,
-        index_dir: str | os.PathLike,
+        index: Index | str | os.PathLike,
         device: str | None = None,
         weights: str | None = None,
         backbone: Backbone | None = None,
         detector: str | os.PathLike | None = None,
         load_backbone: bool = True,
     ):
-        self._vectors = vectors_path(Path(index_dir))
-        # Taken before loading: a save in between then shows as a change at the next refresh.
-        self._vectors_stamp = _stamp(self._vectors)
-        self.catalog, self.store = open_existing(Path(index_dir))
-        self.config = self.catalog.get_config()
+        self.index = index if isinstance(index, Index) else Index.open(index)
+        self.config: IndexConfig = self.index.config
         self._backbone, self._weights, self._device, self._detector = backbone, weights, device, detector
         self._describer: RegionDescriber | None = None
         if load_backbone:
             self._describer = self._load_describer()
-        self.whitening = None
-        if self.config.get("whitening"):
-            path = whitening_path(Path(index_dir))
-            if not path.exists():
-                raise IndexNotFoundError(f"the index at {index_dir} is whitened but {path.name} is missing")
-            self.whitening = PCAWhitening.load(path)
+        self.whitening = self.index.whitening
         self._filters: dict[int, object] = {}
         self._query_source: DiscoveryRegions | DetectorRegions | None = None
+
+    @property
+    def catalog(self) -> Catalog:
+        return self.index.catalog
+
+    @property
+    def store(self) -> VectorStore:
+        return self.index.vectors
 
     @property
     def describer(self) -> RegionDescriber:
@@ -122,47 +116,25 @@ class Searcher:
     def _load_describer(self) -> RegionDescriber:
         from hassod.device import resolve_device
         from hassod.features import build_backbone
-        from indexer.descriptors import DescriptorSettings, RegionDescriber
 
         backbone = self._backbone
         if backbone is None:
-            backbone = build_backbone(self.config["backbone"], weights=self._weights, device=resolve_device(self._device))
-        if backbone.name != self.config["backbone"] or backbone.weights_id != self.config["weights"]:
-            raise IncompatibleIndexError(
-                f"index was built with {self.config['backbone']} weights {self.config['weights']}, "
-                f"but {backbone.name} weights {backbone.weights_id} were loaded; pass the same --weights file"
-            )
-        settings = dict(self.config["descriptor_settings"])
-        settings["layers"] = tuple(settings["layers"])
-        describer = RegionDescriber(backbone, DescriptorSettings(**settings))
-        if describer.name != self.config["descriptor"]:
-            raise IncompatibleIndexError(
-                f"index descriptor {self.config['descriptor']} cannot be rebuilt here (got {describer.name})"
-            )
-        return describer
+            backbone = build_backbone(self.config.backbone, weights=self._weights, device=resolve_device(self._device))
+        return self.config.describer(backbone)
 
     def close(self) -> None:
-        self.catalog.close()
+        self.index.close()
 
     def refresh(self) -> bool:
         """Reload the vectors if a build has replaced them since they were loaded; True when it did.
 
         For a long-lived searcher (`hassod serve`) next to later `hassod index
-        build` runs: the catalog is read live, the vector file is swapped
-        atomically by every save, so one ``stat`` tells whether to reload.
+        build` runs: the catalog is read live, the vectors through
+        :meth:`Index.refresh_vectors`.
         """
-        stamp = _stamp(self._vectors)
-        if stamp is None or stamp == self._vectors_stamp:  # unchanged, or removed: keep what is loaded
+        if not self.index.refresh_vectors():
             return False
-        try:
-            store = VectorStore.load(self._vectors)
-        except VectorFileError as exc:  # keep answering from what is loaded; the next build repairs the file
-            log.warning("%s; still answering from the vectors loaded before", exc)
-            self._vectors_stamp = stamp
-            return False
-        self.store = store
         self._filters.clear()
-        self._vectors_stamp = stamp
         return True
 
     def search(
@@ -219,7 +191,7 @@ class Searcher:
             from indexer.regions import QuerySourceError, query_regions
 
             try:
-                self._query_source = query_regions(self.config.get("query_regions"), self.describer.backbone,
+                self._query_source = query_regions(self.config.query_regions, self.describer.backbone,
                                                    self._detector, self._device)
             except (QuerySourceError, CheckpointError) as exc:
                 raise QueryError(str(exc)) from None
@@ -309,15 +281,6 @@ class Searcher:
                 matches[record.image_id] = Match(images[record.image_id].path, record.image_id, record.id,
                                                  float(score), tuple(record.box), record.level)
         return matches
-
-
-def _stamp(path: Path) -> tuple[int, int, int] | None:
-    """Which file is at ``path`` now: (inode, size, mtime in ns); None when there is none."""
-    try:
-        info = path.stat()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    return info.st_ino, info.st_size, info.st_mtime_ns
 
 
 def load_query(image: str | os.PathLike | np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

@@ -289,8 +289,8 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES,
     @app.get("/api/stats")
     async def stats() -> dict[str, Any]:
         def run() -> dict[str, Any]:
-            return {**searcher.catalog.stats(), "vectors": searcher.store.info(),
-                    "backbone": searcher.config["backbone"], "descriptor": searcher.config["descriptor"]}
+            return {**searcher.index.stats(), "backbone": searcher.config.backbone,
+                    "descriptor": searcher.config.descriptor}
 
         return await on_worker(run)
 

@@ -63,7 +63,9 @@ def build(images, index_dir, detector, use, regions_json, recipe, max_regions, d
     from hassod.images import list_images
     from hassod.model import CheckpointError
     from hassod.runs import progress_path
-    from indexer.build import WhiteningSettings, build_index, indexed_settings, region_parts
+    from indexer.build import build_index, region_parts
+    from indexer.index import Index
+    from indexer.whitening import WhiteningSettings
 
     if detector and regions_json:
         fail("give either --detector (regions from a trained detector) or --regions (from a COCO file), not both")
@@ -80,8 +82,11 @@ def build(images, index_dir, detector, use, regions_json, recipe, max_regions, d
         fail("--actors, --gpus-per-actor, --train-sample and --shard-images go with --ray ADDRESS")
     if ray_address is not None and (whiten or whiten_dim or index_type not in ("auto", "ondisk")):
         fail("a --ray build writes an ondisk index without whitening: leave out --whiten, --whiten-dim, --index-type")
+    target = Index(index_dir, db_url)
     # Without --recipe an index is updated the way it was built.
-    saved = None if recipe or detector or regions_json else indexed_settings(index_dir, db_url)
+    recorded = None if recipe or detector or regions_json or not target.exists() else target.config
+    target.close()
+    saved = recorded.discovery_recipe() if recorded else None
     settings = saved if saved is not None and max_regions is None else recipe_settings(
         recipe or (saved.recipe if saved else "search"), None, max_regions)
     parts = functools.partial(region_parts, backbone=backbone, weights=weights, device=device, detector=detector,
@@ -91,15 +96,15 @@ def build(images, index_dir, detector, use, regions_json, recipe, max_regions, d
         from indexer.distributed import build_index_ray
 
         sizes = {"train_sample": train_sample, "shard_images": shard_images}
-        summary = build_index_ray(paths, index_dir, functools.partial(parts, workers=1), address=ray_address,
-                                  actors=actors, gpus_per_actor=gpus_per_actor, db_url=db_url, roots=images,
+        summary = build_index_ray(paths, target, functools.partial(parts, workers=1), address=ray_address,
+                                  actors=actors, gpus_per_actor=gpus_per_actor, roots=images,
                                   show_progress=not as_json, **{k: v for k, v in sizes.items() if v is not None})
     else:
         with naming(f"--detector {detector}", CheckpointError):
             source, describer = parts()
         whitening = WhiteningSettings(dim=whiten_dim) if whiten or whiten_dim else None
-        summary = build_index(paths, index_dir, source, describer, db_url=db_url,
-                              index_type=index_type, show_progress=not as_json, whitening=whitening, roots=images)
+        summary = build_index(paths, target, source, describer, index_type=index_type, show_progress=not as_json,
+                              whitening=whitening, roots=images)
     report(summary, summary.errors, "skipped", as_json)
 
 
@@ -108,36 +113,22 @@ def build(images, index_dir, detector, use, regions_json, recipe, max_regions, d
 @json_option(help=None)
 def stats(index_dir, as_json):
     """Images, regions per level, vector index type and size of the index at INDEX_DIR."""
-    from indexer.layout import open_existing, vectors_path
+    from indexer.index import Index
 
-    catalog, store = open_existing(index_dir)
-    data_files = [vectors_path(index_dir)] + sorted(Path(index_dir).glob("vectors.*.ivfdata"))
-    with catalog:
-        info = {**catalog.stats(), **_searchable(catalog, store), "vectors": store.info(),
-                "config": catalog.get_config(), "bytes_on_disk": sum(f.stat().st_size for f in data_files)}
+    with Index.open(index_dir) as opened:
+        info = opened.stats()
     if as_json:
         click.echo(json.dumps(info, default=str))
         return
-    levels = info["regions_by_level"]
-    vectors = info["vectors"]
+    levels, vectors, config = info["regions_by_level"], info["vectors"], info["config"]
     click.echo(f"images    {info['images_ok']} indexed, {info['images_error']} skipped (unreadable or without regions)")
     waiting = info["regions_without_vectors"]
     click.echo(f"regions   {info['regions']} ({levels['whole']} whole, {levels['part']} part, {levels['subpart']} subpart)"
                + (f"; {waiting} more without vectors (an interrupted build: run it again)" if waiting else ""))
-    whitened = f" (PCA-whitened from {info['config']['descriptor_dim']})" if info["config"].get("whitening") else ""
+    whitened = f" (PCA-whitened from {config['descriptor_dim']})" if config["whitening"] else ""
     click.echo(f"vectors   {vectors['size']} x {vectors['dim']}{whitened}, {vectors['kind']} index, "
                f"{info['bytes_on_disk'] / 1e6:.1f} MB on disk"
                + (f" (memory-mapped), {vectors['bytes_estimate'] / 1e6:.1f} MB resident"
                   if vectors["disk_bytes_estimate"] else ""))
-    click.echo(f"backbone  {info['config']['backbone']} ({info['config']['descriptor']}); "
-               f"regions from {info['config']['region_source']}")
+    click.echo(f"backbone  {config['backbone']} ({config['descriptor']}); regions from {config['region_source']}")
 
-
-def _searchable(catalog, store) -> dict:
-    """Regions counted as a search sees them: those with a vector (a killed build can leave catalog rows
-    whose vectors were never saved; the next build redoes their images)."""
-    from hassod.runs import LEVEL_NAMES
-
-    by_level = {name: int(store.contains(catalog.region_ids(level)).sum()) for level, name in enumerate(LEVEL_NAMES)}
-    total = sum(by_level.values())
-    return {"regions": total, "regions_by_level": by_level, "regions_without_vectors": len(catalog.region_ids()) - total}

@@ -24,11 +24,12 @@ def _open_searcher(
 ):
     """The index's Searcher. Without ``load_backbone`` (region-id queries) torch is not even imported."""
     from hassod.device import resolve_device
+    from indexer.index import Index
     from retrieval.searcher import Searcher
 
     if load_backbone or device != "auto":  # "auto" is always there; checking it would import torch
         resolve_device(device)  # a device that is not there is the first thing to say
-    return Searcher(index_dir, device=None if device == "auto" else device, weights=weights, detector=detector,
+    return Searcher(Index.open(index_dir), device=None if device == "auto" else device, weights=weights, detector=detector,
                     load_backbone=load_backbone)
 
 

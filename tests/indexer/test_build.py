@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.build import WhiteningError, WhiteningSettings, build_index
-from indexer.catalog import Catalog, IncompatibleIndexError
+from indexer.build import WhiteningError, build_index
+from indexer.catalog import Catalog
 from indexer.descriptors import RegionDescriber
-from indexer.layout import catalog_url
+from indexer.index import IncompatibleIndexError, Index
 from indexer.regions import CocoRegions, DiscoveryRegions
-from indexer.whitening import PCAWhitening
+from indexer.whitening import PCAWhitening, WhiteningSettings
 from retrieval.searcher import Searcher
 from tests.conftest import limit_file_size
 
@@ -34,7 +34,7 @@ def box_iou(a, b) -> float:
 
 def _build(folder: Path, truth: Path, index_dir: Path, backbone, db_url: str | None = None):
     paths = sorted(folder.glob("*.png"))
-    return build_index(paths, index_dir, CocoRegions(truth), RegionDescriber(backbone), db_url=db_url,
+    return build_index(paths, Index(index_dir, db_url), CocoRegions(truth), RegionDescriber(backbone),
                        show_progress=False)
 
 
@@ -113,7 +113,7 @@ def test_incremental_build_matches_a_fresh_build(tmp_path, instance_folder, inst
     assert (third.added, third.updated, third.removed, third.unchanged) == (0, 0, 0, 7)
 
     _build(folder, truth, tmp_path / "fresh", offline_backbone)
-    assert _catalog_dump(catalog_url(tmp_path / "index")) == _catalog_dump(catalog_url(tmp_path / "fresh"))
+    assert _catalog_dump(Index(tmp_path / "index").catalog_url) == _catalog_dump(Index(tmp_path / "fresh").catalog_url)
     incremental = Searcher(tmp_path / "index", backbone=offline_backbone)
     fresh = Searcher(tmp_path / "fresh", backbone=offline_backbone)
     assert len(incremental.store) == len(fresh.store) == len(incremental.catalog.region_ids())
@@ -150,7 +150,7 @@ def test_one_database_holds_one_index(tmp_path, instance_folder, offline_backbon
     url = f"sqlite:///{tmp_path / 'shared.db'}"
 
     def build(index_dir: Path, chosen, db_url: str | None = url):
-        return build_index(chosen, index_dir, CocoRegions(truth), RegionDescriber(offline_backbone), db_url=db_url,
+        return build_index(chosen, Index(index_dir, db_url), CocoRegions(truth), RegionDescriber(offline_backbone),
                            show_progress=False)
 
     assert build(tmp_path / "first", paths[:4]).added == 4
@@ -196,7 +196,7 @@ def test_a_refused_write_is_one_line_and_the_build_continues(tmp_path, instance_
 
     summary = _build(folder, truth, index_dir, offline_backbone)
     assert summary.removed == 0
-    assert _catalog_dump(catalog_url(index_dir)) == _catalog_dump(catalog_url(_fresh(folder, truth, tmp_path, offline_backbone)))
+    assert _catalog_dump(Index(index_dir).catalog_url) == _catalog_dump(Index(_fresh(folder, truth, tmp_path, offline_backbone)).catalog_url)
 
 
 def _fresh(folder: Path, truth: Path, tmp_path: Path, backbone) -> Path:
@@ -241,7 +241,7 @@ def test_killed_build_leaves_a_usable_index_and_resumes_without_duplicates(
 
     summary = _build(folder, truth, index_dir, offline_backbone)
     assert summary.added + summary.updated >= 2 and summary.removed == 0
-    with Catalog(catalog_url(index_dir)) as catalog:
+    with Catalog(Index(index_dir).catalog_url) as catalog:
         names = [Path(image.path).name for image in catalog.images()]
         assert sorted(names) == [f"scene_{i:02d}.png" for i in range(8)]
         region_ids = catalog.region_ids()
@@ -259,7 +259,7 @@ def test_sqlite_and_postgresql_give_identical_results(tmp_path, instance_folder,
     _build(folder, truth, tmp_path / "lite", offline_backbone)
     _build(folder, truth, tmp_path / "pg", offline_backbone, db_url=postgres_url)
     assert (tmp_path / "pg" / "index.json").exists() and not (tmp_path / "pg" / "catalog.sqlite").exists()
-    assert _catalog_dump(catalog_url(tmp_path / "lite")) == _catalog_dump(postgres_url)
+    assert _catalog_dump(Index(tmp_path / "lite").catalog_url) == _catalog_dump(postgres_url)
     lite = Searcher(tmp_path / "lite", backbone=offline_backbone)
     pg = Searcher(tmp_path / "pg", backbone=offline_backbone)
     for index, scene in enumerate(instance_scenes[:4]):
@@ -317,7 +317,7 @@ def test_whole_image_query_finds_its_regions_as_the_build_did(tmp_path, instance
     best = similarities.max(axis=0)
     tied = np.flatnonzero(best >= best.max() - 1e-4)
     assert len(tied) > 1 and matches[0].region_id == own[tied[np.argmax(similarities[:, tied].mean(axis=0))]]
-    with Catalog(catalog_url(tmp_path / "index")) as catalog:
+    with Catalog(Index(tmp_path / "index").catalog_url) as catalog:
         image_id = next(image.id for image in catalog.images() if image.path == str(paths[0].resolve()))
         stored = [r.box for r in catalog.regions(catalog.region_ids().tolist()) if r.image_id == image_id]
     found = [r.box for r in query_source.regions_of_image(load_rgb(paths[0]))]
@@ -338,7 +338,7 @@ def test_whitened_index_round_trip_and_reuse(tmp_path, instance_folder, instance
     summary = build_index(paths, tmp_path / "index", CocoRegions(truth), describer, show_progress=False)
     assert summary.added == 2
     searcher = Searcher(tmp_path / "index", backbone=offline_backbone)
-    assert searcher.store.dim == 16 and searcher.config["whitening"] == {"dim": 16, "shrinkage": 0.8}
+    assert searcher.store.dim == 16 and searcher.config.whitening == WhiteningSettings(dim=16, shrinkage=0.8)
     last = searcher.catalog.region_ids_by_image()[str(paths[-1].resolve())]
     regions = searcher.catalog.regions(last.tolist())
     image = np.asarray(Image.open(paths[-1]).convert("RGB"))

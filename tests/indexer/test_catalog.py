@@ -10,7 +10,7 @@ from pycocotools import mask as mask_utils
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
-from indexer.catalog import Catalog, ImageRecord, IncompatibleIndexError, NewRegion, RegionRecord
+from indexer.catalog import Catalog, ImageRecord, NewRegion, RegionRecord
 
 CONFIG = {
     "backbone": "efficientnet_lite0",
@@ -186,24 +186,6 @@ def test_record_error_replaces_regions(catalog: Catalog) -> None:
     assert catalog.stats()["images_error"] == 2 and catalog.stats()["regions"] == 0
     assert catalog.replace_image(_image("a.jpg"), _regions(1)) == [4]
     assert catalog.image_by_path("a.jpg").status == "ok"
-
-
-def test_check_compatible(catalog: Catalog) -> None:
-    catalog.check_compatible({"backbone": "anything"})  # nothing stored yet
-    catalog.set_config(CONFIG)
-    catalog.check_compatible({k: CONFIG[k] for k in ("backbone", "weights", "descriptor")})
-    catalog.check_compatible({"backbone": CONFIG["backbone"], "region_source": "detector:abc"})
-    with pytest.raises(IncompatibleIndexError) as err:
-        catalog.check_compatible({"backbone": "dino_vits8", "descriptor": "gem-roi"})
-    assert str(err.value) == (
-        "index was built with backbone efficientnet_lite0 / descriptor gem-roi, but backbone dino_vits8 / "
-        "descriptor gem-roi was requested; use the same backbone and descriptor or rebuild the index"
-    )
-    with pytest.raises(IncompatibleIndexError, match="weights sha256:0f1e2d.*weights sha256:ffff"):
-        catalog.check_compatible({"weights": "sha256:ffff"})
-    catalog.set_config({**CONFIG, "format_version": 99})
-    with pytest.raises(IncompatibleIndexError, match="format version 99"):
-        catalog.check_compatible(CONFIG)
 
 
 def _bad_level(regions: list[NewRegion]) -> list[NewRegion]:

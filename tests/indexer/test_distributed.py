@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from indexer import distributed
 from indexer.build import build_index
 from indexer.catalog import Catalog
-from indexer.layout import catalog_url
+from indexer.index import Index
 from retrieval.cli import app
 from retrieval.searcher import Searcher
 from tests.indexer.test_build import _catalog_dump
@@ -73,7 +73,7 @@ def dying_parts(truth: str, marker: str):
     return _DiesOnce(source, marker), describer
 
 
-def _ray_build(folder: Path, truth: Path, index_dir: Path, **kwargs):
+def _ray_build(folder: Path, truth: Path, index_dir: Path | Index, **kwargs):
     return distributed.build_index_ray(sorted(folder.glob("*.png")), index_dir, functools.partial(coco_parts, str(truth)),
                                        actors=2, show_progress=False, **kwargs)
 
@@ -94,12 +94,12 @@ def test_ray_build_matches_a_single_process_build(tmp_path, ray_cluster, instanc
     local = build_index(sorted(folder.glob("*.png")), tmp_path / "local", *coco_parts(str(truth)),
                         index_type="flat", show_progress=False)
     # catalog on PostgreSQL; shards of 3 images after a 30-vector training sample, merged at the end
-    summary = _ray_build(folder, truth, tmp_path / "ray", db_url=postgres_url, shard_images=3, train_sample=30)
+    summary = _ray_build(folder, truth, Index(tmp_path / "ray", postgres_url), shard_images=3, train_sample=30)
     assert summary.added == local.added == 8 and summary.regions == local.regions
-    assert _catalog_dump(catalog_url(tmp_path / "ray")) == _catalog_dump(catalog_url(tmp_path / "local"))
+    assert _catalog_dump(Index(tmp_path / "ray").catalog_url) == _catalog_dump(Index(tmp_path / "local").catalog_url)
     ray_search = Searcher(tmp_path / "ray", backbone=offline_backbone)
     assert ray_search.store.kind == "ondisk" and list((tmp_path / "ray").glob("vectors.*.ivfdata"))
-    with Catalog(catalog_url(tmp_path / "ray")) as catalog:
+    with Catalog(Index(tmp_path / "ray").catalog_url) as catalog:
         np.testing.assert_array_equal(ray_search.store.ids(), catalog.region_ids())
     # the collection is one IVF list (too few vectors for more): the search is exact, as flat's
     assert _top(ray_search, instance_scenes, folder) == _top(Searcher(tmp_path / "local", backbone=offline_backbone),
@@ -124,7 +124,7 @@ def test_an_interrupted_ray_build_resumes_without_duplicates_despite_a_killed_ac
     monkeypatch.undo()
     shards = list((index_dir / "shards").glob("shard-*.index"))
     assert shards  # written by the killed build: all their images committed
-    with Catalog(catalog_url(index_dir)) as catalog:
+    with Catalog(Index(index_dir).catalog_url) as catalog:
         assert len(catalog.images()) == 6
 
     # the re-run loses an actor too (its process dies mid-batch): Ray replaces it and retries the batch
@@ -135,7 +135,7 @@ def test_an_interrupted_ray_build_resumes_without_duplicates_despite_a_killed_ac
     assert marker.exists()
     assert summary.added == 2 and summary.unchanged + summary.updated == 6
     assert not list((index_dir / "shards").glob("*"))
-    with Catalog(catalog_url(index_dir)) as catalog:
+    with Catalog(Index(index_dir).catalog_url) as catalog:
         assert sorted(Path(i.path).name for i in catalog.images()) == [f"scene_{i:02d}.png" for i in range(8)]
         region_ids = catalog.region_ids()
     assert len(region_ids) == sum(len(s.masks) for s in instance_scenes)  # no region twice
@@ -180,7 +180,7 @@ def test_a_build_without_ray_never_imports_it(tmp_path, instance_folder, instanc
     assert stats.exit_code == 0 and "ondisk index" in stats.output and "(memory-mapped)" in stats.output
     searcher = Searcher(tmp_path / "index", backbone=offline_backbone)
     assert searcher.store.kind == "ondisk"
-    with Catalog(catalog_url(tmp_path / "index")) as catalog:
+    with Catalog(Index(tmp_path / "index").catalog_url) as catalog:
         np.testing.assert_array_equal(searcher.store.ids(), catalog.region_ids())
     top = searcher.search(folder / "scene_03.png", box=instance_scenes[3].boxes[0], k=1)[0]
     assert top.path.endswith("scene_03.png") and top.score > 0.99

@@ -10,10 +10,10 @@ import torch
 from click.testing import CliRunner
 
 from hassod.detect import Detector
-from indexer.build import IncompatibleSourceError, build_index
+from indexer.build import build_index
 from indexer.catalog import Catalog
 from indexer.descriptors import RegionDescriber
-from indexer.layout import catalog_url
+from indexer.index import IncompatibleSourceError, Index
 from indexer.regions import DetectorRegions
 from retrieval.cli import app
 from retrieval.searcher import Searcher
@@ -50,7 +50,7 @@ def test_index_regions_are_the_detections_and_search_finds_them(tmp_path, scenes
     expected = {path: found for path, _, found, _ in detector.detect_paths(paths)}
     assert summary["added"] == 3 and summary["regions"] == sum(len(f) for f in expected.values()) > 0
 
-    with Catalog(catalog_url(index_dir)) as catalog:
+    with Catalog(Index(index_dir).catalog_url) as catalog:
         assert catalog.get_config()["region_source"] == detector.identity
         assert detector.digest in detector.identity
         by_path = {image.id: image.path for image in catalog.images()}

@@ -10,17 +10,17 @@ from click.testing import CliRunner
 from hassod.discover.pipeline import DiscoverySettings
 from hassod.discover.search import SearchSettings
 from hassod.images import load_rgb
-from indexer.build import IncompatibleSourceError, build_index
+from indexer.build import build_index
 from indexer.catalog import Catalog
 from indexer.descriptors import RegionDescriber
-from indexer.layout import catalog_url
+from indexer.index import IncompatibleSourceError, Index
 from indexer.regions import DiscoveryRegions
 from retrieval.cli import app
 from retrieval.searcher import Searcher
 
 
 def _stored_boxes(index_dir: Path, path: Path) -> list:
-    with Catalog(catalog_url(index_dir)) as catalog:
+    with Catalog(Index(index_dir).catalog_url) as catalog:
         image_id = next(image.id for image in catalog.images() if image.path == str(path.resolve()))
         return [r.box for r in catalog.regions(catalog.region_ids().tolist()) if r.image_id == image_id]
 
@@ -35,8 +35,8 @@ def test_search_is_the_default_recorded_recipe_and_whole_image_queries_use_it(tm
     build_index(paths, tmp_path / "index", source, RegionDescriber(offline_backbone), show_progress=False)
     searcher = Searcher(tmp_path / "index", backbone=offline_backbone)
     try:
-        assert searcher.config["recipe"] == "search"
-        assert searcher.config["query_regions"]["max_regions"] == 40
+        assert searcher.config.recipe == "search"
+        assert searcher.config.query_regions["max_regions"] == 40
         matches = searcher.search(paths[0], k=3)
         query_source = searcher._query_source
     finally:
@@ -51,7 +51,7 @@ def test_search_is_the_default_recorded_recipe_and_whole_image_queries_use_it(tm
 
 def _forget_recipe(index_dir: Path) -> None:
     """Make the index's configuration look like one written before recipes existed."""
-    with Catalog(catalog_url(index_dir)) as catalog:
+    with Catalog(Index(index_dir).catalog_url) as catalog:
         config = catalog.get_config()
         del config["recipe"]
         config["query_regions"] = {"kind": "discovery", "thresholds": config["query_regions"]["thresholds"]}
@@ -69,7 +69,7 @@ def test_an_index_built_with_paper_before_recipes_opens_answers_and_updates_as_p
 
     searcher = Searcher(index_dir, backbone=offline_backbone)
     try:
-        assert "recipe" not in searcher.config
+        assert searcher.config.recipe == "paper"  # what an index from before recipes was built with
         whole = searcher.search(paths[1], k=2)
         boxed = searcher.search(paths[0], box=instance_scenes[0].boxes[0], k=2)
         query_source = searcher._query_source
@@ -89,7 +89,7 @@ def test_an_index_built_with_paper_before_recipes_opens_answers_and_updates_as_p
     updated = runner.invoke(app, ["index", "build", str(paths[2]), "--index", str(index_dir), "--device", "cpu",
                                   "--workers", "1", "--json"])
     assert updated.exit_code == 0, updated.output
-    with Catalog(catalog_url(index_dir)) as catalog:
+    with Catalog(Index(index_dir).catalog_url) as catalog:
         assert len(catalog.images()) == 3 and "recipe" not in catalog.get_config()
 
 
@@ -102,7 +102,7 @@ def test_a_recipe_mismatch_is_refused_by_the_library_too(tmp_path, instance_fold
     with pytest.raises(IncompatibleSourceError, match="regions of the search recipe, not paper; pass --recipe search"):
         build_index(paths, tmp_path / "index", DiscoveryRegions(offline_backbone, DiscoverySettings()), describer,
                     show_progress=False)
-    with Catalog(catalog_url(tmp_path / "index")) as catalog:
+    with Catalog(Index(tmp_path / "index").catalog_url) as catalog:
         assert catalog.get_config()["recipe"] == "search"
 
 
@@ -114,7 +114,7 @@ def test_an_update_without_options_keeps_the_index_settings(tmp_path, instance_f
     result = CliRunner().invoke(app, ["index", "build", str(paths[1]), "--index", str(tmp_path / "index"),
                                       "--device", "cpu", "--workers", "1", "--json"])
     assert result.exit_code == 0, result.output
-    with Catalog(catalog_url(tmp_path / "index")) as catalog:
+    with Catalog(Index(tmp_path / "index").catalog_url) as catalog:
         assert [image.n_regions for image in catalog.images()] == [7, 7]
     refused = CliRunner().invoke(app, ["index", "build", str(paths[1]), "--index", str(tmp_path / "index"),
                                        "--device", "cpu", "--recipe", "paper", "--max-regions", "5"])

@@ -18,7 +18,7 @@ from PIL import Image
 
 from hassod.images import load_rgb, resize_image
 from indexer.catalog import Catalog
-from indexer.layout import catalog_url, vectors_path
+from indexer.index import Index
 from indexer.vectors import VectorStore
 from retrieval.cli import app
 
@@ -84,7 +84,7 @@ def test_a_file_the_build_cannot_take_is_skipped_and_the_rest_indexed(make, phot
     assert summary["added"] == 2
     assert sorted(Path(path).name for path, why in summary["errors"] if reason in why) == names
     assert len(summary["errors"]) == len(names)
-    with Catalog(catalog_url(tmp_path / "index")) as catalog:
+    with Catalog(Index(tmp_path / "index").catalog_url) as catalog:
         assert sorted(Path(image.path).name for image in catalog.images()) == sorted(PHOTOS)
     again = _build(folder, tmp_path / "index")
     assert again["unchanged"] == 2 and again["added"] == 0 and len(again["errors"]) == len(summary["errors"])
@@ -138,16 +138,16 @@ def test_writing_where_no_path_can_exist_is_a_one_line_error(command, photos):
 def test_a_damaged_vectors_file_is_named_and_the_build_rebuilds_it(photos, built, tmp_path):
     index = tmp_path / "index"
     shutil.copytree(built, index)
-    with Catalog(catalog_url(index)) as catalog:
+    with Catalog(Index(index).catalog_url) as catalog:
         regions = len(catalog.region_ids())
-    data = vectors_path(index).read_bytes()
-    vectors_path(index).write_bytes(data[: len(data) // 2])
+    data = Index(index).vectors_path.read_bytes()
+    Index(index).vectors_path.write_bytes(data[: len(data) // 2])
     for command in (["index", "stats", index], ["search", "--index", index, "--region", "1"]):
-        _one_line_error(_run(*command), f"the vectors file {vectors_path(index)} is damaged",
+        _one_line_error(_run(*command), f"the vectors file {Index(index).vectors_path} is damaged",
                         "`hassod index build`")
     summary = _build(photos, index)
     assert summary["rebuilt_vectors"] and summary["updated"] == 2 and summary["regions"] == regions
-    assert len(VectorStore.load(vectors_path(index))) == regions
+    assert len(VectorStore.load(Index(index).vectors_path)) == regions
     assert (index / "vectors.faiss.damaged").read_bytes() == data[: len(data) // 2]  # kept, not lost
 
 
@@ -158,8 +158,8 @@ def test_a_running_server_keeps_answering_when_the_vectors_file_is_damaged(built
     shutil.copytree(built, index)
     searcher = Searcher(index, device="cpu", load_backbone=False)
     before = searcher.search_region(1, k=2)
-    data = vectors_path(index).read_bytes()
-    vectors_path(index).write_bytes(data[:100])
+    data = Index(index).vectors_path.read_bytes()
+    Index(index).vectors_path.write_bytes(data[:100])
     assert searcher.refresh() is False
     assert searcher.search_region(1, k=2) == before
     searcher.close()
@@ -170,13 +170,13 @@ def test_stats_after_a_killed_build_counts_only_regions_with_vectors(built, tmp_
     the vectors are not, and searches cannot find those regions."""
     index = tmp_path / "index"
     shutil.copytree(built, index)
-    with Catalog(catalog_url(index)) as catalog:
+    with Catalog(Index(index).catalog_url) as catalog:
         by_image = catalog.region_ids_by_image()
         total = len(catalog.region_ids())
     lost = next(iter(by_image.values()))
-    store = VectorStore.load(vectors_path(index))
+    store = VectorStore.load(Index(index).vectors_path)
     store.remove(lost)
-    store.save(vectors_path(index))
+    store.save(Index(index).vectors_path)
     result = _run("index", "stats", index, "--json")
     assert result.exit_code == 0, result.output
     info = json.loads(result.output)

@@ -25,7 +25,7 @@ from scipy import ndimage
 
 from hassod.runs import LEVEL_NAMES
 from indexer.catalog import Catalog, RegionRecord
-from indexer.layout import open_existing
+from indexer.index import Index
 from tests.retrieval.retrieval_helpers import polygon_mask
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,9 +48,8 @@ def _browser_binaries() -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def catalog(scenes_index) -> Iterator[Catalog]:
-    catalog, _ = open_existing(scenes_index[1])
-    yield catalog
-    catalog.close()
+    with Index.open(scenes_index[1]) as index:
+        yield index.catalog
 
 
 @pytest.fixture(scope="module")

@@ -274,9 +274,9 @@ def test_commands_train_with_burn_in_and_use_the_teacher(pseudo, tmp_path, offli
                                 str(run / "model_final.pth"), "--use", "teacher", "--device", "cpu", "--json"])
     assert built.exit_code == 0, built.output
     from indexer.catalog import Catalog
-    from indexer.layout import catalog_url
+    from indexer.index import Index
 
-    with Catalog(catalog_url(index)) as catalog:
+    with Catalog(Index(index).catalog_url) as catalog:
         assert catalog.get_config()["region_source"] == teacher.identity
     wrong = runner.invoke(app, ["index", "build", images, "--index", str(tmp_path / "i2"), "--use", "teacher"])
     assert wrong.exit_code == 2 and "--use goes with --detector" in wrong.output

@@ -22,9 +22,9 @@ def _user_errors() -> list[type[Exception]]:
     from hassod.model import CheckpointError
     from hassod.train.data import PseudoLabelError
     from hassod.train.loop import TrainError
-    from indexer.build import IncompatibleSourceError, WhiteningError
-    from indexer.catalog import CatalogUnavailableError, IncompatibleIndexError
-    from indexer.layout import IndexNotFoundError
+    from indexer.build import WhiteningError
+    from indexer.catalog import CatalogUnavailableError
+    from indexer.index import IncompatibleIndexError, IncompatibleSourceError, IndexNotFoundError
     from indexer.regions import QuerySourceError, RegionsFileError
     from indexer.vectors import VectorFileError
     from indexer.vectors.planning import IndexTypeError
@@ -39,12 +39,12 @@ def _user_errors() -> list[type[Exception]]:
 @pytest.mark.parametrize("error", _user_errors(), ids=lambda e: e.__name__)
 def test_a_library_error_a_user_can_cause_ends_as_one_line_with_exit_status_2(error, monkeypatch, tmp_path):
     # `index stats` has no handler of its own: whatever the library raises reaches the group.
-    import indexer.layout
+    from indexer.index import Index
 
     def refuse(index_dir):
         raise error(f"{index_dir} cannot be read: because")
 
-    monkeypatch.setattr(indexer.layout, "open_existing", refuse)
+    monkeypatch.setattr(Index, "open", refuse)
     result = CliRunner().invoke(main, ["index", "stats", str(tmp_path)])
     assert issubclass(error, UserError)
     assert result.exit_code == 2, result.output
@@ -55,7 +55,7 @@ def test_a_library_error_a_user_can_cause_ends_as_one_line_with_exit_status_2(er
 def test_library_callers_still_catch_the_errors_by_their_old_bases():
     from hassod.features import WeightsNotFoundError
     from hassod.train.loop import TrainError
-    from indexer.layout import IndexNotFoundError
+    from indexer.index import IndexNotFoundError
     from retrieval.searcher import QueryError
 
     assert issubclass(IndexNotFoundError, FileNotFoundError) and issubclass(WeightsNotFoundError, FileNotFoundError)
@@ -63,12 +63,12 @@ def test_library_callers_still_catch_the_errors_by_their_old_bases():
 
 
 def test_a_bug_is_not_hidden_as_a_user_error(monkeypatch, tmp_path):
-    import indexer.layout
+    from indexer.index import Index
 
     def broken(index_dir):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(indexer.layout, "open_existing", broken)
+    monkeypatch.setattr(Index, "open", broken)
     result = CliRunner().invoke(main, ["index", "stats", str(tmp_path)])
     assert result.exit_code == 1 and isinstance(result.exception, KeyError)
 
