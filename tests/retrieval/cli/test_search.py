@@ -200,6 +200,6 @@ def test_a_region_query_needs_neither_torch_nor_the_backbone(built_index, instan
 def test_version_is_the_project_version():
     import tomllib
 
-    version = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["version"]
+    version = tomllib.loads((Path(__file__).parents[3] / "pyproject.toml").read_text())["project"]["version"]
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.strip() == f"hassod-search {version}"
