@@ -79,7 +79,7 @@ def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> n
             if width == 0 or height == 0:
                 raise ImageError("image has zero size")
             img.load()
-            ImageOps.exif_transpose(img, in_place=True)  # a copy otherwise, even when upright: 30 ms at 12 MP
+            ImageOps.exif_transpose(img, in_place=True)  # a copy otherwise, even when upright (docs/benchmarks.md)
             return to_rgb(img)
     except ImageError:
         raise
@@ -117,8 +117,8 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     (torch's, in float32, rounded once at the end), so colours stay true on downscaling.
 
     Resamplers that round to uint8 between their two passes (PIL, torch on
-    uint8) differ by one level on ~7% of pixels and gave a lower box AR@100 in
-    bench_discover (9.5 vs 10.0).
+    uint8) differ by one level on some pixels and gave a lower box AR@100
+    (docs/benchmarks.md, "Images").
     """
     import torch  # here: every command line imports this module, most never resize
 
@@ -132,8 +132,9 @@ def resample(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
     The filter is separable, so the rows are resampled a strip at a time and
     then the columns: the float32 copies are of one strip and of the narrow
-    intermediate, not of the whole photo (768 MB at 64 MP), and it is 2x
-    faster on a CPU. The result is the same as one 2-D call (tested).
+    intermediate, not of the whole photo (768 MB at 64 MP), and it is faster
+    on a CPU (docs/benchmarks.md, "Images"). The result is the same as one 2-D
+    call (tested).
     """
     import torch
     import torch.nn.functional as F

@@ -58,8 +58,8 @@ def crops_to_rle(crops: Sequence[MaskCrop], size: tuple[int, int]) -> list[dict]
     """Mask crops of an (H, W) frame -> COCO RLE dicts ``{"size": [H, W], "counts": str}``.
 
     The run lengths are counted inside each crop only (pycocotools' encoder
-    scans a whole column-major copy of the frame per mask: ~20 ms for a small
-    part of a 12-megapixel photo); pycocotools compresses them.
+    scans a whole column-major copy of the frame per mask: docs/benchmarks.md,
+    "RLE encoding"); pycocotools compresses them.
     """
     if not crops:
         return []

@@ -565,8 +565,8 @@ def _region_record(row: _Region) -> RegionRecord:
 
 def _int_pairs(rows: Sequence[Row]) -> np.ndarray:
     """(N, 2) int64 from result rows of two integers. ``np.array`` of the rows
-    themselves reads each Row through the sequence protocol, ~20 us a row:
-    20 s for the region ids of a million-region index."""
+    themselves reads each Row through the sequence protocol, far slower
+    (docs/benchmarks.md, "Catalog and query service")."""
     values = itertools.chain.from_iterable(rows)
     return np.fromiter(values, dtype=np.int64, count=2 * len(rows)).reshape(-1, 2)
 

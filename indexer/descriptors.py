@@ -5,24 +5,14 @@
 >>> vectors = describer.describe(fmap, boxes_xyxy)    # (N, describer.dim), unit length
 >>> query = describer.describe_query(image, box)      # same function: same vector
 
-Boxes are ``xyxy`` in pixels of the *original* image, (x0, y0) the top-left
-pixel edge and (x1, y1) the bottom-right one, so the whole image is
-``(0, 0, W, H)``. Each box is mapped into the network input (the image resized
-to ``long_side``) and RoI-aligned (``aligned=True``, half-pixel centres) on
-every chosen feature layer; the samples are pooled (average by default; GeM or max),
-L2-normalised per layer, concatenated with equal weight and normalised again.
-A query box goes through exactly the same steps, so describing a box of an
-indexed image through :meth:`RegionDescriber.describe_query` reproduces the
-indexed vector. Optional PCA-whitening of the vectors is in
-:mod:`indexer.whitening`.
-
-Layers (``DescriptorSettings.layers``) of ``efficientnet_lite0``:
-``"s8"``, ``"s16"``, ``"s32"`` are the raw outputs of its stride-8/16/32
-stages (40/112/320 channels, signed: linear bottlenecks), ``"head"`` the
-1280-channel head convolution after BatchNorm + ReLU6 (stride 32,
-non-negative). Any other backbone offers ``"grid"``: its ``forward`` output
-at stride ``patch_size``. ``"grid"`` of ``efficientnet_lite0`` is its
-discovery feature (472 channels, stride 8).
+Boxes are ``xyxy`` in pixels of the *original* image, measured at pixel edges,
+so the whole image is ``(0, 0, W, H)``. Each box is mapped into the network
+input (the image resized to ``long_side``) and RoI-aligned (``aligned=True``,
+half-pixel centres) on every layer of ``DescriptorSettings.layers``; the samples
+are pooled (average by default; GeM or max), L2-normalised per layer,
+concatenated with equal weight and normalised again. A query box takes exactly
+these steps, so :meth:`RegionDescriber.describe_query` on a box of an indexed
+image reproduces its indexed vector. PCA-whitening: :mod:`indexer.whitening`.
 """
 from __future__ import annotations
 
@@ -44,10 +34,9 @@ GRID_LAYER = "grid"
 # Layer name → stride in network-input pixels. Boxes map onto a layer as
 # roi_align(aligned=True) assumes: cell i centred at stride * (i + 0.5). The
 # TF "same" padding of this net is asymmetric, which moves the *geometric*
-# centre of a stride-s cell's receptive field by (s - 1) / 2 pixels; the
-# *effective* centre (gradient-weighted, measured on COCO photos) is off by
-# only 0.5 / 3 / 4 / 2 px at s8 / s16 / s32 / head, well within a cell, so no
-# correction is applied (correcting by the geometric offset made localisation worse).
+# centre of a stride-s cell's receptive field by (s - 1) / 2 pixels, but the
+# *effective* centre stays well within a cell, so no correction is applied
+# (docs/benchmarks.md, "Feature-cell centres").
 EFFICIENTNET_LAYERS = {"s8": 8, "s16": 16, "s32": 32, "head": 32}
 
 # Masks are turned into per-bin coverage this many masks at a time: an
@@ -59,54 +48,34 @@ _MAX_POOL_COVERAGE = 0.5
 
 @dataclass(frozen=True)
 class DescriptorSettings:
-    """How regions are described. Defaults chosen with ``benchmarks/bench_descriptors.py``
-    (efficientnet_lite0, stage-1 regions + the whole-image box per image).
-
-    Standard UKBench-56 saturates (every variant 3.9-4.0 N-S), so the choice
-    was made on its harder form: the 56 photos shrunk into COCO photos
-    ("clutter", the object ~15% of the image), queried by the originals.
-    N-S there, raw vectors, as global / whole-image multi-instance (sum of
-    best matches) / box query (largest whole region) / box query (central 80%):
-
-    ==========================  ====  ====  ====  ====
-    640 px                      glob  mi    box   c80
-    ==========================  ====  ====  ====  ====
-    s16+s32 avg                 1.23  3.29  3.18  3.34
-    s16+s32+head avg            1.46  3.38  3.34  3.41
-    s32+head avg                1.68  3.20  3.18  3.18
-    s32+head GeM p=3            1.93  2.68  2.27  2.23
-    head avg / GeM / max        1.93  2.98  3.05  3.14 / 2.91 2.52 / 3.11 2.86
-    s32 avg                     1.54  3.12  3.12  3.16
-    s16 avg                     0.77  2.84  2.80  3.09
-    discovery grid (s8) avg     0.89  3.23  3.04  3.16
-    s16+s32 GeM p=3/1.5, max    mi 2.30/2.30/2.70, box 1.89/2.18/2.05
-    ==========================  ====  ====  ====  ====
+    """How regions are described. The defaults are efficientnet_lite0's, chosen with
+    ``benchmarks/bench_descriptors.py`` (docs/benchmarks.md, "Descriptor settings").
 
     Attributes:
-        layers: feature layers pooled and concatenated (see the module docs).
-            ``("s16", "s32")``: as good as adding the head within noise
-            (±0.1 is ~5 of 224 hits) at a quarter of the dimension (432 vs
-            1712 floats per region, which is what the vector store holds).
-        pooling: ``"avg"``, ``"gem"`` or ``"max"`` over the RoI samples. Average
-            wins clearly: the stage outputs are signed (linear bottlenecks),
-            and GeM's clamp to positive values throws half of them away; even
-            on the non-negative head average was as good or better.
+        layers: feature layers pooled and concatenated. efficientnet_lite0 offers
+            ``"s8"``, ``"s16"``, ``"s32"`` (raw outputs of its stride-8/16/32 stages:
+            40/112/320 channels, signed, being linear bottlenecks) and ``"head"``
+            (the 1280-channel head convolution after BatchNorm + ReLU6: stride 32,
+            non-negative). Every backbone offers ``"grid"``: its ``forward`` output
+            at stride ``patch_size`` (efficientnet_lite0: the 472-channel stride-8
+            discovery feature). Default ``("s16", "s32")``: as good as adding the
+            head, at a quarter of the dimension (432 vs 1712 floats per region,
+            which is what the vector store holds).
+        pooling: ``"avg"`` (default), ``"gem"`` or ``"max"`` over the RoI samples.
+            Average wins: GeM clamps to positive values, discarding half of the
+            signed stage outputs.
         gem_p, gem_eps: GeM exponent and clamp (``pooling="gem"`` only).
         long_side: the image is resized (aspect kept) so its longer side has
-            about this many pixels, then one forward. s16+s32 avg, clutter
-            mi/box/c80: 320 px 3.25/3.27/3.43, 480 px 3.30/3.27/3.41,
-            640 px 3.29/3.18/3.34, 800 px 3.16/3.16/3.27. 480 is the middle
-            of the plateau (320 is cheaper but on the edge for small parts);
-            forward 95-114 ms per photo on one core.
+            about this many pixels, then one forward. 480: the middle of the
+            accuracy plateau between 320 and 800 px.
         size_multiple: both input sides are rounded to a multiple of this, so
             every stage grid covers the input exactly (32 = the deepest stride).
         bins: RoI-align output grid per side; samples per bin adapt to the
             box size (``sampling_ratio=0``), so the pool sees the whole box.
         mask_weighting: weight each bin by the fraction of it inside the
-            region's mask when masks are given. Off: the gain is within noise
-            (box 3.27 → 3.38, c80 3.41 → 3.45, mi unchanged at 480 px) and a
-            query box has no mask, so a crop of an indexed region would no
-            longer reproduce that region's vector.
+            region's mask when masks are given. Off: the gain is within noise,
+            and a query box has no mask, so a crop of an indexed region would
+            no longer reproduce that region's vector.
         batch_size: images per forward when several share an input size.
         version: bumped when the computation changes, so an index built with
             another descriptor is recognised by :attr:`RegionDescriber.name`.

@@ -1,26 +1,19 @@
 """`hassod index build --ray`: the build of ``build.py`` with regions and descriptors computed on a Ray cluster.
 
-Ray Data reads the file list and ``map_batches`` runs region finding and
-``describe_image`` in a pool of actors, each holding the region source and the
-backbone once (one GPU per actor when the cluster has GPUs); discovery's
-CPU-heavy part runs in the actors' own processes. The driver keeps what a
-single-process build keeps (``build.open_build``, ``record_image``): the
-catalog, written one image per transaction, whose region ids are the FAISS
-ids; the lock; the configuration check; the summary. A cluster of several
-nodes needs a PostgreSQL catalog.
-
-Vectors go to an ``ondisk`` index. A new index holds its first
-``train_sample`` vectors back, trains the IVF quantizer on them, stores them
-and saves, so every later shard starts from a saved quantizer. Then the vectors
-of each ``shard_images`` images go into a shard (``VectorStore.trained_empty``)
-written to ``DIR/shards/`` once all its images are committed; at the end the
-shards are merged into one new ``.ivfdata`` generation (as
-``faiss.contrib.ondisk.merge_ondisk``), the search width is recalibrated and
-the index saved. A killed build leaves committed images whose vectors are in
-no written shard: the next build merges the shards it finds first, and
-describes those images again, as ``build.py`` does, so no region is
-duplicated. Files are read by path on the actors: every node must see them
-under the same path (a shared file system).
+- Actors (Ray Data ``map_batches``; one GPU each when the cluster has GPUs) find
+  the regions and describe each image. The driver keeps what a single-process
+  build keeps (``build.open_build``, ``record_image``): the catalog, one image per
+  transaction, whose region ids are the FAISS ids; the lock; the configuration
+  check; the summary. Several nodes need a PostgreSQL catalog, and all must see
+  the images under the same path (actors read files by path).
+- Vectors go to an ``ondisk`` index. A new index trains its IVF quantizer on its
+  first ``train_sample`` vectors and saves; then the vectors of every
+  ``shard_images`` images form a shard in ``DIR/shards/``, written once all its
+  images are committed; at the end the shards are merged into one new
+  ``.ivfdata`` generation, the search width recalibrated and the index saved.
+- A killed build duplicates no region: the next one merges the shards it finds
+  first and describes again the committed images whose vectors reached no shard.
+  Details and reasons: docs/distributed.md, docs/design.md §8.
 """
 from __future__ import annotations
 

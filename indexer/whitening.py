@@ -1,27 +1,18 @@
 """PCA-whitening of descriptors, learned from a collection at build time (docs/design.md §8).
 
-Descriptors pooled from a CNN have a few dominant, correlated directions
-(bursty activations, the average "photo" appearance) that swamp cosine
-similarity; centring on the collection mean and rescaling the principal
-directions to unit variance lets the rarer, discriminative ones count.
+CNN descriptors have a few dominant, correlated directions (bursty activations,
+the average "photo" appearance) that swamp cosine similarity; centring on the
+collection mean and rescaling the principal directions to unit variance lets
+the rarer, discriminative ones count. :meth:`PCAWhitening.fit` learns the map
+from (n, d) vectors; :meth:`PCAWhitening.transform` maps (m, d) to (m, dim_out).
 
 Eigenvalues are shrunk towards their mean, ``λ' = (1 - shrinkage)·λ +
-shrinkage·mean(λ)`` (a Ledoit–Wolf-style target), so directions seen with
-tiny variance in a small collection are not blown up: ``shrinkage=0`` is full
-whitening, ``shrinkage=1`` plain PCA (rotation and centring only). The
-default 0.8 was measured with ``benchmarks/bench_descriptors.py`` (default
-descriptors, "clutter" UKBench-56, N-S multi-instance / box / central box):
-raw 3.30/3.27/3.41; shrinkage 0.8 3.36/3.38/3.45 (0.7: 3.34/3.38/3.41,
-0.9: 3.32/3.36/3.45); at 640 px 0.3 fell to 3.00/2.89/2.98 and 0.1 far
-lower, because 1000-2000 region vectors estimate the small-variance
-directions badly and full whitening amplifies their noise. The gain is
-small (near the benchmark's noise), hence optional.
-
-When there are fewer vectors than dimensions (n <= d), the sample covariance
-has rank at most n - 1: the remaining directions carry no information learned
-from the collection, so the output keeps at most ``rank`` components (and at
-most ``dim_out`` when given). :attr:`PCAWhitening.dim_out` is the output length
-actually produced.
+shrinkage·mean(λ)`` (a Ledoit–Wolf-style target), so directions seen with tiny
+variance in a small collection are not blown up: ``shrinkage=0`` is full
+whitening, ``1`` plain PCA (rotation and centring only); default 0.8
+(docs/benchmarks.md, "Whitening shrinkage"). With n <= d vectors the covariance
+has rank at most n - 1, so at most ``rank`` components are kept (and at most
+``dim_out`` when given): :attr:`PCAWhitening.dim_out` is the length produced.
 """
 from __future__ import annotations
 
@@ -47,6 +38,8 @@ class WhiteningSettings:
             descriptor's. The vectors it is learned from must span at least
             this many dimensions (about ``dim`` regions or more).
         shrinkage: eigenvalue shrinkage, 0 = full whitening .. 1 = plain PCA.
+            0.8: the best of the values tried; lower ones amplify the noise of
+            poorly estimated directions (docs/benchmarks.md, "Whitening shrinkage").
         sample: how many of the first build's vectors it is learned from
             (all of them when the build has fewer); they become searchable
             once it is learned.

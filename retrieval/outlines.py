@@ -63,7 +63,8 @@ def _simplified(contours: list[np.ndarray]) -> list[np.ndarray]:
     """The contours (row, col in cells), simplified with a tolerance that grows until they hold
     at most MAX_POINTS points together; each keeps at least a triangle."""
     # Douglas-Peucker (approximate_polygon) runs in Python: on every 2nd point of a contour traced
-    # at a cell's resolution it loses nothing visible and takes a quarter of the time.
+    # at a cell's resolution it loses nothing visible and is much faster (docs/benchmarks.md,
+    # "Catalog and query service").
     contours = [c[:-1:2] if len(c) > 4 * MAX_POINTS else c[:-1] for c in contours]
     tolerance = 1.0
     while True:

@@ -29,7 +29,8 @@ from indexer.index import Index, IndexConfig
 from indexer.vectors import VectorStore
 
 # torch, the backbone and the descriptors are imported when the first image
-# query needs them: ~4 s that a query by region id does without.
+# query needs them: seconds that a query by region id does without
+# (docs/benchmarks.md, "Catalog and query service").
 if TYPE_CHECKING:
     from hassod.features import Backbone
     from indexer.descriptors import RegionDescriber
@@ -185,8 +186,8 @@ class Searcher:
         """The regions of a query image, found as the index's were: the same discovery recipe
         (``paper`` for indexes that record none) and settings, or the same detector checkpoint and options."""
         if self._query_source is None:
-            # Imported here: discovery and the detector take ~1 s to import,
-            # which box queries (most of `hassod search`'s calls) never need.
+            # Imported here: discovery and the detector are slow to import, and box
+            # queries (most of `hassod search`'s calls) never need them.
             from hassod.model import CheckpointError
             from indexer.regions import QuerySourceError, query_regions
 

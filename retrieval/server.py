@@ -1,34 +1,19 @@
-"""`hassod serve`: the searcher behind an HTTP API and a web page that shows an image's regions
-(wholes, parts, subparts, outlined) and searches for any of them, or for a drawn box.
+"""`hassod serve`: one loaded :class:`Searcher` behind a JSON API and a web page (docs/design.md §8).
 
-Endpoints (JSON unless noted; boxes are xyxy pixels of the upright original image, and
-outlines are polygons of ``[x, y]`` points in the same pixels: see :mod:`retrieval.outlines`):
+Boxes are xyxy in pixels of the upright original image; outlines are polygons of ``[x, y]``
+points in the same pixels (:mod:`retrieval.outlines`). Endpoints (details in ``/openapi.json``):
 
-- ``GET /``: the web page (pick or upload an image, see its regions, click one or drag a box).
-- ``POST /api/search``: multipart form ``image`` (file), ``image_id`` (an indexed image) or
-  ``region`` (a handle from ``POST /api/regions``); ``box`` ("x0,y0,x1,y1"; absent: the whole
-  image; not with ``region``), ``level`` (whole | part | subpart), ``k``. Each result carries
-  the matched region's outline.
-- ``GET /api/images?offset=&limit=&level=``: the indexed images (id, path, size, regions), by
-  path; with ``level`` only those holding regions of that level.
-- ``GET /api/images/{image_id}/regions?level=``: an indexed image's regions (id, box, level,
-  parent id, score, area, outline).
-- ``GET /api/regions/{region_id}``: an indexed region with its ancestors (nearest first) and children.
-- ``POST /api/regions``: multipart ``image``: the regions of an uploaded image, found the way the
-  index finds its regions, each with a temporary ``handle`` (kept for the latest
-  :data:`KEPT_UPLOADS` uploads) that ``POST /api/search`` takes as ``region``.
-- ``GET /api/regions/{region_id}/similar?k=&level=``: an indexed region as the query.
-- ``GET /api/images/{image_id}?side=``: an indexed image as a JPEG whose longer side is at
-  most ``side`` pixels (only images of the catalog are served).
-- ``GET /api/stats``: the counts of `hassod index stats`.
+- ``GET /``: the page. ``GET /api/stats``: the counts of `hassod index stats`.
+- ``GET /api/images``, ``GET /api/images/{id}/regions``: indexed images, an image's regions;
+  ``GET /api/images/{id}?side=``: a catalog image as a JPEG, longer side at most ``side``.
+- ``GET /api/regions/{id}``: a region, its ancestors (nearest first) and children;
+  ``GET /api/regions/{id}/similar``: that region as the query.
+- ``POST /api/regions``: an upload's regions, each with a ``handle`` valid for the latest :data:`KEPT_UPLOADS`.
+- ``POST /api/search``: one of ``image``, ``image_id``, ``region`` (a handle), optional ``box``
+  ("x0,y0,x1,y1"; not with ``region``; absent: whole image), ``level``, ``k``; results carry outlines.
 
-A query that cannot be answered is a 400 whose ``detail`` is the one-line
-message of the command line; an unknown image, region or handle is a 404, an
-id out of range a 422. The backbone, catalog and FAISS index are loaded
-once; every call that touches them runs on one dedicated thread (the SQLite
-connection and the torch model stay on the thread that made them, and queries
-do not compete for the cores), after :meth:`Searcher.refresh`, so that a later
-`hassod index build` into the same directory is seen by the next request.
+Errors: 400 for a query that cannot be answered (``detail``: the command line's one-line
+message), 404 for an unknown image, region or handle, 422 for an id out of range.
 """
 from __future__ import annotations
 
@@ -56,7 +41,9 @@ from indexer.catalog import ImageRecord, RegionRecord
 from .outlines import Outline, outline
 from .searcher import Match, QueryError, Searcher, check_box, parse_box
 
-if TYPE_CHECKING:  # indexer.regions imports discovery and the detector: torch, a second or more
+# indexer.regions imports discovery and the detector, hence torch: slow to import
+# (docs/benchmarks.md, "Catalog and query service").
+if TYPE_CHECKING:
     from indexer.regions import Region
 
 MAX_UPLOAD_BYTES = 100 * 2**20  # a query photo, even a 64 MP one, is far below this
@@ -134,6 +121,10 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES,
     An uploaded query image over ``max_upload_bytes`` is refused (413) unread;
     one over ``max_pixels`` pixels (or an indexed one) is refused (400) before decoding.
     """
+    # Every call that touches the backbone, catalog or FAISS index runs on this one thread, after
+    # Searcher.refresh (so the next request sees a later `hassod index build` into the directory):
+    # the SQLite connection and the torch model stay on the thread that made them, and queries do
+    # not compete for the cores.
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hassod-search")
     # Both only touched on the worker thread.
     outlines = _Lru(KEPT_OUTLINES)

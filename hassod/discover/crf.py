@@ -41,11 +41,11 @@ class CRFSettings:
         prob_clip: probabilities of the upsampled one-hot are clipped to at least
             this before ``-log``, so the unary stays finite (pydensecrf's default).
         work_size: ``None`` runs the CRF at the full resized size, the
-            reference behaviour (about 4x slower). An integer runs the whole step (unary, CRF,
-            IoU filter, returned masks) on the image downscaled so its longer
-            side is this many pixels, spatial sigmas scaled to match: the CRF's
-            cost is linear in pixels times regions, and the masks are resized
-            to the original image afterwards anyway.
+            reference behaviour (slower: docs/benchmarks.md, "DenseCRF"). An
+            integer runs the whole step (unary, CRF, IoU filter, returned masks)
+            on the image downscaled so its longer side is this many pixels,
+            spatial sigmas scaled to match: the CRF's cost is linear in pixels
+            times regions, and the masks are resized to the original image afterwards anyway.
     """
 
     gaussian_sxy: float = 3.0
@@ -56,10 +56,9 @@ class CRFSettings:
     iterations: int = 10
     min_iou: float = 0.5
     prob_clip: float = 1e-5
-    # Class-agnostic AR@100 of the pseudo-labels on 32 COCO128 photos (box /
-    # mask): 160 px 12.4 / 8.5, 200 px 12.4 / 8.4, 240 px 12.3 / 8.5, and the
-    # full 480 px reference 12.3 / 8.6 at 4-5x the time of 240 px; the masks
-    # are resized to the original image afterwards anyway.
+    # 160 px: the pseudo-labels' recall of the full 480 px reference at a fraction
+    # of the time (docs/benchmarks.md, "DenseCRF"); the masks are resized to the
+    # original image afterwards anyway.
     work_size: int | None = 160
 
 

@@ -96,12 +96,12 @@ def hierarchical_merge(features: np.ndarray, thresholds: Sequence[float]) -> np.
 
 
 # Per-thread scratch memory for the (n, C) region sums and the arenas, kept
-# between calls: a fresh 11-22 MB allocation of sums costs several ms of page
-# faults per 60x60x768 image, as much as the whole merge.
+# between calls: the page faults of a fresh 11-22 MB allocation of sums cost
+# as much as the whole merge (docs/benchmarks.md, "Merge").
 _SCRATCH = threading.local()
 
-# Arena rows per patch to start with: merges of photo-like maps use up to ~8
-# (neighbour lists) and ~12 (local heaps).
+# Arena rows per patch to start with, above what merges of photo-like maps
+# use (docs/benchmarks.md, "Merge").
 _NBRS_ROWS = 12
 _LOCAL_ROWS = 16
 
@@ -131,8 +131,9 @@ def _arena(key: str, rows: int, cols: int) -> np.ndarray:
 # Reference counting. In numba's default mode every array that a compiled
 # function receives as an argument, slices or assigns to a variable gets
 # reference-count updates (calls to NRT_incref / NRT_decref, which LLVM cannot
-# inline or prune around loops): with ~25 of them per re-scored pair they took
-# ~40% of the merge loop. Everything that _merge_grid calls is therefore
+# inline or prune around loops): with some two dozen of them per re-scored pair
+# they took a large share of the merge loop (docs/benchmarks.md, "Merge").
+# Everything that _merge_grid calls is therefore
 # compiled without the runtime (``_nrt=False``: no counting at all), which
 # numba only allows for code that allocates nothing and returns no new array;
 # _merge_grid allocates and owns every array they use.
@@ -190,7 +191,7 @@ def _score(flat, sums, summed, inv, a, b):
 def _dots4(u, v0, v1, v2, v3):
     """(u . v0, u . v1, u . v2, u . v3) in float64, in one pass: u is read
     and converted once, and four rows stream from memory at the same time
-    (~1.5x faster per product than four calls of _dot_rows)."""
+    (faster per product than four calls of _dot_rows)."""
     d0 = 0.0
     d1 = 0.0
     d2 = 0.0
@@ -264,7 +265,7 @@ def _add_rows(old, extra, out):
 def _add_in_place(acc, extra):
     """_add_rows(acc, extra, acc). A separate loop because with two names for
     one row LLVM's runtime alias check fails and falls back to a scalar loop
-    with a serial float64 sum (4x slower)."""
+    with a serial float64 sum (several times slower)."""
     before = 0.0
     cross = 0.0
     after = 0.0
@@ -285,8 +286,8 @@ def _absorb(flat, sums, summed, inv, keep, gone):
     and inverse norm; returns an upper bound on how far its unit vector moved.
 
     With u = S * inv_old and u' = S' * inv_new, |u' - u|^2 is expanded into
-    the three sums of the pass (the old code measured it in a second pass and
-    stored in a third: 0.66 -> 0.24 us per merge at C=768). The expansion
+    the three sums of the pass (instead of a second pass to measure it and a
+    third to store: docs/benchmarks.md, "Merge"). The expansion
     cancels (its terms are ~1, the result can be ~0), so the bound adds the
     float64 error of the three sums (in any order, at most (C + 1) 2**-53
     times the sum of |terms|, ~1, ~1 and ~2 here) and of the expansion itself:
@@ -319,9 +320,9 @@ def _drift_units(moved):
 def _heap_jit(signature: str):
     """Compile a heap helper for exactly ``signature``. Without one, numba
     compiles a helper again for every pattern of constant arguments at its
-    call sites (``_place_down(heap, 0, 0, ...)`` is typed ``Literal[int](0)``):
-    49 specializations instead of 31, ~2 s of the ~16 s that the first merge
-    of every worker spends compiling."""
+    call sites (``_place_down(heap, 0, 0, ...)`` is typed ``Literal[int](0)``),
+    which adds to the compile time of every worker's first merge
+    (docs/benchmarks.md, "Merge")."""
     return numba.njit(signature, cache=True, nogil=True, _nrt=False)
 
 

@@ -1,20 +1,16 @@
 """The ``search`` region recipe: every distinct region of the merge hierarchy, ranked, without the CRF.
 
-An index needs boxes and pooled descriptors, not pixel-exact edges
-(docs/design.md §4, §8; why: docs/benchmarks.md, "Search recipe").
+An index needs boxes and pooled descriptors, not pixel-exact edges (docs/design.md §4, §8;
+why: docs/benchmarks.md, "Search recipe").
 
-Contract:
 - Input: (h, w, C) patch features of the image resized with its aspect kept
-  (:meth:`SearchSettings.input_shape`: the region descriptor's input, so that
-  an index build needs one forward per image), and the original (H, W) in pixels.
-- Regions are sets of patches; a region seen at several thresholds is one
-  region (born at the finest). Its parent is the smallest strictly larger
-  kept region containing it at a coarser threshold, so every mask lies inside
-  its parent's. Levels follow depth (0 whole, 1 part, 2 and deeper subpart)
-  counting only ancestors the region fills less than ``level_share`` of
-  (:func:`element_parents`).
-- Masks are the patch masks upscaled to (H, W) bilinearly (threshold 0.5),
-  which keeps nesting: a child's upscaled mask is inside its parent's.
+  (:meth:`SearchSettings.input_shape`, the descriptor's own input, so that an index
+  build makes one forward per image), and the original (H, W) in pixels.
+- A region is a set of patches, one region however many thresholds yield it (born at
+  the finest). Its parent is the smallest strictly larger kept region containing it at
+  a coarser threshold, so every mask lies inside its parent's. Levels follow depth (0
+  whole, 1 part, 2+ subpart), counting only ancestors it fills less than ``level_share`` of.
+- Masks are the patch masks upscaled bilinearly to (H, W) (threshold 0.5), which keeps nesting.
 - ``min_patches`` and ``max_share`` are in patches of the grid; boxes out of
   :class:`~.pipeline.Discovered` are COCO xywh in original pixels.
 """
@@ -35,39 +31,23 @@ from .pipeline import Discovered, StageClock
 
 @dataclass(frozen=True)
 class SearchSettings:
-    """Settings of the ``search`` recipe, with efficientnet_lite0 defaults.
-
-    They were chosen on 64 COCO128 photos (class-agnostic box AR, patch
-    boxes) with the 480 px square grid (60x60); the recipe now runs on the
-    descriptor's aspect-kept input (~60x44 patches), where
-    ``benchmarks/bench_regions.py`` measures box AR@10/100/1000 5.1 / 11.4 /
-    12.5 with these defaults (12.4 at AR@100 on the square grid: the price of
-    sharing the forward, which saves an index build a second forward, about
-    100 ms per image on one core).
+    """Settings of the ``search`` recipe, with efficientnet_lite0 defaults chosen by box AR
+    on COCO128 (figures: docs/benchmarks.md, "Search recipe settings").
 
     thresholds: merge thresholds (cosine), any order; ``None`` takes the
         backbone's ``search_thresholds`` (efficientnet_lite0: 0.8 to 0.3 in
-        steps of 0.05, 734 distinct regions per image above 1 patch, box
-        AR@1000 14.5; 0.7 to 0.3 in steps of 0.1 gives 135 and 11.6; steps of
-        0.025 give 882 and 15.6 for 25% more merge time; 0.9 to 0.2 adds only
-        tiny and huge regions).
+        steps of 0.05: coarser steps lose recall, finer ones add a little for
+        more merge time).
     input_size: the longer side in pixels of the backbone's input, aspect
-        kept (:meth:`input_shape`). Multi-scale was measured and not taken:
-        the 480 and 640 px square grids together raise AR@1000 from 14.5 to
-        18.7 (all regions) but cost a second forward (~290 ms, three times
-        the 480 px one) and 80 ms of merge.
+        kept (:meth:`input_shape`); one scale: a second one raises recall but
+        costs a second forward.
     min_patches: regions with fewer patches are dropped.
     max_share: regions covering more than this share of the grid are dropped.
     max_regions: at most this many regions per image, the best-scored kept:
-        200 keeps box AR@100 (12.4) and most of AR@1000 (13.4 vs 14.5 for all
-        734) at a quarter of the index.
+        200 keeps most of the recall of all regions at a fraction of the index.
     contrast_weight: the score is sqrt(share of the grid) + this x the
-        feature contrast with the surrounding ring (:func:`objectness`). Box
-        AR@10 / AR@100 with all regions: share alone 5.0 / 11.8, weight 0.15
-        5.1 / 12.2, 0.3 5.2 / 12.4, 0.5 5.2 / 12.2; contrast alone 5.0 / 10.4;
-        persistence across thresholds (threshold span) 0.8 / 6.3 with 5
-        thresholds, below random order (0.6 / 9.0): long-lived regions are
-        mostly small flat patches; a 2-patch-wide ring 5.2 / 12.5 for 5 ms more.
+        feature contrast with the surrounding ring (:func:`objectness`); 0.3
+        ranked best of the weights tried.
     level_share: a region counts as a part of an ancestor only when it fills less than this
         share of it (:func:`element_parents`); 0.9 is stage 1's coverage τ.
     """

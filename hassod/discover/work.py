@@ -40,8 +40,8 @@ def process_job(job: Job, settings: RegionRecipe, viz_dir: Path | None) -> Image
 
 def limit_threads() -> None:
     # Each worker is one of several processes: with more than one BLAS/OpenMP
-    # thread each, idle threads spin against the other workers and a 20 ms
-    # matrix product can take seconds.
+    # thread each, idle threads spin against the other workers and a short
+    # matrix product can take seconds (docs/benchmarks.md, "Discovery workers").
     threadpool_limits(1)
     torch.set_num_threads(1)
 

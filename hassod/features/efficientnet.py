@@ -69,15 +69,12 @@ class EfficientNetLite0(Backbone):
 
     name = "efficientnet_lite0"
     patch_size = 8
-    # Patches of this multi-scale feature are far more alike than DINO keys
-    # (at 0.75 the 3600 patches of a COCO photo already merge into ~440 regions), so the paper's 0.4/0.2/0.1
-    # would merge nearly everything. Measured on 48 COCO128 photos
-    # (benchmarks/bench_discover.py --images 48 --thresholds ...): 0.6/0.5/0.4 gives
-    # 23 masks per image, box AR@100 9.8, 0.6 s per image after the backbone (the
-    # issue's budget is 1 s); 0.7/0.6/0.5 gives 99 masks, AR@100 12.4 (the best of
-    # the sets tried) and wheel-sized parts, but 2.2 s. The default keeps the budget.
+    # Patches of this multi-scale feature are far more alike than DINO keys, so the
+    # paper's 0.4/0.2/0.1 would merge nearly everything. Higher thresholds find more
+    # parts but cost more time; this set keeps stage 1 within its per-image budget
+    # (docs/benchmarks.md, "EfficientNet-Lite0").
     default_thresholds = (0.6, 0.5, 0.4)
-    # The search recipe's (hassod.discover.search.SearchSettings: how it was measured).
+    # The search recipe's (docs/benchmarks.md, "Search recipe settings").
     search_thresholds = (0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.45, 0.4, 0.35, 0.3)
     # The TF checkpoint expects pixels scaled to [-1, 1].
     mean = (0.5, 0.5, 0.5)
@@ -85,9 +82,8 @@ class EfficientNetLite0(Backbone):
 
     def __init__(self, net: nn.Module, weights_id: str) -> None:
         super().__init__()
-        # Channels-last convolutions: a 480 px forward takes ~100 ms instead of
-        # ~125 ms on one CPU core (~71 vs ~79 ms on two), same values up to
-        # float rounding (~1e-7).
+        # Channels-last convolutions: a faster forward on the CPU, same values up
+        # to float rounding (docs/benchmarks.md, "EfficientNet-Lite0").
         self.net = net.to(memory_format=torch.channels_last)
         self.stage_dims = tuple(int(net.blocks[s][-1].conv_pwl.out_channels) for s in FEATURE_STAGES)
         self.dim = sum(self.stage_dims)
@@ -114,8 +110,8 @@ class EfficientNetLite0(Backbone):
 
         The tensor is channels-last in memory, as the network computes it: the
         merge reads one patch's channels at a time (``permute(0, 2, 3, 1)`` is
-        contiguous), and a copy to (B, C, h, w) order and back would cost ~8 ms
-        per 480 px image.
+        contiguous), and a copy to (B, C, h, w) order and back would cost time
+        (docs/benchmarks.md, "EfficientNet-Lite0").
         """
         return self.grid_from_stages(self.stage_features(x))
 

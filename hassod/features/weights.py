@@ -27,8 +27,9 @@ from ..errors import UserError
 WEIGHTS_ID_LENGTH = 16
 
 # How long to wait for the hub's host to accept a TCP connection before
-# deciding it is unreachable. huggingface_hub itself retries for ~25 s on a
-# machine without network, which is far too slow for a default code path.
+# deciding it is unreachable. huggingface_hub's own retries on a machine without
+# network are far too slow for a default code path (docs/benchmarks.md,
+# "Backbone weights").
 HUB_PROBE_TIMEOUT_S = 3.0
 
 # File names a timm model repository on the hub stores its weights under,

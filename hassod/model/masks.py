@@ -1,14 +1,11 @@
 """Binary masks at image size from the mask head's box-relative probabilities (inference).
 
-The model returns each detection's mask as (1, M, M) probabilities over its
-box (M = 28). :func:`paste_masks` resamples each mask only inside its box,
-thresholds it there and writes it into one preallocated (N, H, W) bool
-tensor: 1 byte per pixel per detection, plus one box-sized float32 buffer at
-a time (why not torchvision's pasting, or a batched one: docs/benchmarks.md,
-"Mask pasting").
-
-The geometry and the resampling are torchvision's, so the result equals
-``paste_masks_in_image(masks, boxes, (H, W)) >= threshold`` pixel for pixel:
+The model returns each detection's mask as (1, M, M) probabilities over its box
+(M = 28). :func:`paste_masks` resamples each mask only inside its box, thresholds
+it there and writes it into one preallocated (N, H, W) bool tensor: 1 byte per
+pixel per detection, plus one box-sized float32 buffer at a time (why: docs/benchmarks.md,
+"Mask pasting"). The geometry and resampling are torchvision's, so the result
+equals ``paste_masks_in_image(masks, boxes, (H, W)) >= threshold`` pixel for pixel:
 
 - the M×M mask gets a border of one zero pixel and its box is scaled by
   (M + 2) / M about its centre, then truncated to integer pixels

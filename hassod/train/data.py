@@ -1,21 +1,17 @@
 """Training data: the stage-1 pseudo-labels as detector targets, with seeded augmentation.
 
-The pseudo-labels are the COCO file `hassod discover` writes (RLE masks,
-``bbox`` xywh in pixels, ``hier_level``, ``parent_id``; ``info.root`` is the
-folder the ``file_name`` paths are relative to). Each item is an image tensor
-(3, H, W) float32 in [0, 1] and the detector's target dict: ``boxes`` (N, 4)
-float32 xyxy pixels, ``labels`` (N,) int64 ones, ``masks`` (N, H, W) uint8,
-``levels`` (N,) int64 (0 whole, 1 part, 2 subpart).
+Input: the COCO file `hassod discover` writes (RLE masks, ``bbox`` xywh in pixels,
+``hier_level``, ``parent_id``; ``info.root`` is the folder the ``file_name`` paths
+are relative to). Each item is an image tensor (3, H, W) float32 in [0, 1] and the
+detector's target dict: ``boxes`` (N, 4) float32 xyxy pixels, ``labels`` (N,) int64
+ones, ``masks`` (N, H, W) uint8, ``levels`` (N,) int64 (0 whole, 1 part, 2 subpart).
 
-Training is iteration-based: :class:`IndexStream` yields, for every step, the
-keys ``(step, slot, index)`` of that step's batch. All randomness of an item
-comes from a generator seeded by ``(seed, step, slot, index)``, so the data of
-step *k* is the same whether the run was interrupted before it or not, and
-with any number of loader workers.
-
-Multi-scale resizing is left to the detector's own transform; here images
-larger than ``max_size`` on their longest edge are only scaled down, to bound
-the memory of decoded masks.
+:class:`IndexStream` yields, for every step, the keys ``(step, slot, index)`` of
+that step's batch, and all randomness of an item comes from a generator seeded by
+``(seed, step, slot, index)``: step *k*'s data is the same whether or not the run
+was interrupted before it, and with any number of loader workers. Multi-scale
+resizing is the detector's own transform; here images whose longest edge exceeds
+``max_size`` are only scaled down, to bound the memory of decoded masks.
 """
 from __future__ import annotations
 

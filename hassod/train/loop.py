@@ -1,24 +1,18 @@
 """The detector's training run: set-up, then a step loop in two phases (docs/design.md §6).
 
-:class:`Trainer` builds the model, the data, the optimiser and the LR schedule
-(or takes them back from ``last.pth``); :meth:`Trainer.run` then steps:
-iterations ``0 .. B-1`` train on the pseudo-labels (copy-paste, DropLoss,
-multi-scale, flip), iterations ``B .. N-1`` are Mean Teacher, each on a
-labelled batch (pseudo-labels, every loss, weight α_label) and an unlabelled
-batch (teacher targets, no mask loss, weight α_teacher). Hooks
-(:mod:`hassod.train.hooks`) keep the teacher's EMA, evaluate, log and
-checkpoint. Step k trains on the batches :class:`~hassod.train.data.IndexStream`
-gives for k, so a run resumed from ``last.pth`` sees exactly the data,
-random numbers, optimiser and teacher the uninterrupted run would have
-(bit-exact on the CPU; CUDA kernels may differ in the last bits).
+:class:`Trainer` builds the model, data, optimiser and LR schedule (or takes them back
+from ``last.pth``); :meth:`Trainer.run` steps through burn-in (iterations ``0 .. B-1``,
+pseudo-labels) and Mean Teacher (``B .. N-1``, a labelled and an unlabelled batch per
+step), with hooks (:mod:`hassod.train.hooks`) keeping the teacher's EMA, evaluating,
+logging and checkpointing. Step k trains on the batches
+:class:`~hassod.train.data.IndexStream` gives for k, so a run resumed from ``last.pth``
+matches the uninterrupted run bit for bit on the CPU (CUDA kernels may differ in the last bits).
 
-A run directory holds ``last.pth`` (student, teacher, optimiser, scheduler,
-AMP scaler, iteration, both samplers' positions, RNG state, both settings),
-``model_final.pth`` (student and teacher after the last iteration) and
-``log.jsonl`` (one JSON object per iteration, see :meth:`Trainer.burn_in_step`
-and :meth:`Trainer.mean_teacher_step`). Multi-GPU: under ``torchrun`` each
-process takes its share of every global batch, BatchNorm becomes
-SyncBatchNorm, gradients are averaged by DDP, and only rank 0 writes files.
+A run directory holds ``last.pth`` (student, teacher, optimiser, scheduler, AMP scaler,
+iteration, both samplers' positions, RNG state, both settings), ``model_final.pth``
+(student and teacher after the last iteration) and ``log.jsonl`` (one JSON object per
+iteration: :meth:`Trainer.burn_in_step`, :meth:`Trainer.mean_teacher_step`). Under
+``torchrun`` each process takes its share of every global batch; only rank 0 writes files.
 """
 from __future__ import annotations
 

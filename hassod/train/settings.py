@@ -36,8 +36,8 @@ class TrainSettings:
         fraction ``lr_steps`` of the burn-in) or "constant" (the reference's burn-in).
     clip_norm: the global gradient L2 norm is clipped to this (≤ 0: off).
         A guard against the spikes that noisy pseudo-labels cause, set above
-        the norms of ordinary steps (2–6 on the tiny model): on the synthetic
-        learning test a clip of 1.0 halved the AR reached in 200 iterations.
+        the norms of ordinary steps, since a tight clip slows learning
+        (docs/benchmarks.md, "Training settings").
     amp: mixed precision with a GradScaler; CUDA only, CPU always runs fp32.
     seed: every random choice (init, order, augmentation, RoI sampling) derives from it.
     augmentation: flip and copy-paste, see :class:`~hassod.train.data.Augmentation`;

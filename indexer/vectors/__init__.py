@@ -1,10 +1,8 @@
 """FAISS vector store of region descriptors, keyed by region id (docs/design.md §8).
 
-``VectorStore`` (``store``) is the public face; each index kind is one module
-behind the ``IndexKind`` protocol (``kind``):
+``VectorStore`` (``store``) is the public face; each kind below is one module behind
+the ``IndexKind`` protocol (``kind``), here with its FAISS index and bytes per vector:
 
-========== ==================================================== ===========================
-kind       FAISS index                                          bytes / vector
 ========== ==================================================== ===========================
 ``flat``   ``IndexIDMap2(IndexFlatIP)``, exact (``flat``)       4·d + 16
 ``ivf``    ``IVF{nlist},Flat`` / ``SQ8`` / ``PQ{m}`` (``ivf``)  4·d + 8 / d + 8 / m + 8
@@ -14,10 +12,8 @@ kind       FAISS index                                          bytes / vector
 (string)   any IVF factory string, used as given (``ivf``)
 ========== ==================================================== ===========================
 
-``ondisk`` keeps its inverted lists in ``.ivfdata`` files beside the store
-file, for indexes larger than memory, and merges shard indexes into them.
-``planning`` chooses the kind and its size, ``calibration`` tunes its search
-width, ``ids`` keeps the id bookkeeping. Measurements: docs/benchmarks.md.
+``planning`` chooses the kind and its size, ``calibration`` tunes the search width,
+``ids`` keeps the id bookkeeping. Measurements: docs/benchmarks.md, "Vector store".
 """
 from .calibration import ExactTopK
 from .ids import IdFilter

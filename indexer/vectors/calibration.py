@@ -47,7 +47,7 @@ class ExactTopK:
         if ids.size == 0:
             return
         # faiss rather than numpy: its OpenMP threads follow omp_threads, while OpenBLAS
-        # threads cost ~15 ms per call in barrier waits on a busy 2-core machine.
+        # threads waste time in barrier waits on a busy machine (docs/benchmarks.md, "Vector store").
         chunk_scores, top = faiss.knn(self.queries, vectors, min(self.k, ids.size), metric=faiss.METRIC_INNER_PRODUCT)
         # merge the chunk's own top-k with the running top-k: (q, 2k) instead of (q, k + chunk)
         scores = np.concatenate([self.scores, chunk_scores], axis=1)

@@ -31,7 +31,8 @@ _GROWTH_ORDER = ("flat", "ivf", "ivfsq", "ivfpq")  # the order "auto" moves thro
 
 @dataclass(frozen=True)
 class VectorStoreSettings:
-    """How the store chooses and tunes its index; saved with the index.
+    """How the store chooses and tunes its index; saved with the index. How the
+    defaults were chosen: docs/benchmarks.md, "Vector store" ("Kind choice", "Calibration").
 
     Attributes:
         flat_threshold: collections smaller than this (vectors) use exact search.
@@ -55,12 +56,11 @@ class VectorStoreSettings:
             re-ranked) that calibration may choose and restricted searches widen to.
         pqfs_lists_per_sqrt_n: ``lists_per_sqrt_n`` of the ``pqfs`` kind (fewer
             lists than IVF's: on the data pqfs is for nearly all are probed).
-        hnsw_m: graph degree of the ``hnsw`` kind.
-        hnsw_ef_construction: beam width while building the ``hnsw`` kind.
+        hnsw_m, hnsw_ef_construction: graph degree and build-time beam width of the ``hnsw`` kind.
         calibration_queries: stored vectors used as leave-one-out queries to tune
             nprobe / efSearch.
-        calibration_margin: calibrate to ``target_recall`` plus this (200 queries
-            estimate recall to about ±0.01).
+        calibration_margin: calibrate to ``target_recall`` plus this, a margin for the
+            sampling error of a recall estimated on ``calibration_queries`` queries.
         exact_filter_max: allowed sets up to this size are searched by brute force
             over their own vectors (hnsw kind; a filtered graph walk can miss them).
         norm_tolerance: largest accepted | ‖v‖ − 1 | of an input vector.

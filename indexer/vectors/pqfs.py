@@ -77,9 +77,9 @@ class PQFastScanKind(InMemoryKind):
 
     def remove(self, index: faiss.IndexRefine, ids: np.ndarray) -> int:
         # faiss 1.15.1 fast-scan lists take removals, but a vector added later to a list
-        # that lost entries gets a corrupted code (its own vector then ranked 1468th of
-        # 4901 by the scan): so every list that loses an id is emptied and its remaining
-        # vectors are re-encoded from the fp16 copy (O(list size) per touched list).
+        # that lost entries gets a corrupted code (docs/benchmarks.md, "Vector store"): so
+        # every list that loses an id is emptied and its remaining vectors are re-encoded
+        # from the fp16 copy (O(list size) per touched list).
         scan, refine = _parts(index)
         ivf = faiss.extract_index_ivf(scan)
         touched = []
