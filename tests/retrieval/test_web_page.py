@@ -252,6 +252,36 @@ def test_an_indexed_images_regions_are_outlined_and_toggled_by_level(page, catal
     assert page.find("#total").text == f"{len(holding)} holding subparts"
 
 
+def test_the_slider_outlines_only_the_best_scored_regions_and_always_the_selected_one(page, catalog):
+    from selenium.webdriver.common.keys import Keys
+
+    image = max(catalog.indexed_images(0, 8)[1], key=lambda i: i.n_regions)
+    regions = catalog.regions_of_image(image.id)
+    ranked = [str(r.id) for r in sorted(regions, key=lambda r: (-r.score, -r.area))]
+    page.driver.get(f"{page.url}#image={image.id}")
+    page.wait_view(f"/api/images/{image.id}?")
+    assert page.visible() == set(ranked) and page.find("#best-count").text == str(len(ranked))
+
+    slider = page.find("#best")
+    slider.send_keys(Keys.HOME, Keys.RIGHT, Keys.RIGHT, Keys.RIGHT)
+    assert page.find("#best-count").text == "3" and page.visible() == set(ranked[:3])
+    page.screenshot("best_3")
+
+    # A region beyond the best three, selected through a link, is outlined with them; the choice stays.
+    page.driver.get(f"{page.url}#region={ranked[-1]}")
+    page.wait(lambda: page.find("#selected-info").get_attribute("data-key") == ranked[-1], "the linked region")
+    assert page.visible() == set(ranked[:3]) | {ranked[-1]}
+    page.find("body").send_keys(Keys.ESCAPE)
+    assert page.visible() == set(ranked[:3])
+
+    page.find("#best").send_keys(Keys.END)
+    assert page.visible() == set(ranked)
+    other = next(i for i in catalog.indexed_images(0, 8)[1] if i.id != image.id)
+    page.driver.get(f"{page.url}#image={other.id}")
+    page.wait_view(f"/api/images/{other.id}?")
+    assert page.visible() == {str(r.id) for r in catalog.regions_of_image(other.id)}
+
+
 def test_clicking_a_part_searches_for_it_and_walks_up_the_hierarchy(page, catalog):
     image = catalog.indexed_images(5, 1)[1][0]
     regions = catalog.regions_of_image(image.id)
