@@ -411,7 +411,7 @@ def region_parts(backbone: str, weights: str | None, device: str, detector: str 
         # keeps its own (smaller) default.
         source = detector_regions(detector, device=device, max_pixels=max_pixels, use=use)
     elif regions_json:
-        source = CocoRegions(regions_json, max_pixels=max_pixels)
+        source = CocoRegions(regions_json, max_pixels=max_pixels, backbone=model)
     else:
         source = DiscoveryRegions(model, recipe, workers=workers or os.cpu_count() or 1, batch_size=batch_size,
                                   max_pixels=max_pixels)

@@ -108,14 +108,12 @@ class DiscoveryRegions:
         descriptor = replace(default_settings(backbone), long_side=self.settings.input_size, size_multiple=32)
         self.describer = RegionDescriber(backbone, descriptor)
         thresholds = ",".join(f"{t:g}" for t in self.settings.thresholds)
+        self.query_settings = discovery_query_settings(self.settings)
         if self.recipe == "paper":
             self.identity = f"discovery:{backbone.name}:{backbone.weights_id}:{thresholds}"
-            self.query_settings = {"kind": "discovery", "recipe": "paper", "thresholds": list(self.settings.thresholds)}
         else:
-            saved = self.settings.as_dict()
-            digest = hashlib.sha256(json.dumps(saved, sort_keys=True).encode()).hexdigest()[:8]
+            digest = hashlib.sha256(json.dumps(self.settings.as_dict(), sort_keys=True).encode()).hexdigest()[:8]
             self.identity = f"{self.recipe}:{backbone.name}:{backbone.weights_id}:{thresholds}:{digest}"
-            self.query_settings = {"kind": "discovery", **saved}
 
     def regions(self, paths: Sequence[str]) -> Iterator[ImageRegions]:
         if self.recipe == "search":
@@ -174,6 +172,14 @@ def _from_annotation(ann: dict[str, Any]) -> Region:
     )
 
 
+def discovery_query_settings(settings: RegionRecipe) -> dict[str, Any]:
+    """What an index records (``query_regions``) to find a query image's regions by discovery with
+    ``settings``: all of the search recipe's settings, the paper recipe's thresholds."""
+    if settings.recipe == "paper":
+        return {"kind": "discovery", "recipe": "paper", "thresholds": list(settings.thresholds)}
+    return {"kind": "discovery", **settings.as_dict()}
+
+
 class CocoRegions:
     """Regions read from a COCO file: the output of `hassod discover`, or any detections with masks.
 
@@ -181,13 +187,19 @@ class CocoRegions:
     ``info.root`` (what `hassod discover` writes), else to the JSON's folder.
     Levels and parents come from ``hier_level`` / ``parent_id`` when present
     (else every region is a whole); polygon segmentations are converted to RLE.
+
+    A query image is not in the file: its regions are discovered, with the
+    settings ``info.discovery`` records when the file was discovered with
+    ``backbone`` (same name and weights), else by the paper recipe at the
+    backbone's default thresholds.
     """
 
-    def __init__(self, coco_json: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(self, coco_json: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, backbone: Backbone | None = None):
         path = Path(coco_json)
         raw = path.read_bytes()
         data = _read_coco(raw, path)
-        root = Path(data.get("info", {}).get("root") or path.parent)
+        info = data.get("info") if isinstance(data.get("info"), dict) else {}
+        root = Path(info.get("root") or path.parent)
         anns_by_image: dict[int, list[dict[str, Any]]] = {}
         for ann in data.get("annotations", []):
             anns_by_image.setdefault(ann["image_id"], []).append(ann)
@@ -199,8 +211,12 @@ class CocoRegions:
         self.source = path
         self.identity = f"coco:{hashlib.sha256(raw).hexdigest()[:16]}"
         self.recipe = None
-        # A query image is not in the file: discover its regions (the paper recipe, the backbone's thresholds).
-        self.query_settings = {"kind": "discovery", "thresholds": None}
+        self.query_settings: dict[str, Any] = {"kind": "discovery", "thresholds": None}
+        discovered_here = backbone is not None and (info.get("backbone"), info.get("weights")) == (
+            backbone.name, backbone.weights_id)
+        if discovered_here and isinstance(info.get("discovery"), dict):
+            settings = settings_from_dict(info["discovery"]).for_backbone(backbone)
+            self.query_settings = discovery_query_settings(settings)
 
     def regions(self, paths: Sequence[str]) -> Iterator[ImageRegions]:
         for path in paths:

@@ -36,3 +36,30 @@ def test_index_build_refuses_a_bad_regions_file_before_indexing(tmp_path, coco12
     assert result.exit_code == 2
     assert result.output == f"error: {regions}: annotations[0] has no image_id, bbox, area, segmentation\n"
     assert not index_dir.exists()
+
+
+def test_a_query_finds_its_regions_with_the_settings_the_regions_file_was_discovered_with(tmp_path, instance_folder,
+                                                                                           offline_backbone):
+    from indexer.index import Index
+    from indexer.regions import query_regions
+
+    folder, _ = instance_folder
+    pseudo = tmp_path / "pseudo.json"
+    runner = CliRunner()
+    found = runner.invoke(app, ["discover", str(folder / "scene_00.png"), str(folder / "scene_01.png"), "--out",
+                                str(pseudo), "--thresholds", "0.6,0.45", "--device", "cpu", "--workers", "1"])
+    assert found.exit_code == 0, found.output
+    built = runner.invoke(app, ["index", "build", str(folder / "scene_00.png"), "--index", str(tmp_path / "index"),
+                                "--regions", str(pseudo), "--device", "cpu", "--json"])
+    assert built.exit_code == 0, built.output
+    with Index.open(tmp_path / "index") as index:
+        recorded = index.config.query_regions
+    assert recorded == {"kind": "discovery", "recipe": "paper", "thresholds": [0.6, 0.45]}
+    assert query_regions(recorded, offline_backbone).settings.thresholds == (0.6, 0.45)
+
+    # Regions discovered with other weights say nothing about this backbone's thresholds.
+    data = json.loads(pseudo.read_text())
+    data["info"]["weights"] = "another"
+    pseudo.write_text(json.dumps(data))
+    assert CocoRegions(pseudo, backbone=offline_backbone).query_settings == {"kind": "discovery", "thresholds": None}
+    assert CocoRegions(pseudo).query_settings == {"kind": "discovery", "thresholds": None}
