@@ -217,17 +217,21 @@ class Index:
     def open(cls, directory: str | os.PathLike) -> Index:
         """A finished index with its vectors loaded, or :class:`IndexNotFoundError` saying what is missing."""
         index = cls(directory)
-        if not index.exists():
-            raise IndexNotFoundError(f"no index at {index.directory} "
-                                     f"(build one with `hassod index build IMAGES --index {index.directory}`)")
         try:
-            if index.config is None or not index.vectors_path.exists():
-                raise IndexNotFoundError(f"the index at {index.directory} is empty: its first build has not finished")
+            index.check_built()
             index.vectors  # a damaged file is reported now
         except BaseException:
             index.close()
             raise
         return index
+
+    def check_built(self) -> None:
+        """Raise :class:`IndexNotFoundError` unless a first build has finished here."""
+        if not self.exists():
+            raise IndexNotFoundError(f"no index at {self.directory} "
+                                     f"(build one with `hassod index build IMAGES --index {self.directory}`)")
+        if self.config is None or not self.vectors_path.exists():
+            raise IndexNotFoundError(f"the index at {self.directory} is empty: its first build has not finished")
 
     # -- layout --------------------------------------------------------------
 

@@ -68,7 +68,7 @@ class Searcher:
     """Queries an index built by `hassod index build`.
 
     Args:
-        index: the :class:`~indexer.index.Index`, or its directory (opened with :meth:`Index.open`).
+        index: a built :class:`~indexer.index.Index`, or its directory (opened with :meth:`Index.open`).
         device: where the backbone runs (``None``: CUDA if present).
         weights: backbone weight file, needed when the index was built with an
             explicit ``--weights``; it must be the same file (checked by hash).
@@ -90,6 +90,7 @@ class Searcher:
         load_backbone: bool = True,
     ):
         self.index = index if isinstance(index, Index) else Index.open(index)
+        self.index.check_built()
         self.config: IndexConfig = self.index.config
         self._backbone, self._weights, self._device, self._detector = backbone, weights, device, detector
         self._describer: RegionDescriber | None = None

@@ -128,6 +128,8 @@ def test_open_says_what_is_missing(tmp_path, built):
     sqlite3.connect(empty / "catalog.sqlite").close()  # a first build killed before it recorded anything
     with pytest.raises(IndexNotFoundError, match="empty: its first build has not finished"):
         Index.open(empty)
+    with pytest.raises(IndexNotFoundError, match="empty: its first build has not finished"):
+        Searcher(Index(empty), load_backbone=False)
 
 
 def test_stats_and_the_searcher_read_the_same_index(built, offline_backbone):
