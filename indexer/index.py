@@ -389,7 +389,8 @@ class Index:
         killed build can leave catalog rows whose vectors were never saved).
         """
         catalog, store = self.catalog, self.vectors
-        by_level = {name: int(store.contains(catalog.region_ids(level)).sum()) for level, name in enumerate(LEVEL_NAMES)}
+        by_level = {name: int(store.contains(catalog.region_ids(level)).sum())
+                    for level, name in enumerate(LEVEL_NAMES)}
         searchable = sum(by_level.values())
         return {**catalog.stats(), "regions": searchable, "regions_by_level": by_level,
                 "regions_without_vectors": len(catalog.region_ids()) - searchable, "vectors": store.info(),
