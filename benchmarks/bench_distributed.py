@@ -59,8 +59,7 @@ def bench_build(n_images: int, work: Path) -> None:
     import ray
 
     from hassod.synthetic import make_instance_scenes, save_scenes
-    from indexer.build import build_index
-    from indexer import distributed
+    from indexer.build import CatalogWriter, build_index
     from indexer.distributed import build_index_ray
 
     scenes = make_instance_scenes(seed=0, n_objects=6, n_images=n_images)
@@ -82,21 +81,22 @@ def bench_build(n_images: int, work: Path) -> None:
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     started = time.perf_counter() - start
-    committing = []
-    real_record = distributed.record_image
+    committing = []  # the driver's share per image: catalog transaction + vectors to the shard
+    real_commit = CatalogWriter.commit
 
-    def timed_record(*args):  # the driver's share per image: catalog transaction + vectors to the shard
-        began = time.perf_counter()
-        real_record(*args)
-        committing.append(time.perf_counter() - began)
+    def timed_commit(writer):
+        began, images = time.perf_counter(), len(writer.pending)
+        real_commit(writer)
+        if images:
+            committing.extend([(time.perf_counter() - began) / images] * images)
 
-    distributed.record_image = timed_record
+    CatalogWriter.commit = timed_commit
     start = time.perf_counter()
     summary = build_index_ray(paths, work / "ray", functools.partial(discovery_parts, 1), actors=2,
                               show_progress=False)
     ray_s = time.perf_counter() - start
     ray.shutdown()
-    distributed.record_image = real_record
+    CatalogWriter.commit = real_commit
     print(f"Ray build (local cluster, 2 actors x 1 discovery process): {summary.regions} regions in {ray_s:.1f} s "
           f"= {n_images / ray_s:.2f} images/s (+ {started:.1f} s cluster start, not counted); "
           f"per image {ray_s / n_images:.2f} s wall on 2 CPUs = {2 * ray_s / n_images:.2f} CPU-s; "

@@ -1,7 +1,8 @@
 """`hassod index build`: bring an index up to date with a collection.
 
-The catalog is the source of truth and is written one image per transaction;
-the vectors are saved atomically every ``save_every`` images and at the end.
+The catalog is the source of truth, written one image per transaction (or a
+batch: :class:`CatalogWriter`); the vectors are saved atomically every
+``save_every`` images and at the end.
 After a kill the two may disagree, and the next build reconciles them first:
 vectors without a catalog row are dropped, and images whose regions have no
 vector are described again, so a resumed build never duplicates a region.
@@ -83,6 +84,7 @@ def build_index(
     timings: dict[str, float] | None = None,
     whitening: WhiteningSettings | None = None,
     roots: Sequence[str | os.PathLike] | None = None,
+    commit_images: int = 1,
 ) -> BuildSummary:
     """Index every file of ``paths`` into ``index`` (an :class:`Index`, or its directory with the catalog
     inside); see the module docstring for the guarantees.
@@ -95,6 +97,9 @@ def build_index(
     ``whitening``: learn a PCA-whitening at the first build; ``None`` keeps
     what the index already has (none for a new index). Asking an existing
     index for another whitening raises :class:`IncompatibleIndexError`.
+
+    ``commit_images``: images per catalog transaction, at most (:class:`CatalogWriter`); one by default,
+    so that whatever was described is saved at once (the catalog is a small share of a build here).
 
     ``timings``, when given, receives the seconds spent waiting for regions
     ("regions"), describing them ("describe") and writing catalog and vectors
@@ -112,6 +117,7 @@ def build_index(
         summary.rebuilt_vectors = build.rebuilt_vectors
         sink = _VectorSink(store, build.whitening, build.learned, index.whitening_path)
         changes = _changes(catalog, store, paths, roots, summary)
+        writer = CatalogWriter(catalog, store, sink, summary, changes, batch_images=commit_images)
         states_by_path = {s.path: s for s in changes.todo}
         with tqdm(total=len(changes.todo), unit="img", disable=not show_progress) as bar:
             results = _timed(source.regions(list(states_by_path)), timings, "regions")
@@ -120,11 +126,13 @@ def build_index(
                 described = describe_image(describer, result)
                 described_at = time.perf_counter()
                 timings["describe"] = timings.get("describe", 0.0) + described_at - began
-                record_image(catalog, store, sink, summary, changes, states_by_path[result.path], described)
+                writer.add(states_by_path[result.path], described)
                 timings["store"] = timings.get("store", 0.0) + time.perf_counter() - described_at
                 bar.update()
                 if done % save_every == 0:
+                    writer.commit()
                     store.save(index.vectors_path)
+        writer.commit()
         sink.flush()
         build.finish()
     summary.seconds = time.perf_counter() - start
@@ -245,6 +253,9 @@ class _VectorSink:
             if self.held_count >= self.settings.sample:
                 self.flush()
 
+    def image_done(self) -> None:
+        """One more image's vectors were handed over (nothing to do here: the Ray build's sink cuts shards)."""
+
     def flush(self) -> None:
         """Learn the whitening from the held vectors (if it is still to be learned) and store them."""
         if not self.held:
@@ -358,29 +369,57 @@ def describe_image(describer: RegionDescriber, result: ImageRegions) -> Describe
     return DescribedImage(result.path, None, width, height, result.regions, vectors)
 
 
-def record_image(catalog: Catalog, store: VectorStore, sink, summary: BuildSummary, changes: _Changes,
-                 state: _FileState, described: DescribedImage) -> None:
-    """Commit one described image to the catalog (its regions get their ids there), hand its vectors to
-    ``sink`` (``add(ids, vectors)``) and drop the vectors of its previous version from ``store``."""
-    old = changes.by_image.get(state.path, np.zeros(0, np.int64))
-    content_hash = changes.hashes.get(state.path) or _hash(state.path)
-    if state.path in changes.known:
-        summary.updated += 1
-    else:
-        summary.added += 1
-    if described.error is not None:
-        catalog.record_error(state.path, content_hash, state.size, state.mtime, described.error)
-        summary.errors.append((state.path, described.error))
-    else:
-        regions = described.regions
-        record = ImageRecord(state.path, content_hash, state.size, state.mtime, described.width, described.height,
-                             n_regions=len(regions))
-        new = [NewRegion(r.box, r.score, r.level, r.area, r.mask_rle, r.parent if r.parent >= 0 else None)
-               for r in regions]
-        ids = catalog.replace_image(record, new)
-        sink.add(np.asarray(ids, dtype=np.int64), described.vectors)
-        summary.regions += len(ids)
-    store.remove(old)
+class CatalogWriter:
+    """Described images on their way into the catalog, several per transaction.
+
+    Images wait until ``batch_images`` have come or ``batch_seconds`` have passed since the first
+    (a killed build redoes at most that much), then :meth:`commit` writes them in one transaction
+    (``Catalog.write_images``): at scale the catalog writes are what bounds a build's driver.
+    Once committed, each image's vectors go to ``sink`` (``add(ids, vectors)``, then
+    ``image_done()``) and the vectors of its previous version leave ``store``.
+    """
+
+    def __init__(self, catalog: Catalog, store: VectorStore, sink, summary: BuildSummary, changes: _Changes,
+                 batch_images: int = 32, batch_seconds: float = 2.0):
+        self.catalog, self.store, self.sink, self.summary, self.changes = catalog, store, sink, summary, changes
+        self.batch_images, self.batch_seconds = batch_images, batch_seconds
+        self.pending: list[tuple[ImageRecord, list[NewRegion], DescribedImage]] = []
+        self.since = 0.0
+
+    def add(self, state: _FileState, described: DescribedImage) -> None:
+        """Queue one described image of ``state``'s file; commit when the batch is due."""
+        content_hash = self.changes.hashes.get(state.path) or _hash(state.path)
+        if state.path in self.changes.known:
+            self.summary.updated += 1
+        else:
+            self.summary.added += 1
+        if described.error is not None:
+            self.summary.errors.append((state.path, described.error))
+            record = ImageRecord(state.path, content_hash, state.size, state.mtime, 0, 0, status="error",
+                                 error=described.error)
+        else:
+            record = ImageRecord(state.path, content_hash, state.size, state.mtime, described.width,
+                                 described.height)
+        regions = [NewRegion(r.box, r.score, r.level, r.area, r.mask_rle, r.parent if r.parent >= 0 else None)
+                   for r in described.regions]
+        if not self.pending:
+            self.since = time.monotonic()
+        self.pending.append((record, regions, described))
+        if len(self.pending) >= self.batch_images or time.monotonic() - self.since >= self.batch_seconds:
+            self.commit()
+
+    def commit(self) -> None:
+        """Write the waiting images (their regions get their ids), then hand their vectors on."""
+        if not self.pending:
+            return
+        written = self.catalog.write_images([(record, regions) for record, regions, _ in self.pending])
+        for (record, _, described), ids in zip(self.pending, written):
+            if ids:
+                self.sink.add(np.asarray(ids, dtype=np.int64), described.vectors)
+                self.summary.regions += len(ids)
+            self.store.remove(self.changes.by_image.get(record.path, np.zeros(0, np.int64)))
+            self.sink.image_done()
+        self.pending = []
 
 
 def _timed(items: Iterator[ImageRegions], timings: dict[str, float], key: str) -> Iterator[ImageRegions]:

@@ -18,7 +18,7 @@ import itertools
 import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -314,25 +314,22 @@ class Catalog:
             regions are gone from the catalog; callers drop them from FAISS
             (see :meth:`region_ids` to reconcile).
         """
-        n = len(regions)
-        for i, r in enumerate(regions):
-            if r.parent is not None and not (0 <= r.parent < n and r.parent != i):
-                raise ValueError(f"region {i}: parent index {r.parent} is not another region of the list")
+        return self.write_images([(replace(image, status="ok", error=None), regions)])[0]
+
+    def write_images(self, entries: Sequence[tuple[ImageRecord, Sequence[NewRegion]]]) -> list[list[int]]:
+        """Store several images with their regions in one transaction, each as :meth:`replace_image` does;
+        an image whose status is 'error' is stored as unreadable, with its error and no regions.
+
+        A build writes its images in batches through this: one commit, and one
+        statement per table, for many images. On any error nothing changes.
+        Returns the new region ids of each entry, in the order of its regions.
+        """
+        paths = [image.path for image, _ in entries]
+        if len(set(paths)) != len(paths):
+            raise ValueError("an image path appears twice in one batch")
         with self._session.begin() as s:
-            s.execute(delete(_Image).where(_Image.path == image.path))  # regions cascade
-            image_id = _allocate(s, "images", 1)[0]
-            s.execute(
-                insert(_Image).values(
-                    id=image_id, path=image.path, content_hash=image.content_hash,
-                    size_bytes=int(image.size_bytes), mtime=float(image.mtime), width=int(image.width),
-                    height=int(image.height), status="ok", error=None, n_regions=n,
-                )
-            )
-            ids = _allocate(s, "regions", n)
-            if n:
-                rows = [_region_row(r, pos, image_id, ids) for pos, r in enumerate(regions)]
-                s.execute(insert(_Region), rows)  # one executemany
-        return ids
+            self._delete(s, paths)
+            return self._insert(s, entries)
 
     def record_error(self, path: str, content_hash: str, size_bytes: int, mtime: float, error: str) -> list[int]:
         """Store ``path`` as unreadable (status 'error'), replacing any previous entry.
@@ -340,16 +337,42 @@ class Catalog:
         Returns:
             ids of the regions the previous entry had, now removed.
         """
+        image = ImageRecord(path, content_hash, size_bytes, mtime, 0, 0, status="error", error=error)
         with self._session.begin() as s:
             removed = self._delete(s, [path])
-            s.execute(
-                insert(_Image).values(
-                    id=_allocate(s, "images", 1)[0], path=path, content_hash=content_hash,
-                    size_bytes=int(size_bytes), mtime=float(mtime), width=0, height=0, status="error",
-                    error=error, n_regions=0,
-                )
-            )
+            self._insert(s, [(image, [])])
         return removed
+
+    @staticmethod
+    def _insert(s: Session, entries: Sequence[tuple[ImageRecord, Sequence[NewRegion]]]) -> list[list[int]]:
+        """Insert new images and their regions (their paths must be free): one statement per table."""
+        for image, regions in entries:
+            if image.status not in ("ok", "error") or (image.status == "error" and regions):
+                raise ValueError(f"{image.path}: status must be 'ok', or 'error' without regions")
+            for i, r in enumerate(regions):
+                if r.parent is not None and not (0 <= r.parent < len(regions) and r.parent != i):
+                    raise ValueError(f"region {i}: parent index {r.parent} is not another region of the list")
+        if not entries:
+            return []
+        image_ids = _allocate(s, "images", len(entries))
+        s.execute(insert(_Image), [
+            {"id": image_id, "path": image.path, "content_hash": image.content_hash,
+             "size_bytes": int(image.size_bytes), "mtime": float(image.mtime),
+             "width": int(image.width) if image.status == "ok" else 0,
+             "height": int(image.height) if image.status == "ok" else 0, "status": image.status,
+             "error": image.error if image.status == "error" else None, "n_regions": len(regions)}
+            for image_id, (image, regions) in zip(image_ids, entries)])
+        ids = _allocate(s, "regions", sum(len(regions) for _, regions in entries))
+        region_ids, rows = [], []
+        for image_id, (_, regions) in zip(image_ids, entries):
+            mine, ids = ids[: len(regions)], ids[len(regions):]
+            region_ids.append(mine)
+            rows += [_region_row(r, pos, image_id, mine) for pos, r in enumerate(regions)]
+        if rows:
+            # Core, not the ORM's bulk insert: that one splits the rows at every change of which columns are
+            # NULL (roots have no parent), into many small statements.
+            s.execute(insert(_Region.__table__), rows)
+        return region_ids
 
     def delete_images(self, paths: Iterable[str]) -> list[int]:
         """Delete the images at ``paths`` (unknown paths are ignored) with their regions.

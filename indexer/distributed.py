@@ -2,10 +2,10 @@
 
 - Actors (Ray Data ``map_batches``; one GPU each when the cluster has GPUs) find
   the regions and describe each image. The driver keeps what a single-process
-  build keeps (``build.open_build``, ``record_image``): the catalog, one image per
-  transaction, whose region ids are the FAISS ids; the lock; the configuration
-  check; the summary. Several nodes need a PostgreSQL catalog, and all must see
-  the images under the same path (actors read files by path).
+  build keeps (``build.open_build``, ``CatalogWriter``): the catalog, several
+  images per transaction, whose region ids are the FAISS ids; the lock; the
+  configuration check; the summary. Several nodes need a PostgreSQL catalog, and
+  all must see the images under the same path (actors read files by path).
 - Vectors go to an ``ondisk`` index. A new index trains its IVF quantizer on its
   first ``train_sample`` vectors and saves; then the vectors of every
   ``shard_images`` images form a shard in ``DIR/shards/``, written once all its
@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from hassod.errors import UserError
 
-from .build import BuildSummary, _changes, describe_image, open_build, record_image
+from .build import BuildSummary, CatalogWriter, _changes, describe_image, open_build
 from .descriptors import RegionDescriber
 from .index import Index
 from .regions import RegionSource
@@ -59,11 +59,15 @@ def build_index_ray(
     batch_size: int = 4,
     roots: Sequence[str | os.PathLike] | None = None,
     show_progress: bool = True,
+    commit_images: int = 32,
+    commit_seconds: float = 2.0,
 ) -> BuildSummary:
     """Index ``paths`` into ``index`` on the Ray cluster at ``address`` (joined unless ``ray`` is already
     initialised); ``parts()`` makes the region source and describer, once in the driver (for the
     configuration) and once in each actor. ``actors`` / ``gpus_per_actor``: ``None`` = one actor per GPU,
-    else one per CPU. Other arguments as ``build.build_index``.
+    else one per CPU. ``commit_images`` / ``commit_seconds``: the driver's catalog transactions hold up to
+    that many images, or what came in that many seconds (``build.CatalogWriter``): at scale the catalog
+    is the driver's bottleneck. Other arguments as ``build.build_index``.
     """
     try:
         import ray
@@ -95,14 +99,15 @@ def build_index_ray(
         changes = _changes(build.catalog, store, paths, roots, summary)
         states = {s.path: s for s in changes.todo}
         sink = _ShardSink(store, index, shard_images, train_sample, len(states))
+        writer = CatalogWriter(build.catalog, store, sink, summary, changes, commit_images, commit_seconds)
         with tqdm(total=len(states), unit="img", disable=not show_progress) as bar:
             for described in _described(ray, list(states), parts, actors, gpus_per_actor, batch_size):
                 state = states.pop(described.path, None)
                 if state is None:  # a batch retried after its actor died, delivered twice
                     continue
-                record_image(build.catalog, store, sink, summary, changes, state, described)
-                sink.image_done()
+                writer.add(state, described)
                 bar.update()
+        writer.commit()
         sink.close()
         build.finish()
         for shard in sink.written:

@@ -180,6 +180,27 @@ def _images_in_catalog(index_dir: Path) -> int:
         return 0
 
 
+def test_batched_catalog_transactions_give_the_same_index(tmp_path, instance_folder, offline_backbone):
+    folder, truth = instance_folder
+    paths = sorted(folder.glob("*.png"))
+    (folder / "broken.png").write_bytes(b"not an image")  # an error entry inside a batch
+    built = {}
+    for batch in (1, 3):
+        summary = build_index(paths + [folder / "broken.png"], tmp_path / f"batch{batch}", CocoRegions(truth),
+                              RegionDescriber(offline_backbone), show_progress=False, commit_images=batch)
+        with Index.open(tmp_path / f"batch{batch}") as index:
+            names = {image.id: Path(image.path).name for image in index.catalog.images()}
+            rows = [(names[r.image_id], r.id, r.parent_id, r.box)
+                    for r in index.catalog.regions(index.catalog.region_ids().tolist())]
+            built[batch] = (summary.added, summary.regions, len(summary.errors), rows, index.vectors.ids(),
+                            index.vectors.reconstruct(index.vectors.ids()))
+    one, batched = built[1], built[3]
+    assert one[:4] == batched[:4]
+    assert one[0] == 9 and one[1] == len(one[3]) > 0 and one[2] == 1  # 8 scenes and the broken file
+    np.testing.assert_array_equal(one[4], batched[4])
+    np.testing.assert_allclose(one[5], batched[5], atol=1e-6)
+
+
 def test_a_refused_write_is_one_line_and_the_build_continues(tmp_path, instance_folder, offline_backbone):
     folder, truth = instance_folder
     index_dir = tmp_path / "index"

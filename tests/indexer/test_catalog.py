@@ -188,6 +188,36 @@ def test_record_error_replaces_regions(catalog: Catalog) -> None:
     assert catalog.image_by_path("a.jpg").status == "ok"
 
 
+def test_a_batch_of_images_is_written_as_the_same_images_one_by_one(catalog_url: str, tmp_path) -> None:
+    from dataclasses import replace
+
+    def entries(cat: Catalog) -> list[tuple[ImageRecord, list[NewRegion]]]:
+        cat.replace_image(_image("a.jpg"), _regions(3))  # replaced by the batch
+        error = replace(_image("bad.jpg", 2), width=0, height=0, status="error", error="truncated file")
+        return [(_image("b.jpg", 1), _regions(4, 1)), (_image("a.jpg", 3), _regions(2, 3)), (error, []),
+                (_image("empty.jpg", 4), [])]
+
+    one_by_one = Catalog(f"sqlite:///{tmp_path / 'one_by_one.sqlite'}")
+    for image, regions in entries(one_by_one):
+        if image.status == "error":
+            one_by_one.record_error(image.path, image.content_hash, image.size_bytes, image.mtime, image.error)
+        else:
+            one_by_one.replace_image(image, regions)
+    with Catalog(catalog_url) as batched:
+        ids = batched.write_images(entries(batched))
+        assert ids == [[4, 5, 6, 7], [8, 9], [], []]
+        assert _dump(batched) == _dump(one_by_one)
+        assert batched.image_by_path("bad.jpg").error == "truncated file"
+        before = _dump(batched)
+        # One bad entry and nothing of the batch is written; a path twice in a batch is refused.
+        with pytest.raises(ValueError, match="box and score must be finite"):
+            batched.write_images([(_image("c.jpg", 5), _regions(2, 5)), (_image("a.jpg", 6), _nan_box(_regions(3)))])
+        with pytest.raises(ValueError, match="appears twice"):
+            batched.write_images([(_image("c.jpg"), []), (_image("c.jpg"), [])])
+        assert _dump(batched) == before
+    one_by_one.close()
+
+
 def _bad_level(regions: list[NewRegion]) -> list[NewRegion]:
     return regions[:-1] + [NewRegion(box=(0, 0, 1, 1), score=0.5, level=7, area=1, mask_rle=regions[0].mask_rle)]
 

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from indexer import distributed
-from indexer.build import build_index
+from indexer.build import CatalogWriter, build_index
 from indexer.catalog import Catalog
 from indexer.index import Index
 from retrieval.cli import app
@@ -110,22 +110,23 @@ def test_an_interrupted_ray_build_resumes_without_duplicates_despite_a_killed_ac
                                                              monkeypatch):
     folder, truth = instance_folder
     index_dir = tmp_path / "index"
-    real_record, recorded = distributed.record_image, []
+    real_add, added = CatalogWriter.add, []
 
-    def killed_after_six(*args):
-        if len(recorded) == 6:
+    def killed_after_six(writer, state, described):
+        if len(added) == 6:
             raise KeyboardInterrupt  # the driver dies: no clean-up beyond the lock
-        real_record(*args)
-        recorded.append(args[-1].path)
+        real_add(writer, state, described)
+        added.append(described.path)
 
-    monkeypatch.setattr(distributed, "record_image", killed_after_six)
-    with pytest.raises(KeyboardInterrupt):
-        _ray_build(folder, truth, index_dir, shard_images=2, train_sample=10)
+    monkeypatch.setattr(CatalogWriter, "add", killed_after_six)
+    with pytest.raises(KeyboardInterrupt):  # four images per catalog transaction, however long they take
+        _ray_build(folder, truth, index_dir, shard_images=2, train_sample=10, commit_images=4,
+                   commit_seconds=float("inf"))
     monkeypatch.undo()
     shards = list((index_dir / "shards").glob("shard-*.index"))
     assert shards  # written by the killed build: all their images committed
     with Catalog(Index(index_dir).catalog_url) as catalog:
-        assert len(catalog.images()) == 6
+        assert len(catalog.images()) == 4  # the first batch; the next two images were waiting for theirs
 
     # the re-run loses an actor too (its process dies mid-batch): Ray replaces it and retries the batch
     marker = tmp_path / "died"
@@ -133,7 +134,7 @@ def test_an_interrupted_ray_build_resumes_without_duplicates_despite_a_killed_ac
                                           functools.partial(dying_parts, str(truth), str(marker)), actors=2,
                                           show_progress=False, shard_images=2, train_sample=10)
     assert marker.exists()
-    assert summary.added == 2 and summary.unchanged + summary.updated == 6
+    assert summary.added == 4 and summary.unchanged + summary.updated == 4
     assert not list((index_dir / "shards").glob("*"))
     with Catalog(Index(index_dir).catalog_url) as catalog:
         assert sorted(Path(i.path).name for i in catalog.images()) == [f"scene_{i:02d}.png" for i in range(8)]
