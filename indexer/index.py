@@ -49,6 +49,9 @@ SHARDS_DIR = "shards"
 
 log = logging.getLogger(__name__)
 
+# Reads of the vectors file, at most, when builds keep replacing it during the read.
+_LOAD_TRIES = 3
+
 # What a query's descriptors must share with the index's to be comparable with them.
 _COMPARABLE = ("backbone", "weights", "descriptor", "descriptor_version", "descriptor_dim", "whitening")
 
@@ -285,9 +288,22 @@ class Index:
     def vectors(self) -> VectorStore:
         """The saved vectors (:class:`VectorFileError` for a damaged file)."""
         if self._vectors is None:
-            self._vectors_stamp = _stamp(self.vectors_path)  # before loading: a save in between shows as a change
-            self._vectors = VectorStore.load(self.vectors_path)
+            self._vectors = self._load_vectors()
         return self._vectors
+
+    def _load_vectors(self) -> VectorStore:
+        """The vectors file, read again when a build replaced it meanwhile: a save deletes the on-disk lists
+        the old file names, so a read racing it fails without the file being damaged."""
+        for attempt in range(_LOAD_TRIES):
+            stamp = _stamp(self.vectors_path)  # before reading: a save in between shows as a change
+            try:
+                store = VectorStore.load(self.vectors_path)
+                break
+            except VectorFileError:
+                if attempt + 1 == _LOAD_TRIES or _stamp(self.vectors_path) == stamp:
+                    raise
+        self._vectors_stamp = stamp
+        return store
 
     @property
     def whitening(self) -> PCAWhitening | None:
@@ -312,10 +328,10 @@ class Index:
         stamp = _stamp(self.vectors_path)
         if stamp is None or stamp == self._vectors_stamp:  # unchanged, or removed: keep what is loaded
             return False
-        self._vectors_stamp = stamp
         try:
-            self._vectors = VectorStore.load(self.vectors_path)
+            self._vectors = self._load_vectors()
         except VectorFileError as exc:
+            self._vectors_stamp = stamp  # not again until a build replaces it
             log.warning("%s; still answering from the vectors loaded before", exc)
             return False
         return True

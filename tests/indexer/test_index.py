@@ -6,6 +6,7 @@ import json
 import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from indexer.build import build_index
@@ -145,3 +146,28 @@ def test_stats_and_the_searcher_read_the_same_index(built, offline_backbone):
         assert searcher.search(paths[1], k=1)[0].path == str(paths[1].resolve())
     finally:
         searcher.close()
+
+
+def test_a_load_racing_a_build_that_replaces_the_on_disk_lists_reads_the_new_index(tmp_path, instance_folder,
+                                                                                      offline_backbone, monkeypatch):
+    from indexer.vectors.ondisk import OnDiskKind
+
+    folder, truth = instance_folder
+    paths = sorted(folder.glob("*.png"))
+    source, describer = CocoRegions(truth), RegionDescriber(offline_backbone)
+    build_index(paths[:4], tmp_path / "index", source, describer, index_type="ondisk", show_progress=False)
+    first_lists = list((tmp_path / "index").glob("vectors.*.ivfdata"))
+    real_opened, raced = OnDiskKind.opened, []
+
+    def opened_after_a_build(kind, index, path):
+        # The file this load read names lists that the build below replaces and deletes before they are mapped.
+        if not raced:
+            raced.append(build_index(paths, tmp_path / "index", source, describer, index_type="ondisk",
+                                     show_progress=False))
+        real_opened(kind, index, path)
+
+    monkeypatch.setattr(OnDiskKind, "opened", opened_after_a_build)
+    with Index.open(tmp_path / "index") as index:
+        assert raced[0].added == 4 and not any(lists.exists() for lists in first_lists)
+        np.testing.assert_array_equal(np.sort(index.vectors.ids()), np.sort(index.catalog.region_ids()))
+        assert len(index.catalog.images()) == 8
