@@ -251,7 +251,7 @@ class Index:
         return self.directory / SHARDS_DIR
 
     def data_files(self) -> list[Path]:
-        """The vectors file and the memory-mapped lists it names (what search reads)."""
+        """The vectors file and the memory-mapped lists files beside it."""
         return [self.vectors_path] + sorted(self.directory.glob("vectors.*.ivfdata"))
 
     def exists(self) -> bool:
@@ -263,10 +263,26 @@ class Index:
         """``db_url`` when given, else the URL the pointer file remembers, else the SQLite file inside."""
         if self.db_url:
             return self.db_url
-        pointer = self.directory / POINTER_FILE
-        if pointer.exists():
-            return json.loads(pointer.read_text())["catalog"]
+        remembered = self._pointer()
+        if remembered:
+            return remembered["catalog"]
         return f"sqlite:///{(self.directory / CATALOG_FILE).resolve()}"
+
+    def _pointer(self) -> dict[str, str]:
+        """What ``index.json`` says (``{}`` without one), or :class:`IndexNotFoundError` for a damaged one."""
+        pointer = self.directory / POINTER_FILE
+        try:
+            remembered = json.loads(pointer.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            remembered, reason = None, str(exc)
+        else:
+            reason = "no catalog URL in it"
+        if not isinstance(remembered, dict) or not isinstance(remembered.get("catalog"), str):
+            raise IndexNotFoundError(f"{pointer} is damaged ({reason}); it names the database of the catalog: "
+                                     'write {"catalog": "URL"} into it')
+        return remembered
 
     # -- contents ------------------------------------------------------------
 
@@ -373,9 +389,9 @@ class Index:
         :class:`IncompatibleIndexError`. None for the SQLite catalog inside.
         """
         pointer = self.directory / POINTER_FILE
-        if self.db_url is None and not pointer.exists():
+        remembered = self._pointer()
+        if self.db_url is None and not remembered:
             return None
-        remembered = json.loads(pointer.read_text()) if pointer.exists() else {}
         stored = self.catalog.get_config() or {}
         claimed = stored.get("index_id")
         if claimed is not None and claimed != remembered.get("index_id"):

@@ -151,6 +151,21 @@ def test_a_damaged_vectors_file_is_named_and_the_build_rebuilds_it(photos, built
     assert (index / "vectors.faiss.damaged").read_bytes() == data[: len(data) // 2]  # kept, not lost
 
 
+@pytest.mark.parametrize("pointer, reason", [
+    ('{"catalog": ', "Expecting value"), ("[1, 2]", "no catalog URL in it"), (b"\xff\xfe", "can't decode"),
+], ids=["truncated", "not-an-object", "not-utf8"])
+def test_a_damaged_catalog_pointer_is_named_with_how_to_mend_it(pointer, reason, photos, tmp_path):
+    index = tmp_path / "index"
+    index.mkdir()
+    (index / "index.json").write_bytes(pointer.encode() if isinstance(pointer, str) else pointer)
+    for command in (["index", "stats", index], ["search", "--index", index, "--region", "1"],
+                    ["index", "build", photos, "--index", index, "--db", f"sqlite:///{tmp_path / 'c.sqlite'}"]):
+        _one_line_error(_run(*command), f"{index / 'index.json'} is damaged", reason,
+                        'write {"catalog": "URL"} into it')
+    with Catalog(f"sqlite:///{tmp_path / 'c.sqlite'}") as catalog:
+        assert catalog.images() == []  # refused before anything was indexed
+
+
 def test_a_running_server_keeps_answering_when_the_vectors_file_is_damaged(built, tmp_path):
     from retrieval.searcher import Searcher
 
