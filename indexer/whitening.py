@@ -17,16 +17,22 @@ has rank at most n - 1, so at most ``rank`` components are kept (and at most
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from hassod.errors import UserError
 from hassod.runs import atomic_write
 
 # Eigenvalues below this fraction of the largest are treated as zero (rank).
 RANK_TOLERANCE = 1e-10
+
+
+class WhiteningFileError(UserError, ValueError):
+    """A whitening file that cannot be read."""
 
 
 @dataclass(frozen=True)
@@ -145,5 +151,11 @@ class PCAWhitening:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PCAWhitening":
-        with np.load(Path(path), allow_pickle=False) as data:
-            return cls.from_dict({key: data[key] for key in data.files})
+        """Read a file written by :meth:`save`; :class:`WhiteningFileError` for a damaged one."""
+        try:
+            with np.load(Path(path), allow_pickle=False) as data:
+                return cls.from_dict({key: data[key] for key in data.files})
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+            # The stored vectors were whitened by it and the raw descriptors are not kept: no build repairs it.
+            raise WhiteningFileError(f"the whitening file {path} is damaged ({exc}); the index's vectors were "
+                                     "whitened with it: build the collection into a new --index directory") from None

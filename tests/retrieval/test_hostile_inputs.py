@@ -166,6 +166,24 @@ def test_a_damaged_catalog_pointer_is_named_with_how_to_mend_it(pointer, reason,
         assert catalog.images() == []  # refused before anything was indexed
 
 
+def test_a_damaged_whitening_file_is_named_and_nothing_is_written(photos, tmp_path):
+    index = tmp_path / "index"
+    result = _run("index", "build", photos / PHOTOS[0], "--index", index, "--device", "cpu", "--whiten-dim", "8",
+                  "--json")
+    assert result.exit_code == 0, result.output
+    whitening = index / "whitening.npz"
+    whitening.write_bytes(whitening.read_bytes()[:200])
+    def contents() -> dict[str, bytes]:  # the lock file records whichever process held it last
+        return {path.name: path.read_bytes() for path in index.iterdir() if path.name != "build.lock"}
+
+    before = contents()
+    for command in (["search", "--index", index, "--region", "1"],
+                    ["index", "build", photos, "--index", index, "--device", "cpu", "--whiten-dim", "8"]):
+        _one_line_error(_run(*command), f"the whitening file {whitening} is damaged",
+                        "build the collection into a new --index directory")
+    assert contents() == before
+
+
 def test_a_running_server_keeps_answering_when_the_vectors_file_is_damaged(built, tmp_path):
     from retrieval.searcher import Searcher
 

@@ -28,12 +28,14 @@ def _user_errors() -> list[type[Exception]]:
     from indexer.regions import QuerySourceError, RegionsFileError
     from indexer.vectors import VectorFileError
     from indexer.vectors.planning import IndexTypeError
+    from indexer.whitening import WhiteningFileError
     from retrieval.searcher import QueryError
 
     return [DeviceError, SettingsMismatchError, RecipeError, DetectionsError, GroundTruthError, UnknownBackboneError,
             WeightsFormatError, WeightsNotFoundError, ImageError, BusyError, CheckpointError, PseudoLabelError,
             TrainError, IncompatibleSourceError, WhiteningError, CatalogUnavailableError, IncompatibleIndexError,
-            IndexNotFoundError, QuerySourceError, RegionsFileError, VectorFileError, IndexTypeError, QueryError]
+            IndexNotFoundError, QuerySourceError, RegionsFileError, VectorFileError, IndexTypeError, QueryError,
+            WhiteningFileError]
 
 
 @pytest.mark.parametrize("error", _user_errors(), ids=lambda e: e.__name__)
