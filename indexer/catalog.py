@@ -42,7 +42,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine, Row, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import ArgumentError, DatabaseError, NoSuchModuleError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from hassod.errors import UserError
@@ -50,6 +50,11 @@ from hassod.runs import LEVEL_NAMES
 
 FORMAT_VERSION = 1
 """Version of the catalog schema and config layout; bumped on incompatible changes."""
+
+# What SQLite says of a file that is not a sound database, and what to do then: the catalog is the index's
+# record of every region id, which nothing else holds.
+DAMAGED_MARKS = ("file is not a database", "database disk image is malformed")
+REBUILD = "build the collection into a new --index directory"
 
 # Keeps IN (...) lists well below PostgreSQL's 65535 bind parameters per statement.
 _CHUNK = 10_000
@@ -217,8 +222,11 @@ class Catalog:
         try:
             self.engine = _make_engine(url)
             _Base.metadata.create_all(self.engine)
-        except (ArgumentError, NoSuchModuleError, OperationalError) as exc:
+        except (ArgumentError, NoSuchModuleError, DatabaseError) as exc:
             reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            if any(text in reason for text in DAMAGED_MARKS):
+                raise CatalogUnavailableError(f"the catalog at {masked_url(url)} is damaged ({reason}); "
+                                              f"{REBUILD}") from None
             raise CatalogUnavailableError(f"cannot open the catalog at {masked_url(url)}: {reason}") from None
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         with self._session.begin() as s:

@@ -60,6 +60,11 @@ def storage_error(exc: BaseException) -> str | None:
             text in str(exc) for text in ("disk is full", "disk I/O error", "readonly database")
         ):
             return f"the index catalog cannot be written ({exc}); {_RETRY}"
+        if isinstance(exc, sqlite3.DatabaseError):
+            from indexer.catalog import DAMAGED_MARKS, REBUILD  # on this error path only: no start-up cost
+
+            if any(text in str(exc) for text in DAMAGED_MARKS):
+                return f"the index catalog is damaged ({exc}); {REBUILD}"
         exc = getattr(exc, "orig", None) or exc.__cause__ or exc.__context__
     return None
 

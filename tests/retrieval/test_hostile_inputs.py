@@ -184,6 +184,34 @@ def test_a_damaged_whitening_file_is_named_and_nothing_is_written(photos, tmp_pa
     assert contents() == before
 
 
+def _not_a_database(catalog: Path) -> None:
+    catalog.write_bytes(b"garbage\n")
+
+
+def _truncated(catalog: Path) -> None:
+    catalog.write_bytes(catalog.read_bytes()[:5000])
+
+
+def _pages_overwritten(catalog: Path) -> None:
+    """The header and schema intact, every later page's start overwritten: found by the first query."""
+    data = bytearray(catalog.read_bytes())
+    for start in range(8192, len(data), 4096):
+        data[start:start + 64] = b"\xff" * 64
+    catalog.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_not_a_database, _truncated, _pages_overwritten], ids=lambda f: f.__name__[1:])
+def test_a_damaged_catalog_is_a_one_line_error(damage, photos, built, tmp_path):
+    index = tmp_path / "index"
+    shutil.copytree(built, index)
+    for leftover in index.glob("catalog.sqlite-*"):  # the write-ahead log of the last build
+        leftover.unlink()
+    damage(index / "catalog.sqlite")
+    for command in (["index", "stats", index], ["search", "--index", index, "--region", "1"],
+                    ["index", "build", photos, "--index", index, "--device", "cpu"]):
+        _one_line_error(_run(*command), "is damaged (", "build the collection into a new --index directory")
+
+
 def test_a_running_server_keeps_answering_when_the_vectors_file_is_damaged(built, tmp_path):
     from retrieval.searcher import Searcher
 
