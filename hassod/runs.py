@@ -159,10 +159,11 @@ class ProgressLog:
         if len(valid) != len(raw):
             with open(self.path, "r+b") as handle:
                 handle.truncate(len(valid))
-        lines = valid.decode("utf-8").splitlines()
-        if not lines:
-            raise SettingsMismatchError(f"{self.path} is empty or corrupt; delete it to start over")
-        saved = json.loads(lines[0]).get("settings")
+        lines = valid.splitlines()
+        try:
+            saved = json.loads(lines[0])["settings"]
+        except (IndexError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+            raise SettingsMismatchError(f"{self.path} is empty or corrupt; delete it to start over") from None
         if saved != self.settings:
             changed = sorted(k for k in set(saved or {}) | set(self.settings) if (saved or {}).get(k) != self.settings.get(k))
             raise SettingsMismatchError(
@@ -170,7 +171,10 @@ class ProgressLog:
                 "continue it, or delete that file (or choose another --out) to start over with these"
             )
         for line in lines[1:]:
-            record = ImageRecord(**json.loads(line))
+            try:
+                record = ImageRecord(**json.loads(line))
+            except (UnicodeDecodeError, json.JSONDecodeError, TypeError):
+                continue  # a damaged line: its image is done again
             self.done[record.path] = record
 
     def append(self, record: ImageRecord) -> None:

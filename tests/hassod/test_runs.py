@@ -58,3 +58,19 @@ def test_atomic_write_replaces_on_success_and_names_the_destination_when_it_cann
         with atomic_write(long):
             pass
     assert caught.value.filename == str(long)
+
+
+def test_a_damaged_progress_log_line_is_redone_and_a_damaged_header_refused(tmp_path):
+    log_path = tmp_path / "p.jsonl"
+    log = ProgressLog(log_path, {"backbone": "x"})
+    for name in ("a", "b", "c"):
+        log.append(ImageRecord(path=f"/{name}.jpg", width=1, height=1))
+    log.close()
+    lines = log_path.read_bytes().splitlines(keepends=True)
+    log_path.write_bytes(b"".join([lines[0], lines[1], b"\xff\xfe{garbage\n", b"[1, 2]\n", lines[3]]))
+    assert sorted(ProgressLog(log_path, {"backbone": "x"}).done) == ["/a.jpg", "/c.jpg"]  # /b.jpg is done again
+
+    for header in (b"\xff\xfe not json\n", b"{}\n", b"[]\n", b""):
+        log_path.write_bytes(header + lines[1])
+        with pytest.raises(SettingsMismatchError, match="is empty or corrupt; delete it to start over"):
+            ProgressLog(log_path, {"backbone": "x"})
