@@ -140,6 +140,39 @@ def build_index(
 
 
 @dataclass
+class RemoveSummary:
+    """What :func:`remove_images` did; ``unmatched``: the paths under which nothing was indexed."""
+
+    removed: int = 0
+    regions: int = 0
+    unmatched: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        return f"{self.removed} image{'' if self.removed == 1 else 's'} removed with {self.regions} regions"
+
+
+def remove_images(index: Index | str | os.PathLike, paths: Sequence[str | os.PathLike]) -> RemoveSummary:
+    """Remove from ``index`` every image indexed at or below ``paths`` (files or folders, which need not
+    exist any more), with its regions and vectors; the files themselves are not touched (a later build
+    of a folder holding them indexes them again).
+
+    Catalog rows go first: after a kill in between, the vectors left without a row are never returned
+    by a search and the next build drops them.
+    """
+    index = index if isinstance(index, Index) else Index(index)
+    with index:
+        index.check_built()
+        with index.lock():
+            listed = _within(paths)
+            gone = [record.path for record in index.catalog.images() if listed(record.path)]
+            region_ids = index.catalog.delete_images(gone)
+            index.vectors.remove(np.asarray(region_ids, dtype=np.int64))
+            index.vectors.save(index.vectors_path)
+    unmatched = [str(path) for path in paths if not any(map(_within([path]), gone))]
+    return RemoveSummary(len(gone), len(region_ids), unmatched)
+
+
+@dataclass
 class OpenBuild:
     """An index opened for a build (``open_build``): its catalog, vectors and configuration."""
 

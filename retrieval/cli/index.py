@@ -1,4 +1,4 @@
-"""`hassod index build` and `hassod index stats`: over :func:`indexer.build.build_index` and the index's catalog."""
+"""`hassod index build`, `remove` and `stats`: over :mod:`indexer.build` and :class:`indexer.index.Index`."""
 from __future__ import annotations
 
 import functools
@@ -10,8 +10,8 @@ import click
 from hassod.discover import RECIPES
 
 from .console import Commands, fail, naming, report
-from .options import (batch_size_option, device_option, images_argument, json_option, max_pixels_option,
-                      use_option, weights_option, workers_option)
+from .options import (batch_size_option, device_option, images_argument, index_option, json_option,
+                      max_pixels_option, use_option, weights_option, workers_option)
 
 
 @click.group(cls=Commands)
@@ -106,6 +106,19 @@ def build(images, index_dir, detector, use, regions_json, recipe, max_regions, d
         summary = build_index(paths, target, source, describer, index_type=index_type, show_progress=not as_json,
                               whitening=whitening, roots=images)
     report(summary, summary.errors, "skipped", as_json)
+
+
+@index.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@index_option("Index directory.")
+@json_option()
+def remove(paths, index_dir, as_json):
+    """Remove the images indexed at or below PATHS (files or folders, gone or not) from the index, with
+    their regions; the files are not touched."""
+    from indexer.build import remove_images
+
+    summary = remove_images(index_dir, paths)
+    report(summary, [(path, "nothing indexed there") for path in summary.unmatched], "not removed", as_json)
 
 
 @index.command()

@@ -42,3 +42,39 @@ def test_detector_and_regions_exclude_each_other(tmp_path, coco128_images):
                                       "--regions", str(regions), "--detector", str(checkpoint)])
     assert result.exit_code == 2 and result.output.startswith("error: give either --detector")
     assert not (tmp_path / "index").exists()
+
+
+def test_remove_takes_images_out_of_the_index_and_a_build_puts_them_back(tmp_path, instance_folder, instance_scenes,
+                                                                          offline_backbone):
+    import numpy as np
+
+    from indexer.index import Index
+    from retrieval.searcher import Searcher
+
+    folder, truth = instance_folder
+    index = tmp_path / "index"
+    runner = CliRunner()
+    build = ["index", "build", str(folder), "--index", str(index), "--regions", str(truth), "--device", "cpu", "--json"]
+    assert json.loads(runner.invoke(app, build).stdout)["added"] == 8
+
+    gone = [folder / "scene_02.png", folder / "scene_05.png"]
+    result = runner.invoke(app, ["index", "remove", *map(str, gone), str(tmp_path / "elsewhere"), "--index",
+                                 str(index), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"removed": 2, "regions": len(instance_scenes[2].masks) + len(
+        instance_scenes[5].masks), "unmatched": [str(tmp_path / "elsewhere")]}
+    assert all(path.exists() for path in gone)  # the files stay
+    with Index.open(index) as opened:
+        assert sorted(image.path for image in opened.catalog.images()) == sorted(
+            str(path.resolve()) for path in folder.glob("*.png") if path not in gone)
+        np.testing.assert_array_equal(np.sort(opened.vectors.ids()), opened.catalog.region_ids())
+    searcher = Searcher(index, backbone=offline_backbone)
+    found = searcher.search(gone[0], box=instance_scenes[2].boxes[0], k=8)
+    searcher.close()
+    assert len(found) == 6 and all(not match.path.endswith("scene_02.png") for match in found)
+
+    again = runner.invoke(app, build)
+    assert json.loads(again.stdout)["added"] == 2 and json.loads(again.stdout)["unchanged"] == 6
+    human = runner.invoke(app, ["index", "remove", str(folder), "--index", str(index)])
+    assert human.exit_code == 0 and human.stdout.strip().splitlines()[-1] == (
+        f"8 images removed with {sum(len(s.masks) for s in instance_scenes)} regions")
