@@ -297,7 +297,12 @@ class Index:
         """What the index was built with; None until its first build has finished."""
         if self._config is None:
             stored = self.catalog.get_config()
-            self._config = None if stored is None else IndexConfig.from_dict(stored)
+            try:
+                self._config = None if stored is None else IndexConfig.from_dict(stored)
+            except (KeyError, TypeError) as exc:
+                raise IncompatibleIndexError(f"the configuration in the catalog of {self.directory} is damaged "
+                                             f"({type(exc).__name__}: {exc}); build into a new --index "
+                                             "directory") from None
         return self._config
 
     @property

@@ -117,6 +117,15 @@ def test_an_index_from_before_recipes_reads_as_paper(built):
     assert recipe.recipe == "paper" and tuple(recipe.thresholds) == (0.5, 0.3)
 
 
+def test_a_damaged_configuration_is_refused_in_one_line(built):
+    directory, _, _ = built
+    with Index.open(directory) as index:
+        stored = index.catalog.get_config()
+        index.catalog.set_config({k: v for k, v in stored.items() if k != "descriptor_dim"})
+    with pytest.raises(IncompatibleIndexError, match=r"configuration in the catalog .* is damaged \(KeyError"):
+        Index.open(directory)
+
+
 def test_open_says_what_is_missing(tmp_path, built):
     directory, _, _ = built
     with pytest.raises(IndexNotFoundError, match=f"no index at {tmp_path / 'nowhere'}"):
