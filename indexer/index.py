@@ -420,17 +420,20 @@ class Index:
     # -- reading ---------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        """Images, searchable regions by level, vectors, configuration and bytes on disk.
+        """Images, searchable regions by level, vectors, whitening, configuration and bytes on disk.
 
         Regions are counted as a search sees them: those with a vector (a
         killed build can leave catalog rows whose vectors were never saved).
+        A damaged vectors or whitening file raises here, as a search would.
         """
-        catalog, store = self.catalog, self.vectors
+        catalog, store, whitening = self.catalog, self.vectors, self.whitening
         by_level = {name: int(store.contains(catalog.region_ids(level)).sum())
                     for level, name in enumerate(LEVEL_NAMES)}
         searchable = sum(by_level.values())
         return {**catalog.stats(), "regions": searchable, "regions_by_level": by_level,
                 "regions_without_vectors": len(catalog.region_ids()) - searchable, "vectors": store.info(),
+                "whitening": None if whitening is None else {"dim_in": whitening.dim_in,
+                                                             "dim_out": whitening.dim_out},
                 "config": self.config.to_dict() if self.config else None,
                 "bytes_on_disk": sum(f.stat().st_size for f in self.data_files() if f.exists())}
 

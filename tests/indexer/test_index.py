@@ -57,6 +57,7 @@ def test_a_whitened_configuration_keeps_its_dimension(tmp_path, instance_folder,
         assert index.config.whitening == WhiteningSettings(dim=12, shrinkage=0.8)
         assert index.config.dim == 12 and index.vectors.dim == 12 and index.whitening.dim_out == 12
         assert index.catalog.get_config()["whitening"] == {"dim": 12, "shrinkage": 0.8}
+        assert index.stats()["whitening"] == {"dim_in": index.config.descriptor_dim, "dim_out": 12}
 
 
 def _mismatches(config: IndexConfig) -> list[tuple[IndexConfig, type[Exception], str]]:

@@ -177,7 +177,7 @@ def test_a_damaged_whitening_file_is_named_and_nothing_is_written(photos, tmp_pa
         return {path.name: path.read_bytes() for path in index.iterdir() if path.name != "build.lock"}
 
     before = contents()
-    for command in (["search", "--index", index, "--region", "1"],
+    for command in (["index", "stats", index], ["search", "--index", index, "--region", "1"],
                     ["index", "build", photos, "--index", index, "--device", "cpu", "--whiten-dim", "8"]):
         _one_line_error(_run(*command), f"the whitening file {whitening} is damaged",
                         "build the collection into a new --index directory")
