@@ -91,14 +91,17 @@ class Searcher:
     ):
         self.index = index if isinstance(index, Index) else Index.open(index)
         self.index.check_built()
-        self.config: IndexConfig = self.index.config
         self._backbone, self._weights, self._device, self._detector = backbone, weights, device, detector
         self._describer: RegionDescriber | None = None
         if load_backbone:
             self._describer = self._load_describer()
-        self.whitening = self.index.whitening
+        self.index.whitening  # a damaged whitening file is reported now, not at the first query
         self._filters: dict[int, object] = {}
         self._query_source: DiscoveryRegions | DetectorRegions | None = None
+
+    @property
+    def config(self) -> IndexConfig:
+        return self.index.config
 
     @property
     def catalog(self) -> Catalog:
@@ -201,7 +204,8 @@ class Searcher:
 
     def _project(self, vectors: np.ndarray) -> np.ndarray:
         """(Q, descriptor dim) → (Q, index dim): the index's whitening, if it has one."""
-        return vectors if self.whitening is None else self.whitening.transform(vectors)
+        whitening = self.index.whitening
+        return vectors if whitening is None else whitening.transform(vectors)
 
     def _allowed(self, level: int | None):
         if level is None:
