@@ -5,10 +5,12 @@ Every case builds its hostile input itself and runs the real commands (in proces
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import shutil
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -206,8 +208,11 @@ def _pages_overwritten(catalog: Path) -> None:
 def test_a_damaged_catalog_is_a_one_line_error(damage, photos, built, tmp_path):
     index = tmp_path / "index"
     shutil.copytree(built, index)
-    for leftover in index.glob("catalog.sqlite-*"):  # the write-ahead log of the last build
+    with contextlib.closing(sqlite3.connect(index / "catalog.sqlite")) as connection:  # every row into the file
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    for leftover in index.glob("catalog.sqlite-*"):
         leftover.unlink()
+    assert (index / "catalog.sqlite").stat().st_size > 3 * 8192  # pages for _pages_overwritten to damage
     damage(index / "catalog.sqlite")
     for command in (["index", "stats", index], ["search", "--index", index, "--region", "1"],
                     ["index", "build", photos, "--index", index, "--device", "cpu"]):
