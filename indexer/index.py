@@ -194,7 +194,8 @@ class IndexConfig:
 
     def _describe(self, keys: list[str]) -> str:
         """'backbone X / descriptor Y' for ``keys``."""
-        return " / ".join(f"{key.replace('_', ' ')} {self.to_dict().get(key)}" for key in keys)
+        stored = self.to_dict()
+        return " / ".join(f"{key.replace('_', ' ')} {stored.get(key)}" for key in keys)
 
 
 class Index:
